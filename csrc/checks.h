@@ -1,0 +1,97 @@
+// Argument checks shared by the CPU and CUDA entry points. Each raises the Python
+// exception that names the problem (ValueError, TypeError, IndexError) before any kernel
+// reads memory.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include "layout.h"
+
+namespace qembed {
+
+inline void check_bits_dim(int64_t bits, int64_t dim) {
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "qembed: bits must be in 1..8, got ", bits);
+  TORCH_CHECK_VALUE(dim > 0 && dim % 8 == 0,
+                    "qembed: embedding dim must be a positive multiple of 8, got ", dim,
+                    " (pad the table)");
+}
+
+inline void check_format(int64_t fmt) {
+  TORCH_CHECK_VALUE(valid_format(fmt), "qembed: unknown format ", fmt,
+                    " (0 symmetric per-row step, 1 symmetric per-table step, 2 affine)");
+}
+
+inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
+                              const char* bn) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "qembed: ", an, " is on ", a.device(), " but ",
+                    bn, " is on ", b.device());
+}
+
+// A packed table: uint8 [N, row_bytes(dim, bits, fmt)], rows contiguous.
+inline void check_rows(const at::Tensor& rows, int64_t dim, int64_t bits, int64_t fmt) {
+  check_bits_dim(bits, dim);
+  check_format(fmt);
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kByte, "qembed: packed rows must be uint8, got ",
+                   rows.scalar_type());
+  TORCH_CHECK_VALUE(rows.dim() == 2, "qembed: packed rows must be 2-D, got ", rows.dim(), "-D");
+  const int64_t expect = row_bytes(dim, bits, fmt);
+  TORCH_CHECK_VALUE(rows.size(1) == expect, "qembed: packed rows have ", rows.size(1),
+                    " bytes but dim=", dim, ", bits=", bits, ", format=", fmt, " needs ", expect);
+}
+
+// The step of a symmetric table: [1] for SYM_TABLE; absent otherwise.
+inline void check_table_step(const c10::optional<at::Tensor>& step, int64_t fmt,
+                             const at::Tensor& rows) {
+  if (fmt != SYM_TABLE) return;
+  TORCH_CHECK_VALUE(step.has_value() && step->numel() == 1,
+                    "qembed: format 1 (per-table step) needs a step tensor with one element");
+  TORCH_CHECK_TYPE(step->scalar_type() == at::kFloat, "qembed: step must be float32, got ",
+                   step->scalar_type());
+  check_same_device(*step, "step", rows, "rows");
+}
+
+inline void check_index_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "qembed: ",
+                   name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, "qembed: ", name, " must be 1-D, got ", t.dim(), "-D");
+}
+
+// Shape checks of a lookup; returns the number of output rows.
+inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indices,
+                                 const at::Tensor& offsets,
+                                 const c10::optional<at::Tensor>& psw,
+                                 const c10::optional<at::Tensor>& step, int64_t bits,
+                                 int64_t dim, int64_t fmt, int64_t mode,
+                                 bool include_last_offset, at::ScalarType out_dtype) {
+  check_rows(rows, dim, bits, fmt);
+  check_table_step(step, fmt, rows);
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   "qembed: output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_index_dtype(indices, "indices");
+  check_same_device(indices, "indices", rows, "the table");
+  if (psw.has_value()) {
+    TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+    TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == indices.numel(),
+                      "qembed: per_sample_weights must have the shape of indices (",
+                      indices.numel(), ",), got ", psw->sizes());
+    TORCH_CHECK_TYPE(psw->scalar_type() == at::kFloat || psw->scalar_type() == at::kHalf ||
+                         psw->scalar_type() == at::kBFloat16,
+                     "qembed: per_sample_weights must be floating point, got ",
+                     psw->scalar_type());
+    check_same_device(*psw, "per_sample_weights", rows, "the table");
+  }
+  if (mode == POOL_NONE) return indices.numel();
+  check_index_dtype(offsets, "offsets");
+  check_same_device(offsets, "offsets", rows, "the table");
+  if (include_last_offset) {
+    TORCH_CHECK_VALUE(offsets.numel() >= 1,
+                      "qembed: with include_last_offset, offsets needs at least one element");
+    return offsets.numel() - 1;
+  }
+  return offsets.numel();
+}
+
+}  // namespace qembed

@@ -1,0 +1,154 @@
+// embedding_bag: fused gather-dequantize-pool over packed rows.
+// Rows are read once, decoded in registers and accumulated in fp32; the rows of upcoming
+// indices are prefetched because a lookup into a large table waits on memory, not on math.
+#include <ATen/Dispatch.h>
+#include <algorithm>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <vector>
+#include "../checks.h"
+#include "row_codec.h"
+
+namespace qembed {
+namespace {
+
+constexpr int64_t kPrefetchDistance = 16;
+
+inline void prefetch_row(const uint8_t* row, int64_t stride) {
+  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 0);
+  __builtin_prefetch(row + stride - 1, 0, 0);
+}
+
+template <typename index_t>
+void check_indices_in_range(const index_t* idx, int64_t n, int64_t num_rows) {
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < num_rows, "qembed.embedding_bag: index ",
+                      static_cast<int64_t>(idx[i]), " at position ", i,
+                      " is out of range for a table of ", num_rows, " rows");
+}
+
+// Bag b covers positions [starts[b], starts[b + 1]); returns starts with B + 1 entries.
+template <typename offset_t>
+std::vector<int64_t> bag_bounds(const offset_t* off, int64_t num_offsets, int64_t num_bags,
+                                int64_t num_indices) {
+  std::vector<int64_t> starts(num_bags + 1);
+  for (int64_t b = 0; b < num_offsets; ++b) {
+    const int64_t o = off[b];
+    TORCH_CHECK_VALUE(b > 0 || o == 0, "qembed.embedding_bag: offsets[0] must be 0, got ", o);
+    TORCH_CHECK_VALUE(b == 0 || o >= off[b - 1], "qembed.embedding_bag: offsets must be ",
+                      "non-decreasing, but offsets[", b, "] = ", o, " < offsets[", b - 1,
+                      "] = ", static_cast<int64_t>(off[b - 1]));
+    TORCH_CHECK_VALUE(o <= num_indices, "qembed.embedding_bag: offsets[", b, "] = ", o,
+                      " is past the end of indices (", num_indices, ")");
+    if (b <= num_bags) starts[b] = o;
+  }
+  if (num_offsets == num_bags) starts[num_bags] = num_indices;
+  return starts;
+}
+
+template <typename out_t>
+inline void store_row(const float* acc, int64_t dim, float factor, out_t* out) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<out_t>(acc[d] * factor);
+}
+
+template <int BITS, typename index_t, typename out_t>
+void pool_bags(const uint8_t* table, int64_t stride, const index_t* idx,
+               const std::vector<int64_t>& starts, const float* psw, int64_t dim, int64_t fmt,
+               float table_step, bool mean, int64_t padding_idx, out_t* out) {
+  const int64_t num_bags = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t grain = std::max<int64_t>(1, 4096 / (1 + starts.back() / std::max<int64_t>(1, num_bags)));
+  at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    const int64_t last = starts[end];
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      int64_t count = 0;
+      for (int64_t p = starts[b]; p < starts[b + 1]; ++p) {
+        if (p + kPrefetchDistance < last)
+          prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+        const int64_t r = idx[p];
+        if (r == padding_idx) continue;
+        ++count;
+        const uint8_t* row = table + r * stride;
+        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+        const float w = psw ? psw[p] : 1.0f;
+        accumulate_row<BITS>(row, dim, w * prm.scale, w * prm.bias, prm.offset, acc.data());
+      }
+      const float factor = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
+      store_row(acc.data(), dim, factor, out + b * dim);
+    }
+  });
+}
+
+template <int BITS, typename index_t, typename out_t>
+void lookup_rows(const uint8_t* table, int64_t stride, const index_t* idx, int64_t n,
+                 const float* psw, int64_t dim, int64_t fmt, float table_step,
+                 int64_t padding_idx, out_t* out) {
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t p = begin; p < end; ++p) {
+      if (p + kPrefetchDistance < end)
+        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t r = idx[p];
+      if (r != padding_idx) {
+        const uint8_t* row = table + r * stride;
+        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+        const float w = psw ? psw[p] : 1.0f;
+        accumulate_row<BITS>(row, dim, w * prm.scale, w * prm.bias, prm.offset, acc.data());
+      }
+      store_row(acc.data(), dim, 1.0f, out + p * dim);
+    }
+  });
+}
+
+at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indices_in,
+                             const at::Tensor& offsets_in,
+                             const c10::optional<at::Tensor>& psw_in,
+                             const c10::optional<at::Tensor>& step, int64_t bits, int64_t dim,
+                             int64_t fmt, int64_t mode, bool include_last_offset,
+                             int64_t padding_idx, at::ScalarType out_dtype) {
+  const int64_t num_out = check_lookup_args(rows_in, indices_in, offsets_in, psw_in, step, bits,
+                                            dim, fmt, mode, include_last_offset, out_dtype);
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t n = indices.numel(), num_rows = rows.size(0), stride = rows.size(1);
+  const float table_step = fmt == SYM_TABLE ? step->item<float>() : 0.0f;
+  at::Tensor psw_t;
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
+  const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({num_out, dim}, rows.options().dtype(out_dtype));
+
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "qembed_embedding_bag", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    check_indices_in_range(idx, n, num_rows);
+    std::vector<int64_t> starts;
+    if (mode != POOL_NONE) {
+      const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+      starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
+    }
+    auto run = [&](auto* dst) {
+      QEMBED_DISPATCH_BITS(bits, [&] {
+        if (mode == POOL_NONE)
+          lookup_rows<BITS>(rows.data_ptr<uint8_t>(), stride, idx, n, psw, dim, fmt, table_step,
+                            padding_idx, dst);
+        else
+          pool_bags<BITS>(rows.data_ptr<uint8_t>(), stride, idx, starts, psw, dim, fmt,
+                          table_step, mode == POOL_MEAN, padding_idx, dst);
+      });
+    };
+    if (out_dtype == at::kFloat) run(out.data_ptr<float>());
+    else if (out_dtype == at::kHalf) run(out.data_ptr<at::Half>());
+    else run(out.data_ptr<at::BFloat16>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) { m.impl("embedding_bag", &embedding_bag_cpu); }
+
+}  // namespace qembed

@@ -1,0 +1,40 @@
+// unpack: bit-packed rows [N, >= D*bits/8] -> uint8 codes [N, D].
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include "../checks.h"
+
+namespace qembed {
+namespace {
+
+at::Tensor unpack_cpu(const at::Tensor& packed_in, int64_t bits, int64_t dim) {
+  check_bits_dim(bits, dim);
+  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kByte,
+                   "qembed.unpack: packed must be uint8, got ", packed_in.scalar_type());
+  TORCH_CHECK_VALUE(packed_in.dim() == 2, "qembed.unpack: packed must be 2-D, got ",
+                    packed_in.dim(), "-D");
+  TORCH_CHECK_VALUE(packed_in.size(1) >= code_bytes(dim, bits), "qembed.unpack: rows of ",
+                    packed_in.size(1), " bytes cannot hold ", dim, " codes of ", bits, " bits");
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t n = packed.size(0), stride = packed.size(1);
+  at::Tensor out = at::empty({n, dim}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  QEMBED_DISPATCH_BITS(bits, [&] {
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t g = 0; g < dim / 8; ++g) {
+          const uint64_t x = load_group<BITS>(src + r * stride + g * BITS);
+          for (int i = 0; i < 8; ++i) dst[r * dim + g * 8 + i] = group_code<BITS>(x, i);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) { m.impl("unpack", &unpack_cpu); }
+
+}  // namespace qembed

@@ -1,0 +1,26 @@
+// Rounding a value given in code units to an integer code, shared by CPU and CUDA.
+#pragma once
+#include <cmath>
+#include "layout.h"
+
+namespace qembed {
+
+// x: the value divided by its step (and shifted by its offset); u: a uniform in [0, 1).
+// Stochastic rounding floor(x + u) is unbiased: E = x inside [lo, hi]. Nearest rounds
+// half to even, as torch.round does.
+QEMBED_HD int32_t round_to_code(float x, float u, bool stochastic, int32_t lo, int32_t hi) {
+  float r = stochastic ? floorf(x + u) : nearbyintf(x);
+  r = fminf(fmaxf(r, static_cast<float>(lo)), static_cast<float>(hi));
+  return static_cast<int32_t>(r);
+}
+
+// Packs 8 codes (each < 2^BITS) into BITS bytes.
+template <int BITS>
+QEMBED_HD void pack_group(const uint32_t* codes, uint8_t* dst) {
+  uint64_t x = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x |= static_cast<uint64_t>(codes[i]) << (i * BITS);
+  store_group<BITS>(dst, x);
+}
+
+}  // namespace qembed

@@ -1,0 +1,61 @@
+"""Names and sizes of the packed-row formats (the C++ twin is csrc/layout.h).
+
+A row holds ``[codes: dim*bits/8 bytes][pad to 4][parameters]``:
+
+* ``"symmetric"``: signed codes with one fp32 step per row stored inline
+  (value = step * q, q in [-2^(b-1), 2^(b-1) - 1]); the format of low-precision training.
+* ``"symmetric_table"``: the same codes with one fp32 step for the whole table, kept outside
+  the rows.
+* ``"affine"``: unsigned codes with fp32 scale and bias inline (value = scale * u + bias),
+  the row-wise format of post-training quantization and of ``torch.ao``'s packed rows.
+"""
+from __future__ import annotations
+
+FORMATS = {"symmetric": 0, "symmetric_table": 1, "affine": 2}
+POOLINGS = {"sum": 0, "mean": 1, "none": 2}
+_PARAM_BYTES = {0: 4, 1: 0, 2: 8}
+
+
+def format_id(fmt: str | int) -> int:
+    if isinstance(fmt, int) and fmt in _PARAM_BYTES:
+        return fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"qembed: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def pooling_id(mode: str) -> int:
+    if mode not in POOLINGS:
+        raise ValueError(f"qembed: unsupported mode {mode!r}; choose one of {sorted(POOLINGS)}")
+    return POOLINGS[mode]
+
+
+def check_bits_dim(bits: int, dim: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"qembed: bits must be an integer in 1..8, got {bits!r}")
+    if dim <= 0 or dim % 8:
+        raise ValueError(f"qembed: embedding dim must be a positive multiple of 8, got {dim} (pad the table)")
+
+
+def code_bytes(dim: int, bits: int) -> int:
+    return dim * bits // 8
+
+
+def param_offset(dim: int, bits: int) -> int:
+    return (code_bytes(dim, bits) + 3) // 4 * 4
+
+
+def param_bytes(fmt: str | int) -> int:
+    return _PARAM_BYTES[format_id(fmt)]
+
+
+def row_bytes(dim: int, bits: int, fmt: str | int) -> int:
+    return param_offset(dim, bits) + param_bytes(fmt)
+
+
+def qmin(bits: int) -> int:
+    return -(1 << (bits - 1))
+
+
+def qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1

@@ -1,0 +1,53 @@
+"""Builds qembed._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+
+Environment switches:
+  QEMBED_CUDA=0|1   force the CUDA kernels off or on (default: auto-detect)
+  QEMBED_NATIVE=0   do not compile for the build machine's CPU (-march=native); for wheels
+                    that must run on other machines
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    forced = os.environ.get("QEMBED_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and has_nvcc
+
+
+def extension():
+    sources = ["csrc/qembed.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # -ffp-contract=off: no fused multiply-adds, so kernels round exactly as the reference.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    if os.environ.get("QEMBED_NATIVE", "1") == "1":
+        cxx.append("-march=native")
+    args = {"cxx": cxx}
+    cls = cpp_extension.CppExtension
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if want_cuda() and cuda_sources:
+        sources += cuda_sources
+        args["nvcc"] = ["-O3", "--fmad=false", "-std=c++17"]
+        cls = cpp_extension.CUDAExtension
+    return cls(
+        name="qembed._C",
+        sources=sources,
+        extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
