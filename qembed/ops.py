@@ -100,6 +100,14 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
         output_dtype)
 
 
+def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
+    # The fake implementations below also serve the Meta key, which the dispatcher picks
+    # when any argument is a meta tensor: the C++ device checks never run then.
+    for name, t in tensors.items():
+        if t is not None and t.device != base.device:
+            raise ValueError(f"qembed: {name} is on {t.device} but {base_name} is on {base.device}")
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("qembed::pack")
@@ -115,18 +123,23 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::quantize")
     def _quantize_fake(weight, bits, fmt, step, stochastic, seed, counter):
         check_bits_dim(bits, weight.shape[1])
+        _check_same_device(weight, "weight", step=step)
         return weight.new_empty(weight.shape[0], row_bytes(weight.shape[1], bits, fmt),
                                 dtype=torch.uint8)
 
     @torch.library.register_fake("qembed::dequantize")
     def _dequantize_fake(rows, bits, dim, fmt, step):
         check_bits_dim(bits, dim)
+        _check_same_device(rows, "rows", step=step)
         return rows.new_empty(rows.shape[0], dim, dtype=torch.float32)
 
     @torch.library.register_fake("qembed::embedding_bag")
     def _embedding_bag_fake(rows, indices, offsets, psw, step, bits, dim, fmt, mode,
                             include_last_offset, padding_idx, output_dtype):
         check_bits_dim(bits, dim)
+        _check_same_device(rows, "rows", step=step)
+        _check_same_device(rows, "the table", indices=indices, per_sample_weights=psw,
+                           offsets=offsets if mode != 2 else None)
         if mode == 2:
             n = indices.shape[0]
         else:
