@@ -88,6 +88,8 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
     ``include_last_offset``; entries equal to ``padding_idx`` are skipped (and not counted
     by ``mean``); empty bags give zeros.
     """
+    if offsets is None and mode != "none":
+        raise ValueError(f"qembed.embedding_bag: offsets is required with mode {mode!r}")
     if not _compiled():
         return reference.embedding_bag(rows, indices, offsets, bits, dim, fmt, step,
                                        per_sample_weights, mode, include_last_offset,
