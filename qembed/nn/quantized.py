@@ -68,9 +68,10 @@ class _QuantizedTable(nn.Module):
         step = None
         if self.format != "affine":
             step = symmetric_steps(weight, self.bits, per_row=self.format == "symmetric")
-        if self.step is not None:
+        qweight = ops.quantize(weight, self.bits, self.format, step, stochastic, seed)
+        if self.step is not None:  # only once quantize has accepted the weight
             self.step.copy_(step)
-        self.qweight.copy_(ops.quantize(weight, self.bits, self.format, step, stochastic, seed))
+        self.qweight.copy_(qweight)
 
     def dequantize(self) -> torch.Tensor:
         """The table's values as fp32 [R, D] (a copy, for inspection and export)."""
