@@ -17,9 +17,10 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 16;
 
+// Every cache line of the row (the last may hold its parameters).
 inline void prefetch_row(const uint8_t* row, int64_t stride) {
-  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 0);
-  __builtin_prefetch(row + stride - 1, 0, 0);
+  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
+  __builtin_prefetch(row + stride - 1, 0, 3);
 }
 
 template <typename index_t>
@@ -50,8 +51,45 @@ std::vector<int64_t> bag_bounds(const offset_t* off, int64_t num_offsets, int64_
 }
 
 template <typename out_t>
-inline void store_row(const float* acc, int64_t dim, float factor, out_t* out) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<out_t>(acc[d] * factor);
+inline void store_row(const float* acc, float shift, int64_t dim, float factor, out_t* out) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<out_t>((acc[d] + shift) * factor);
+}
+
+// One bag's pooled row, before the per-bag constant `shift` and the mean's factor.
+struct BagSum {
+  float shift = 0.0f;  // sum of the rows' constant terms psw * (scale * offset + bias)
+  int64_t count = 0;   // rows pooled (padding entries excluded)
+};
+
+// Pools positions [p0, p1) into acc[0, dim) (overwritten), prefetching rows up to `last`.
+template <int BITS, typename index_t>
+inline BagSum pool_bag(const uint8_t* table, int64_t stride, const index_t* idx, int64_t p0,
+                       int64_t p1, int64_t last, const float* psw, int64_t dim, int64_t fmt,
+                       float table_step, int64_t padding_idx, float* acc) {
+  BagSum bag;
+  // Columns in blocks of kLanes, each block's accumulators in registers; rows of the bag
+  // are re-read from cache for the blocks after the first.
+  for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+    const int64_t width = std::min<int64_t>(kLanes, dim - d0);
+    Accumulator<BITS> accum(width);
+    for (int64_t p = p0; p < p1; ++p) {
+      if (d0 == 0 && p + kPrefetchDistance < last)
+        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+      const int64_t r = idx[p];
+      if (r == padding_idx) continue;
+      const uint8_t* row = table + r * stride;
+      const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+      const float w = psw ? psw[p] : 1.0f;
+      const float a = w * prm.scale;
+      accum.add(row + d0 * BITS / 8, a);
+      if (d0 == 0) {
+        bag.shift += a * static_cast<float>(prm.offset) + w * prm.bias;
+        ++bag.count;
+      }
+    }
+    accum.store(acc + d0);
+  }
+  return bag;
 }
 
 template <int BITS, typename index_t, typename out_t>
@@ -64,43 +102,33 @@ void pool_bags(const uint8_t* table, int64_t stride, const index_t* idx,
     std::vector<float> acc(dim);
     const int64_t last = starts[end];
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      int64_t count = 0;
-      for (int64_t p = starts[b]; p < starts[b + 1]; ++p) {
-        if (p + kPrefetchDistance < last)
-          prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
-        const int64_t r = idx[p];
-        if (r == padding_idx) continue;
-        ++count;
-        const uint8_t* row = table + r * stride;
-        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-        const float w = psw ? psw[p] : 1.0f;
-        accumulate_row<BITS>(row, dim, w * prm.scale, w * prm.bias, prm.offset, acc.data());
-      }
-      const float factor = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
-      store_row(acc.data(), dim, factor, out + b * dim);
+      const BagSum bag = pool_bag<BITS>(table, stride, idx, starts[b], starts[b + 1], last, psw,
+                                        dim, fmt, table_step, padding_idx, acc.data());
+      const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
+      store_row(acc.data(), bag.shift, dim, factor, out + b * dim);
     }
   });
 }
 
+// mode none: out[p] = psw_p * dequantize(row[idx[p]]), rounded exactly as dequantize does.
 template <int BITS, typename index_t, typename out_t>
 void lookup_rows(const uint8_t* table, int64_t stride, const index_t* idx, int64_t n,
                  const float* psw, int64_t dim, int64_t fmt, float table_step,
                  int64_t padding_idx, out_t* out) {
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(dim);
+    std::vector<float> value(dim);
     for (int64_t p = begin; p < end; ++p) {
       if (p + kPrefetchDistance < end)
         prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(value.begin(), value.end(), 0.0f);
       const int64_t r = idx[p];
       if (r != padding_idx) {
         const uint8_t* row = table + r * stride;
         const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-        const float w = psw ? psw[p] : 1.0f;
-        accumulate_row<BITS>(row, dim, w * prm.scale, w * prm.bias, prm.offset, acc.data());
+        accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
       }
-      store_row(acc.data(), dim, 1.0f, out + p * dim);
+      const float w = psw ? psw[p] : 1.0f;
+      for (int64_t d = 0; d < dim; ++d) out[p * dim + d] = static_cast<out_t>(value[d] * w);
     }
   });
 }

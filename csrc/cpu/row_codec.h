@@ -4,6 +4,10 @@
 #include "../layout.h"
 #include "../philox.h"
 #include "../rounding.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <algorithm>
 
 namespace qembed {
 
@@ -59,5 +63,95 @@ inline void accumulate_row(const uint8_t* codes, int64_t dim, float a, float c, 
     }
   }
 }
+
+// The lookup's accumulator over a block of up to kLanes columns: acc[d] += a * u_d on the
+// raw codes u, one fused multiply-add per value. A row's constant part a * offset + c is
+// the same for every column, so the caller sums it once per bag instead.
+constexpr int64_t kLanes = 128;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+// 16 codes (2*BITS bytes) per vector. A byte permute gives 32-bit lane i the two bytes
+// holding code i, a variable shift aligns it, a mask cuts it out.
+template <int BITS>
+struct Decode16 {
+  alignas(64) uint8_t byte_index[64];
+  alignas(64) uint32_t shift[16];
+  constexpr Decode16() : byte_index{}, shift{} {
+    for (int i = 0; i < 16; ++i) {
+      const int first = (i * BITS) / 8;
+      byte_index[4 * i] = static_cast<uint8_t>(first);
+      byte_index[4 * i + 1] = static_cast<uint8_t>(first + 1);  // bytes >= 2*BITS load as 0
+      byte_index[4 * i + 2] = byte_index[4 * i + 3] = 15;      // always 0
+      shift[i] = static_cast<uint32_t>((i * BITS) % 8);
+    }
+  }
+};
+
+template <int BITS>
+inline __m512 decode16(const uint8_t* codes, __mmask16 byte_mask) {
+  const __m128i raw = _mm_maskz_loadu_epi8(byte_mask, codes);
+  __m512i lanes;
+  if constexpr (BITS == 8) {
+    lanes = _mm512_cvtepu8_epi32(raw);
+  } else {
+    static constexpr Decode16<BITS> kTable{};
+    const __m512i bytes = _mm512_permutexvar_epi8(_mm512_load_si512(kTable.byte_index),
+                                                  _mm512_zextsi128_si512(raw));
+    lanes = _mm512_and_si512(_mm512_srlv_epi32(bytes, _mm512_load_si512(kTable.shift)),
+                             _mm512_set1_epi32((1 << BITS) - 1));
+  }
+  return _mm512_cvtepi32_ps(lanes);
+}
+
+template <int BITS>
+class Accumulator {
+ public:
+  // width: a multiple of 8 up to kLanes.
+  explicit Accumulator(int64_t width) : vectors_((width + 15) / 16), half_tail_(width % 16 != 0) {
+    for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
+  }
+  // codes: the block's first code.
+  inline void add(const uint8_t* codes, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+    constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
+    constexpr __mmask16 kHalf = static_cast<__mmask16>((1u << BITS) - 1u);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k >= vectors_) break;
+      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? kHalf : kFull;
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, m), sum_[k]);
+    }
+  }
+  inline void store(float* out) const {
+    for (int k = 0; k < vectors_; ++k) {
+      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? 0x00FF : 0xFFFF;
+      _mm512_mask_storeu_ps(out + 16 * k, m, sum_[k]);
+    }
+  }
+
+ private:
+  __m512 sum_[8];
+  int vectors_;
+  bool half_tail_;
+};
+#else
+template <int BITS>
+class Accumulator {
+ public:
+  explicit Accumulator(int64_t width) : width_(width) { std::fill(sum_, sum_ + width_, 0.0f); }
+  inline void add(const uint8_t* codes, float a) {
+    for (int64_t g = 0; g < width_ / 8; ++g) {
+      const uint64_t x = load_group<BITS>(codes + g * BITS);
+      for (int i = 0; i < 8; ++i)
+        sum_[g * 8 + i] = fmaf(a, static_cast<float>(group_code<BITS>(x, i)), sum_[g * 8 + i]);
+    }
+  }
+  inline void store(float* out) const { std::copy(sum_, sum_ + width_, out); }
+
+ private:
+  float sum_[kLanes];
+  int64_t width_;
+};
+#endif
 
 }  // namespace qembed

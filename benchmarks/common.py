@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmark scripts: timing, index streams, result files."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def stamp() -> str:
+    """Where, when and how a result was produced."""
+    return (f"device: {device_name()}; torch {torch.__version__}; "
+            f"date: {datetime.date.today().isoformat()}; "
+            f"command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`")
+
+
+def zipf_indices(n: int, num_rows: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices whose frequency falls as rank^-alpha; hot ids are scattered over the table."""
+    ranks = torch.arange(1, num_rows + 1, dtype=torch.float64)
+    probs = ranks.pow(-alpha)
+    draws = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+    perm = torch.randperm(num_rows, generator=generator)
+    return perm[draws]
+
+
+def make_indices(dist: str, n: int, num_rows: int, generator: torch.Generator) -> torch.Tensor:
+    if dist == "uniform":
+        return torch.randint(0, num_rows, (n,), generator=generator)
+    if dist == "zipf":
+        return zipf_indices(n, num_rows, 1.05, generator)
+    raise ValueError(f"unknown index distribution {dist!r}")
+
+
+def median_time(fn, inputs: list, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn(*inputs[i]) over `repeats` calls, rotating through the inputs."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    times = []
+    for i in range(repeats):
+        args = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_results(name: str, rows: list[dict], title: str, notes: str = "") -> str:
+    """Writes results/<name>.md and .csv; returns the markdown table."""
+    os.makedirs(RESULTS, exist_ok=True)
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    table = "\n".join(lines)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(f"# {title}\n\n{stamp()}\n\n{notes}\n\n{table}\n")
+    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
