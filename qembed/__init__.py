@@ -3,9 +3,9 @@
 Fused gather-dequantize-pool lookups over 1- to 8-bit rows, drop-in modules for
 ``nn.EmbeddingBag`` and ``nn.Embedding``, and :func:`quantize_` to convert a model in place.
 """
-from . import formats, ops, reference
+from . import data, formats, models, ops, reference
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, quantize_
 
 __version__ = "0.1.0"
-__all__ = ["formats", "ops", "reference", "QuantizedEmbedding", "QuantizedEmbeddingBag",
+__all__ = ["data", "formats", "models", "ops", "reference", "QuantizedEmbedding", "QuantizedEmbeddingBag",
            "quantize_", "__version__"]

@@ -1,0 +1,79 @@
+"""Command line: ``qembed train`` (the accuracy experiment, the default) and
+``qembed bench`` (the benchmark scripts of a source checkout)."""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+import torch
+
+
+def _train(args) -> int:
+    from . import experiment
+
+    cfg = experiment.Config(data=args.data, model=args.model, methods=args.methods,
+                            bits=args.bits, seeds=args.seeds, epochs=args.epochs,
+                            batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
+                            progress=not args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = experiment.run(cfg)
+    summary = experiment.summarize(rows)
+    print(experiment.markdown(summary))
+    name = args.name or f"accuracy_{os.path.splitext(os.path.basename(args.data or 'synthetic'))[0]}"
+    title = f"{cfg.model.upper()} on {args.data or 'synthetic data'}: test AUC per method"
+    for path in experiment.write(rows, summary, args.out, name, title):
+        print("wrote", path)
+    return 0
+
+
+def _bench(args) -> int:
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    script = os.path.join(root, f"bench_{args.which}.py")
+    if not os.path.exists(script):
+        print(f"qembed bench: {script} not found (benchmarks ship with the source checkout)",
+              file=sys.stderr)
+        return 2
+    sys.argv = [script] + args.rest
+    sys.path.insert(0, root)
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .experiment import METHODS
+    from .models import MODELS
+
+    parser = argparse.ArgumentParser(prog="qembed", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="accuracy experiment (default)")
+    t.add_argument("--data", default=None,
+                   help="path, or frappe / avazu / criteo from the data folder; default synthetic")
+    t.add_argument("--model", default="dnn", choices=sorted(MODELS))
+    t.add_argument("--methods", nargs="+", default=["fp32", "ptq"], choices=sorted(METHODS))
+    t.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])
+    t.add_argument("--seeds", nargs="+", type=int, default=[0])
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=512)
+    t.add_argument("--dim", type=int, default=16, help="embedding dim (a multiple of 8)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--out", default="results", help="folder for CSV, markdown and PNG")
+    t.add_argument("--name", default=None, help="file name stem of the results")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+    b = sub.add_parser("bench", help="run benchmarks/bench_<which>.py of a source checkout")
+    b.add_argument("which", choices=["lookup", "train"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
+    b.set_defaults(func=_bench)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "bench", "-h", "--help"):
+        argv = ["train"] + argv  # train is the default command
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The accuracy experiment: train a CTR model with each kind of embedding table and compare
+test AUC, log loss and table size.
+
+Methods (``METHODS``) build the model's embedding table; each low-precision method runs at
+every requested bit width:
+
+* ``fp32``: an fp32 ``nn.Embedding`` (the baseline; trained once per seed).
+* ``ptq``: the trained fp32 model with its table quantized afterwards (affine, row-wise).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import data as qdata
+from .models import MODELS, evaluate, fit
+from .nn import quantize_
+
+
+@dataclass
+class Config:
+    data: str | None = None  # None: synthetic
+    model: str = "dnn"
+    methods: list[str] = field(default_factory=lambda: ["fp32", "ptq"])
+    bits: list[int] = field(default_factory=lambda: [8, 4, 2])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 2
+    batch_size: int = 512
+    embedding_dim: int = 16
+    lr: float = 1e-3
+    progress: bool = True
+
+
+def table_bytes(module: nn.Module) -> int:
+    """Bytes of a model's embedding table as stored (parameters and buffers)."""
+    emb = module.embedding
+    if hasattr(emb, "nbytes"):
+        return int(emb.nbytes)
+    return sum(t.numel() * t.element_size() for t in list(emb.parameters()) + list(emb.buffers()))
+
+
+def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
+    train, valid, _ = splits
+    torch.manual_seed(seed)
+    model = MODELS[cfg.model](train.field_dims, cfg.embedding_dim, embedding_factory=factory)
+    dense = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(dense, lr=cfg.lr)
+    start = time.perf_counter()
+    fit(model, train, valid, opt, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
+        progress=cfg.progress)
+    return model, time.perf_counter() - start
+
+
+def _row(cfg, method, bits, seed, model, seconds, test) -> dict:
+    fp32_bytes = sum(test.field_dims) * cfg.embedding_dim * 4
+    nbytes = table_bytes(model)
+    return {"method": method, "bits": bits, "seed": seed, **evaluate(model, test),
+            "table_bytes": nbytes, "compression": fp32_bytes / nbytes, "train_s": seconds}
+
+
+def run(cfg: Config) -> list[dict]:
+    """Every method x bit width x seed; one result row each."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    dataset = qdata.load(cfg.data)
+    rows = []
+    for seed in cfg.seeds:
+        splits = dataset.split(seed=seed)
+        baseline = None
+        for method in cfg.methods:
+            spec = METHODS[method]
+            for bits in ([32] if spec.full_precision else cfg.bits):
+                if spec.from_baseline:
+                    if baseline is None:
+                        baseline = _train(cfg, splits, seed)
+                    model, seconds = spec.build_from(copy.deepcopy(baseline[0]), bits), baseline[1]
+                else:
+                    model, seconds = _train(cfg, splits, seed, spec.factory(bits, seed))
+                    if method == "fp32":
+                        baseline = (model, seconds)
+                rows.append(_row(cfg, method, bits, seed, model, seconds, splits[2]))
+                if cfg.progress:
+                    r = rows[-1]
+                    print(f"{method:>8s} {bits:>2d} bits seed {seed}: AUC {r['auc']:.4f} "
+                          f"logloss {r['logloss']:.4f} x{r['compression']:.1f}", flush=True)
+    return rows
+
+
+@dataclass
+class Method:
+    """How a method makes its table: a factory for a model trained from scratch, or a
+    conversion of the trained fp32 baseline."""
+    factory: Callable[[int, int], Callable] | None = None
+    build_from: Callable[[nn.Module, int], nn.Module] | None = None
+    full_precision: bool = False
+
+    @property
+    def from_baseline(self) -> bool:
+        return self.build_from is not None
+
+
+METHODS: dict[str, Method] = {
+    "fp32": Method(factory=lambda bits, seed: None, full_precision=True),
+    "ptq": Method(build_from=lambda model, bits: quantize_(model, bits=bits)),
+}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean (and standard deviation over seeds) per method and bit width."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    out = []
+    for (method, bits), rs in groups.items():
+        aucs = [r["auc"] for r in rs]
+        out.append({"method": method, "bits": bits, "seeds": len(rs),
+                    "auc": statistics.mean(aucs),
+                    "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                    "logloss": statistics.mean(r["logloss"] for r in rs),
+                    "table_MB": rs[0]["table_bytes"] / 2**20,
+                    "compression": rs[0]["compression"],
+                    "train_s": statistics.mean(r["train_s"] for r in rs)})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{v:.4f}" if isinstance(v, float) and k.startswith(("auc", "logloss"))
+                 else f"{v:.3g}" if isinstance(v, float) else str(v) for k, v in r.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stamp() -> str:
+    return (f"torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
+            f"command: `{' '.join(shlex.quote(a) for a in ['qembed'] + sys.argv[1:])}`")
+
+
+def write(rows: list[dict], summary: list[dict], out_dir: str, name: str, title: str) -> list[str]:
+    """results CSV (every run), markdown summary and a PNG plot of AUC against bits."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}{ext}") for ext in (".csv", ".md", ".png")]
+    with open(paths[0], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(paths[1], "w") as f:
+        f.write(f"# {title}\n\n{stamp()}\n\n{markdown(summary)}\n")
+    plot(summary, paths[2], title)
+    return paths
+
+
+def plot(summary: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in dict.fromkeys(r["method"] for r in summary):
+        rs = sorted((r for r in summary if r["method"] == method), key=lambda r: r["bits"])
+        if rs[0]["bits"] == 32:
+            ax.axhline(rs[0]["auc"], color="black", ls="--", lw=1, label=f"{method}")
+            continue
+        ax.errorbar([r["bits"] for r in rs], [r["auc"] for r in rs],
+                    yerr=[r["auc_std"] for r in rs], marker="o", capsize=3, label=method)
+    ax.set_xlabel("bits per value")
+    ax.set_ylabel("test AUC")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, stamp(), fontsize=5)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
