@@ -23,6 +23,14 @@ namespace {
 enum Optimizer : int64_t { OPT_SGD = 0, OPT_ADAGRAD = 1, OPT_ADAM = 2, OPT_NONE = 3 };
 enum StepOptimizer : int64_t { STEP_SGD = 0, STEP_ADAM = 1 };
 
+constexpr int64_t kPrefetchDistance = 8;
+
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 1);
+  __builtin_prefetch(c + bytes - 1, 1, 1);
+}
+
 // Steps never reach zero or below: a zero step would divide by zero when re-quantizing.
 constexpr float kMinStep = 1e-10f;
 
@@ -45,18 +53,26 @@ bool all_finite(const float* x, int64_t n) {
   return true;
 }
 
-// w <- w - lr * U(g + wd * w); st is the row's optimizer state.
-void optimizer_row(float* w, const float* g, float* st, const Config& c) {
+// Sum of x[0..n) strictly left to right (the reference's order).
+float ordered_sum(const float* x, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+
+// w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
+// Element-wise work sits in loops of its own so that they vectorize; only the ordered
+// sums stay serial.
+void optimizer_row(float* w, const float* g, float* st, float* tmp, const Config& c) {
   const int64_t dim = c.dim;
   if (c.optimizer == OPT_SGD) {
     for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * (g[d] + c.wd * w[d]);
   } else if (c.optimizer == OPT_ADAGRAD) {
-    float sumsq = 0.0f;
     for (int64_t d = 0; d < dim; ++d) {
       const float gd = g[d] + c.wd * w[d];
-      sumsq += gd * gd;
+      tmp[d] = gd * gd;
     }
-    st[0] = st[0] + sumsq / static_cast<float>(dim);
+    st[0] = st[0] + ordered_sum(tmp, dim) / static_cast<float>(dim);
     const float denom = std::sqrt(st[0]) + c.eps;
     for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * ((g[d] + c.wd * w[d]) / denom);
   } else if (c.optimizer == OPT_ADAM) {
@@ -73,15 +89,15 @@ void optimizer_row(float* w, const float* g, float* st, const Config& c) {
 
 // LSQ: sum_d g_d * dQ/ds at x = w_d / s, dQ/ds = Qn below the range, Qp above, round(x) - x
 // inside.
-float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp) {
-  float acc = 0.0f;
+float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp,
+              float* tmp) {
+  const float lo = static_cast<float>(qn), hi = static_cast<float>(qp);
   for (int64_t d = 0; d < dim; ++d) {
     const float x = w[d] / s;
-    const float dq = x < qn ? static_cast<float>(qn)
-                            : (x > qp ? static_cast<float>(qp) : std::nearbyint(x) - x);
-    acc += g[d] * dq;
+    const float inside = std::nearbyint(x) - x;
+    tmp[d] = g[d] * (x < lo ? lo : (x > hi ? hi : inside));
   }
-  return acc;
+  return ordered_sum(tmp, dim);
 }
 
 // LSQ's gradient scale 1 / sqrt(Qp * n); Qp = 0 at one bit, hence max(Qp, 1).
@@ -123,8 +139,14 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   };
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(dim);
+    std::vector<float> local(dim), tmp(dim);
     for (int64_t k = begin; k < end; ++k) {
+      // Rows of a large table miss the caches: fetch upcoming rows and their state early.
+      if (k + kPrefetchDistance < end) {
+        const int64_t next = uniq[k + kPrefetchDistance];
+        prefetch_span(table + next * stride, stride);
+        if (sw > 0) prefetch_span(state + next * sw, sw * sizeof(float));
+      }
       const float* g = grad + k * dim;
       float* w = (weights_out || deferred) ? kept + k * dim : local.data();
       if (!all_finite(g, dim) || (weights && !all_finite(weights + k * dim, dim))) {
@@ -141,9 +163,9 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
         std::fill(w, w + dim, 0.0f);
         accumulate_row<BITS>(row, dim, s, 0.0f, qn, w);
       }
-      optimizer_row(w, g, state + r * sw, c);
+      optimizer_row(w, g, state + r * sw, tmp.data(), c);
       if (c.learn_step) {
-        const float gs = lsq_sum(w, g, dim, s, qn, qp);
+        const float gs = lsq_sum(w, g, dim, s, qn, qp, tmp.data());
         if (deferred) {
           lsq[k] = gs;
           continue;
