@@ -228,6 +228,7 @@ if HAS_EXTENSION:
         rows, indices, offsets, psw, step, bits, dim, fmt, mode, include_last, padding, _ = inputs
         ctx.save_for_backward(rows, indices, offsets, step)
         ctx.args = (bits, dim, fmt, mode, include_last, padding)
+        ctx.psw_dtype = None if psw is None else psw.dtype
 
     def _embedding_bag_backward(ctx, grad):
         rows, indices, offsets, step = ctx.saved_tensors
@@ -235,7 +236,8 @@ if HAS_EXTENSION:
         grad_psw = None
         if ctx.needs_input_grad[3]:
             grad_psw = torch.ops.qembed.embedding_bag_psw_backward(
-                grad, rows, indices, offsets, step, bits, dim, fmt, mode, include_last, padding)
+                grad, rows, indices, offsets, step, bits, dim, fmt, mode, include_last,
+                padding).to(ctx.psw_dtype)
         return None, None, None, grad_psw, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("qembed::embedding_bag", _embedding_bag_backward,

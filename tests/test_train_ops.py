@@ -282,3 +282,27 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="state"):
         ops.lowp_update(table, None, empty, empty, torch.tensor([1]), torch.zeros(1, 16), 4, 16,
                         optimizer="adagrad")
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(12)
+    rows, dim, bits = 30, 16, 4
+    table, _ = make_table(rows, dim, bits, "symmetric", gen)
+    indices, offsets = make_batch(rows, 6, gen)
+    grad_out = torch.randn(6, dim, generator=gen)
+    psw = torch.randn(indices.numel(), generator=gen)
+    torch.library.opcheck(torch.ops.qembed.embedding_bag_psw_backward.default,
+                          (grad_out, table, indices, offsets, None, bits, dim, 0, 0, False, -1))
+    torch.library.opcheck(torch.ops.qembed.embedding_bag_backward.default,
+                          (grad_out, indices, offsets, psw, 0, False, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+    uniq, grad = ops.embedding_bag_backward(grad_out, indices, offsets)
+    torch.library.opcheck(torch.ops.qembed.lowp_update.default,
+                          (table.clone(), None, torch.zeros(rows, 1), torch.zeros(rows, 0), uniq,
+                           grad, None, None, bits, dim, 0, 1, 0.1, 1e-8, 0.0, 0.9, 0.999, 1,
+                           True, 0, 1e-3, True, 0, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    half = psw.half().requires_grad_()
+    ops.embedding_bag(table, indices, offsets, bits, dim, "symmetric",
+                      per_sample_weights=half).sum().backward()
+    assert half.grad.dtype == torch.float16
