@@ -67,6 +67,17 @@ def test_backward_matches_reference_and_autograd(mode, psw, include_last, paddin
     assert not expect[others].any()
 
 
+@pytest.mark.parametrize("offsets", [[], [0, 0, 0], [0, 2]])
+def test_backward_edge_batches(offsets):
+    """No bags, empty bags, and an empty batch."""
+    for indices in (torch.tensor([4, 1, 4]), torch.zeros(0, dtype=torch.long)):
+        off = torch.tensor(offsets, dtype=torch.long).clamp(max=indices.numel())
+        grad_out = torch.randn(off.numel(), 8)
+        got = ops.embedding_bag_backward(grad_out, indices, off)
+        want = reference.embedding_bag_backward(grad_out, indices, off)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("mode,fmt,bits", [("sum", "symmetric", 3), ("sum", "affine", 8),
                                            ("none", "symmetric_table", 5)])
 def test_psw_gradient_matches_autograd(mode, fmt, bits):

@@ -33,9 +33,10 @@ std::vector<int64_t> bag_bounds(const offset_t* off, int64_t num_offsets, int64_
   return starts;
 }
 
-// The bag of each position in [0, starts.back()); positions past the last bag belong to none.
+// The bag of each position in [0, starts.back()); positions past the last bag belong to none
+// (with no bags at all, none does).
 inline std::vector<int64_t> bag_of_positions(const std::vector<int64_t>& starts) {
-  std::vector<int64_t> bag(starts.back());
+  std::vector<int64_t> bag(starts.size() > 1 ? starts.back() : 0);
   for (size_t b = 0; b + 1 < starts.size(); ++b)
     for (int64_t p = starts[b]; p < starts[b + 1]; ++p) bag[p] = static_cast<int64_t>(b);
   return bag;
