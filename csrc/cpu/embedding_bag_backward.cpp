@@ -5,8 +5,9 @@
 // same for any thread count.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
 #include <torch/library.h>
+#include <algorithm>
+#include <numeric>
 #include <tuple>
 #include <vector>
 #include "../checks.h"
@@ -14,6 +15,34 @@
 
 namespace qembed {
 namespace {
+
+// Positions [0, n) ordered by key, equal keys in position order: an LSD radix sort with only
+// as many passes as the largest key needs. Sequential on purpose: the batch is small, and a
+// sort split over threads (torch.sort's) stalls at every pass when the machine is
+// oversubscribed.
+std::vector<int64_t> stable_order(const int64_t* key, int64_t n) {
+  constexpr int kDigitBits = 11;
+  constexpr int64_t kRadix = int64_t{1} << kDigitBits;
+  int64_t max_key = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(key[i] >= 0, "qembed.embedding_bag_backward: negative index ", key[i],
+                      " at position ", i);
+    max_key = std::max(max_key, key[i]);
+  }
+  std::vector<int64_t> order(n), next(n), count(kRadix + 1);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  for (int shift = 0; shift < 63 && (max_key >> shift) > 0; shift += kDigitBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & (kRadix - 1)) + 1];
+    std::partial_sum(count.begin(), count.end(), count.begin());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = order[i];
+      next[count[(key[p] >> shift) & (kRadix - 1)]++] = p;
+    }
+    order.swap(next);
+  }
+  return order;
+}
 
 std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
@@ -68,11 +97,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
       factor[p] = 1.0f / static_cast<float>(std::max<int64_t>(count[bag[p]], 1));
   }
 
-  const auto sorted = at::sort(indices.slice(0, 0, used), /*stable=*/true, 0, false);
-  const at::Tensor keys = std::get<0>(sorted).contiguous();
-  const at::Tensor perm = std::get<1>(sorted).contiguous();
-  const int64_t* key = keys.data_ptr<int64_t>();
-  const int64_t* pos = perm.data_ptr<int64_t>();
+  const std::vector<int64_t> pos = stable_order(idx, used);
+  std::vector<int64_t> key(used);
+  for (int64_t j = 0; j < used; ++j) key[j] = idx[pos[j]];
   std::vector<int64_t> seg;  // starts of the runs of equal keys, padding_idx's run left out
   for (int64_t j = 0; j < used; ++j)
     if ((j == 0 || key[j] != key[j - 1]) && key[j] != padding_idx) seg.push_back(j);
