@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     t.add_argument("--data", default=None,
                    help="path, or frappe / avazu / criteo from the data folder; default synthetic")
     t.add_argument("--model", default="dnn", choices=sorted(MODELS))
-    t.add_argument("--methods", nargs="+", default=["fp32", "ptq"], choices=sorted(METHODS))
+    t.add_argument("--methods", nargs="+", default=["fp32", "ptq", "lpt-sr", "alpt"], choices=sorted(METHODS))
     t.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])
     t.add_argument("--seeds", nargs="+", type=int, default=[0])
     t.add_argument("--epochs", type=int, default=2)

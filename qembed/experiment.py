@@ -6,6 +6,12 @@ every requested bit width:
 
 * ``fp32``: an fp32 ``nn.Embedding`` (the baseline; trained once per seed).
 * ``ptq``: the trained fp32 model with its table quantized afterwards (affine, row-wise).
+* ``lpt-dr``, ``lpt-sr``: a table trained in low precision with a fixed step (LPT),
+  re-quantized by deterministic (nearest) or stochastic rounding.
+* ``alpt``: LPT with learned per-row steps and stochastic rounding (ALPT).
+
+Low-precision tables use Adam with the dense layers' learning rate, as the fp32 table does,
+so the methods differ only in how the table is stored and rounded.
 """
 from __future__ import annotations
 
@@ -25,14 +31,14 @@ from torch import nn
 
 from . import data as qdata
 from .models import MODELS, evaluate, fit
-from .nn import quantize_
+from .nn import LowPrecisionEmbedding, quantize_
 
 
 @dataclass
 class Config:
     data: str | None = None  # None: synthetic
     model: str = "dnn"
-    methods: list[str] = field(default_factory=lambda: ["fp32", "ptq"])
+    methods: list[str] = field(default_factory=lambda: ["fp32", "ptq", "lpt-sr", "alpt"])
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
     seeds: list[int] = field(default_factory=lambda: [0])
     epochs: int = 2
@@ -43,11 +49,13 @@ class Config:
 
 
 def table_bytes(module: nn.Module) -> int:
-    """Bytes of a model's embedding table as stored (parameters and buffers)."""
+    """Bytes of a model's embedding table as served: packed rows and steps for quantized
+    tables (optimizer state excluded), the weight for fp32."""
     emb = module.embedding
-    if hasattr(emb, "nbytes"):
-        return int(emb.nbytes)
-    return sum(t.numel() * t.element_size() for t in list(emb.parameters()) + list(emb.buffers()))
+    if hasattr(emb, "qweight"):
+        step = emb.step.numel() * 4 if emb.step is not None else 0
+        return emb.qweight.numel() + step
+    return emb.weight.numel() * emb.weight.element_size()
 
 
 def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
@@ -87,7 +95,7 @@ def run(cfg: Config) -> list[dict]:
                         baseline = _train(cfg, splits, seed)
                     model, seconds = spec.build_from(copy.deepcopy(baseline[0]), bits), baseline[1]
                 else:
-                    model, seconds = _train(cfg, splits, seed, spec.factory(bits, seed))
+                    model, seconds = _train(cfg, splits, seed, spec.factory(cfg, bits, seed))
                     if method == "fp32":
                         baseline = (model, seconds)
                 rows.append(_row(cfg, method, bits, seed, model, seconds, splits[2]))
@@ -102,7 +110,7 @@ def run(cfg: Config) -> list[dict]:
 class Method:
     """How a method makes its table: a factory for a model trained from scratch, or a
     conversion of the trained fp32 baseline."""
-    factory: Callable[[int, int], Callable] | None = None
+    factory: Callable[[Config, int, int], Callable | None] | None = None
     build_from: Callable[[nn.Module, int], nn.Module] | None = None
     full_precision: bool = False
 
@@ -111,9 +119,20 @@ class Method:
         return self.build_from is not None
 
 
+def _low_precision(learn_step: bool, rounding: str):
+    def factory(cfg: Config, bits: int, seed: int):
+        return lambda rows, dim: LowPrecisionEmbedding(
+            rows, dim, bits=bits, optimizer="adam", lr=cfg.lr, learn_step=learn_step,
+            rounding=rounding, seed=seed)
+    return factory
+
+
 METHODS: dict[str, Method] = {
-    "fp32": Method(factory=lambda bits, seed: None, full_precision=True),
+    "fp32": Method(factory=lambda cfg, bits, seed: None, full_precision=True),
     "ptq": Method(build_from=lambda model, bits: quantize_(model, bits=bits)),
+    "lpt-dr": Method(factory=_low_precision(False, "nearest")),
+    "lpt-sr": Method(factory=_low_precision(False, "stochastic")),
+    "alpt": Method(factory=_low_precision(True, "stochastic")),
 }
 
 
