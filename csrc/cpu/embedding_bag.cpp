@@ -18,10 +18,12 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 16;
 
-// Every cache line of the row (the last may hold its parameters).
+// Every cache line the row touches (the last holds its parameters), each once.
 inline void prefetch_row(const uint8_t* row, int64_t stride) {
-  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
-  __builtin_prefetch(row + stride - 1, 0, 3);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(row) + stride - 1) & ~uintptr_t{63};
+  for (uintptr_t line = first; line <= last; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
 }
 
 template <typename out_t>
@@ -35,33 +37,50 @@ struct BagSum {
   int64_t count = 0;   // rows pooled (padding entries excluded)
 };
 
-// Pools positions [p0, p1) into acc[0, dim) (overwritten), prefetching rows up to `last`.
+// Adds the columns [d0, d0 + width) of the rows at positions [p0, p1) into `accum`; the
+// first block (d0 == 0) also prefetches and counts.
+template <int BITS, typename Acc, typename index_t>
+inline void pool_block(Acc& accum, const uint8_t* table, int64_t stride, const index_t* idx,
+                       int64_t p0, int64_t p1, int64_t last, const float* psw, int64_t dim,
+                       int64_t fmt, float table_step, int64_t padding_idx, int64_t d0,
+                       BagSum& bag) {
+  for (int64_t p = p0; p < p1; ++p) {
+    if (d0 == 0 && p + kPrefetchDistance < last)
+      prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+    const int64_t r = idx[p];
+    if (r == padding_idx) continue;
+    const uint8_t* row = table + r * stride;
+    const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+    const float w = psw ? psw[p] : 1.0f;
+    const float a = w * prm.scale;
+    accum.add(row + d0 * BITS / 8, a);
+    if (d0 == 0) {
+      bag.shift += a * static_cast<float>(prm.offset) + w * prm.bias;
+      ++bag.count;
+    }
+  }
+}
+
+// Pools positions [p0, p1) into acc[0, dim) (overwritten). Columns go in blocks of kLanes
+// whose accumulators stay in registers; rows are re-read from cache for later blocks.
 template <int BITS, typename index_t>
 inline BagSum pool_bag(const uint8_t* table, int64_t stride, const index_t* idx, int64_t p0,
                        int64_t p1, int64_t last, const float* psw, int64_t dim, int64_t fmt,
                        float table_step, int64_t padding_idx, float* acc) {
   BagSum bag;
-  // Columns in blocks of kLanes, each block's accumulators in registers; rows of the bag
-  // are re-read from cache for the blocks after the first.
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
     const int64_t width = std::min<int64_t>(kLanes, dim - d0);
-    Accumulator<BITS> accum(width);
-    for (int64_t p = p0; p < p1; ++p) {
-      if (d0 == 0 && p + kPrefetchDistance < last)
-        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
-      const int64_t r = idx[p];
-      if (r == padding_idx) continue;
-      const uint8_t* row = table + r * stride;
-      const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-      const float w = psw ? psw[p] : 1.0f;
-      const float a = w * prm.scale;
-      accum.add(row + d0 * BITS / 8, a);
-      if (d0 == 0) {
-        bag.shift += a * static_cast<float>(prm.offset) + w * prm.bias;
-        ++bag.count;
-      }
+    if (width == kLanes) {  // the common case, fully unrolled
+      FullAccumulator<BITS> accum;
+      pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
+                       padding_idx, d0, bag);
+      accum.store(acc + d0);
+    } else {
+      Accumulator<BITS> accum(width);
+      pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
+                       padding_idx, d0, bag);
+      accum.store(acc + d0);
     }
-    accum.store(acc + d0);
   }
   return bag;
 }

@@ -134,6 +134,28 @@ class Accumulator {
   int vectors_;
   bool half_tail_;
 };
+
+// A block of exactly kLanes columns: no tail, loop fully unrolled.
+template <int BITS>
+class FullAccumulator {
+ public:
+  FullAccumulator() {
+    for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
+  }
+  inline void add(const uint8_t* codes, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+    constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k)
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, kFull), sum_[k]);
+  }
+  inline void store(float* out) const {
+    for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
+  }
+
+ private:
+  __m512 sum_[8];
+};
 #else
 template <int BITS>
 class Accumulator {
@@ -151,6 +173,11 @@ class Accumulator {
  private:
   float sum_[kLanes];
   int64_t width_;
+};
+
+template <int BITS>
+struct FullAccumulator : Accumulator<BITS> {
+  FullAccumulator() : Accumulator<BITS>(kLanes) {}
 };
 #endif
 
