@@ -15,6 +15,7 @@ def _train(args) -> int:
 
     cfg = experiment.Config(data=args.data, model=args.model, methods=args.methods,
                             bits=args.bits, seeds=args.seeds, epochs=args.epochs,
+                            patience=args.patience,
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
                             progress=not args.quiet)
     if args.threads:
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     t.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])
     t.add_argument("--seeds", nargs="+", type=int, default=[0])
     t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--patience", type=int, default=None,
+                   help="early stopping: epochs without a better validation AUC (best restored)")
     t.add_argument("--batch-size", type=int, default=512)
     t.add_argument("--dim", type=int, default=16, help="embedding dim (a multiple of 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")

@@ -42,6 +42,7 @@ class Config:
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
     seeds: list[int] = field(default_factory=lambda: [0])
     epochs: int = 2
+    patience: int | None = None  # stop after this many epochs without a better validation AUC
     batch_size: int = 512
     embedding_dim: int = 16
     lr: float = 1e-3
@@ -65,8 +66,8 @@ def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, flo
     dense = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(dense, lr=cfg.lr)
     start = time.perf_counter()
-    fit(model, train, valid, opt, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
-        progress=cfg.progress)
+    fit(model, train, valid, opt, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        patience=cfg.patience, seed=seed, progress=cfg.progress)
     return model, time.perf_counter() - start
 
 
