@@ -83,7 +83,8 @@ def run(cfg: Config) -> list[dict]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    dataset = qdata.load(cfg.data)
+    synthetic = cfg.data in (None, "synthetic")
+    dataset = qdata.load(cfg.data, **({} if synthetic else {"progress": cfg.progress}))
     rows = []
     for seed in cfg.seeds:
         splits = dataset.split(seed=seed)
