@@ -13,7 +13,7 @@ import torch
 def _train(args) -> int:
     from . import experiment
 
-    cfg = experiment.Config(data=args.data, model=args.model, methods=args.methods,
+    cfg = experiment.Config(data=args.data, synthetic_rows=args.rows, model=args.model, methods=args.methods,
                             bits=args.bits, seeds=args.seeds, epochs=args.epochs,
                             patience=args.patience,
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="accuracy experiment (default)")
     t.add_argument("--data", default=None,
                    help="path, or frappe / avazu / criteo from the data folder; default synthetic")
+    t.add_argument("--rows", type=int, default=200_000, help="rows of the synthetic data")
     t.add_argument("--model", default="dnn", choices=sorted(MODELS))
     t.add_argument("--methods", nargs="+", default=["fp32", "ptq", "lpt-sr", "alpt"], choices=sorted(METHODS))
     t.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])

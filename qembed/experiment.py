@@ -37,6 +37,7 @@ from .nn import LowPrecisionEmbedding, quantize_
 @dataclass
 class Config:
     data: str | None = None  # None: synthetic
+    synthetic_rows: int = 200_000
     model: str = "dnn"
     methods: list[str] = field(default_factory=lambda: ["fp32", "ptq", "lpt-sr", "alpt"])
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
@@ -84,7 +85,8 @@ def run(cfg: Config) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     synthetic = cfg.data in (None, "synthetic")
-    dataset = qdata.load(cfg.data, **({} if synthetic else {"progress": cfg.progress}))
+    dataset = qdata.load(cfg.data, **({"num_samples": cfg.synthetic_rows} if synthetic
+                                       else {"progress": cfg.progress}))
     rows = []
     for seed in cfg.seeds:
         splits = dataset.split(seed=seed)

@@ -1,0 +1,28 @@
+"""The command line's train experiment end to end on a small synthetic set."""
+import csv
+
+import torch
+
+from qembed.__main__ import main
+from qembed.formats import row_bytes
+
+
+def test_train_command_writes_results(tmp_path, capsys):
+    torch.manual_seed(0)
+    rc = main(["--rows", "3000", "--epochs", "1", "--methods", "fp32", "ptq", "alpt",
+               "--bits", "4", "--quiet", "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["bits"]) for r in rows] == [("fp32", "32"), ("ptq", "4"), ("alpt", "4")]
+    num_rows = sum((2000, 1000, 500, 200, 100, 50, 20, 10))  # synthetic()'s default fields
+    fp32 = num_rows * 16 * 4
+    expect = {"fp32": fp32, "ptq": num_rows * row_bytes(16, 4, "affine"),
+              "alpt": num_rows * row_bytes(16, 4, "symmetric")}
+    for r in rows:
+        assert 0.0 <= float(r["auc"]) <= 1.0 and float(r["logloss"]) > 0
+        assert int(r["table_bytes"]) == expect[r["method"]]
+        assert abs(float(r["compression"]) - fp32 / expect[r["method"]]) < 1e-9
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert "| alpt | 4 |" in (tmp_path / "t.md").read_text()
+    assert "| ptq | 4 |" in capsys.readouterr().out
