@@ -26,4 +26,29 @@ TORCH_LIBRARY(qembed, m) {
       "embedding_bag(Tensor rows, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
       "Tensor? step, int bits, int dim, int fmt, int mode, bool include_last_offset, "
       "int padding_idx, ScalarType output_dtype) -> Tensor");
+  // Gradient of embedding_bag with respect to the rows it read, one row per distinct index:
+  // (unique_rows int64 [U] ascending, grad_rows fp32 [U, D]); padding_idx rows left out.
+  m.def(
+      "embedding_bag_backward(Tensor grad_out, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int mode, bool include_last_offset, int padding_idx) "
+      "-> (Tensor, Tensor)");
+  // Gradient of embedding_bag with respect to per_sample_weights: fp32 [num indices].
+  m.def(
+      "embedding_bag_psw_backward(Tensor grad_out, Tensor rows, Tensor indices, "
+      "Tensor offsets, Tensor? step, int bits, int dim, int fmt, int mode, "
+      "bool include_last_offset, int padding_idx) -> Tensor");
+  // Fused low-precision training step, in place, for the distinct rows `unique_rows`
+  // (strictly increasing) of a symmetric table. optimizer: 0 sgd, 1 row-wise adagrad
+  // (state [R, 1]), 2 adam (state [R, 2D] = [m | v]), 3 none. learn_step: ALPT's LSQ step
+  // update with step_optimizer 0 sgd or 1 adam (step_state [R or 1, 2]). `weights`
+  // replaces the dequantized rows as the starting point; `weights_out` receives the
+  // updated fp32 rows (NaN for skipped rows). iteration (from 1) drives Adam's bias
+  // correction; (seed, counter, row, element) keys stochastic rounding. Returns the number
+  // of rows skipped for a non-finite gradient.
+  m.def(
+      "lowp_update(Tensor(a!) rows, Tensor(b!)? step, Tensor(c!) state, Tensor(d!) step_state, "
+      "Tensor unique_rows, Tensor grad_rows, Tensor? weights, Tensor(e!)? weights_out, "
+      "int bits, int dim, int fmt, int optimizer, float lr, float eps, float weight_decay, "
+      "float beta1, float beta2, int iteration, bool learn_step, int step_optimizer, "
+      "float step_lr, bool stochastic, int seed, int counter) -> Tensor");
 }

@@ -9,9 +9,11 @@ namespace qembed {
 // Stochastic rounding floor(x + u) is unbiased: E = x inside [lo, hi]. Nearest rounds
 // half to even, as torch.round does.
 QEMBED_HD int32_t round_to_code(float x, float u, bool stochastic, int32_t lo, int32_t hi) {
-  float r = stochastic ? floorf(x + u) : nearbyintf(x);
-  r = fminf(fmaxf(r, static_cast<float>(lo)), static_cast<float>(hi));
-  return static_cast<int32_t>(r);
+  const float r = stochastic ? floorf(x + u) : nearbyintf(x);
+  // Comparisons rather than fminf/fmaxf, which compile to library calls on x86; NaN -> lo
+  // as before.
+  if (!(r >= static_cast<float>(lo))) return lo;
+  return r > static_cast<float>(hi) ? hi : static_cast<int32_t>(r);
 }
 
 // Packs 8 codes (each < 2^BITS) into BITS bytes.

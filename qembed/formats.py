@@ -59,3 +59,15 @@ def qmin(bits: int) -> int:
 
 def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
+
+
+OPTIMIZERS = {"sgd": 0, "adagrad": 1, "adam": 2, "none": 3}
+STEP_OPTIMIZERS = {"sgd": 0, "adam": 1}
+
+
+def optimizer_id(name: str | int, table: dict = OPTIMIZERS) -> int:
+    if isinstance(name, int) and name in table.values():
+        return name
+    if name not in table:
+        raise ValueError(f"qembed: unknown optimizer {name!r}; choose one of {sorted(table)}")
+    return table[name]

@@ -13,7 +13,8 @@ import threading
 import torch
 
 from . import reference
-from .formats import check_bits_dim, code_bytes, format_id, pooling_id, row_bytes
+from .formats import (STEP_OPTIMIZERS, check_bits_dim, code_bytes, format_id, optimizer_id,
+                      pooling_id, row_bytes)
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
@@ -102,6 +103,76 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
         output_dtype)
 
 
+def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
+                           offsets: torch.Tensor | None,
+                           per_sample_weights: torch.Tensor | None = None, mode: str = "sum",
+                           include_last_offset: bool = False, padding_idx: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of :func:`embedding_bag` with respect to the rows it read, one row per
+    distinct index: ``(unique_rows int64 [U] ascending, grad_rows fp32 [U, D])``.
+
+    Repeats are summed in batch order (deterministic, any thread count); per-sample weights
+    and ``mean`` are applied; ``padding_idx`` never appears. No dense [R, D] gradient."""
+    if not _compiled():
+        return reference.embedding_bag_backward(grad_out, indices, offsets, per_sample_weights,
+                                                mode, include_last_offset, padding_idx)
+    if offsets is None:
+        offsets = indices.new_zeros(0)
+    return torch.ops.qembed.embedding_bag_backward(
+        grad_out, indices, offsets, per_sample_weights, pooling_id(mode), include_last_offset,
+        -1 if padding_idx is None else padding_idx)
+
+
+def embedding_bag_psw_backward(grad_out: torch.Tensor, rows: torch.Tensor,
+                               indices: torch.Tensor, offsets: torch.Tensor | None, bits: int,
+                               dim: int, fmt: str = "affine", step: torch.Tensor | None = None,
+                               mode: str = "sum", include_last_offset: bool = False,
+                               padding_idx: int | None = None) -> torch.Tensor:
+    """Gradient of :func:`embedding_bag` with respect to ``per_sample_weights``: fp32 [N]."""
+    if not _compiled():
+        return reference.embedding_bag_psw_backward(grad_out, rows, indices, offsets, bits, dim,
+                                                    fmt, step, mode, include_last_offset,
+                                                    padding_idx)
+    if offsets is None:
+        offsets = indices.new_zeros(0)
+    return torch.ops.qembed.embedding_bag_psw_backward(
+        grad_out, rows, indices, offsets, step, bits, dim, format_id(fmt), pooling_id(mode),
+        include_last_offset, -1 if padding_idx is None else padding_idx)
+
+
+def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tensor,
+                step_state: torch.Tensor, unique_rows: torch.Tensor, grad_rows: torch.Tensor,
+                bits: int, dim: int, fmt: str = "symmetric", optimizer: str = "adagrad",
+                lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
+                betas: tuple[float, float] = (0.9, 0.999), iteration: int = 1,
+                learn_step: bool = False, step_optimizer: str = "sgd", step_lr: float = 0.0,
+                stochastic: bool = True, seed: int = 0, counter: int = 0,
+                weights: torch.Tensor | None = None,
+                weights_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused low-precision training step, in place, for the distinct rows ``unique_rows``
+    (strictly increasing) of a symmetric table ``rows``.
+
+    Each row is dequantized (or taken from ``weights`` [U, D]), updated in fp32 by
+    ``optimizer`` (``"sgd"``, ``"adagrad"``: row-wise, ``state`` [R, 1]; ``"adam"``:
+    ``state`` [R, 2D] = [m | v]; ``"none"``), written to ``weights_out`` if given, its step
+    moved by the LSQ gradient when ``learn_step`` (``step_optimizer`` ``"sgd"`` or
+    ``"adam"`` with ``step_state`` [R or 1, 2]), and re-quantized with stochastic rounding
+    keyed by (seed, counter, row, element) or to nearest. ``step`` is the per-table step
+    ([1], updated in place) of the ``symmetric_table`` format. Rows with a non-finite
+    gradient are left untouched; returns their count (int64 scalar tensor).
+    """
+    if not _compiled():
+        return reference.lowp_update(rows, step, state, step_state, unique_rows, grad_rows, bits,
+                                     dim, fmt, optimizer, lr, eps, weight_decay, betas,
+                                     iteration, learn_step, step_optimizer, step_lr, stochastic,
+                                     seed, counter, weights, weights_out)
+    return torch.ops.qembed.lowp_update(
+        rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out, bits, dim,
+        format_id(fmt), optimizer_id(optimizer), lr, eps, weight_decay, betas[0], betas[1],
+        iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr,
+        stochastic, seed, counter)
+
+
 def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
     # The fake implementations below also serve the Meta key, which the dispatcher picks
     # when any argument is a meta tensor: the C++ device checks never run then.
@@ -147,3 +218,41 @@ if HAS_EXTENSION:
         else:
             n = offsets.shape[0] - (1 if include_last_offset else 0)
         return rows.new_empty(n, dim, dtype=output_dtype)
+
+    @torch.library.register_fake("qembed::embedding_bag_backward")
+    def _embedding_bag_backward_fake(grad_out, indices, offsets, psw, mode,
+                                     include_last_offset, padding_idx):
+        u = torch.library.get_ctx().new_dynamic_size()
+        return (indices.new_empty(u, dtype=torch.long),
+                grad_out.new_empty(u, grad_out.shape[1], dtype=torch.float32))
+
+    @torch.library.register_fake("qembed::embedding_bag_psw_backward")
+    def _embedding_bag_psw_backward_fake(grad_out, rows, indices, offsets, step, bits, dim, fmt,
+                                         mode, include_last_offset, padding_idx):
+        return grad_out.new_empty(indices.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qembed::lowp_update")
+    def _lowp_update_fake(rows, step, state, step_state, unique_rows, grad_rows, weights,
+                          weights_out, *args):
+        return rows.new_empty((), dtype=torch.long)
+
+    # The table is uint8 codes and gets no gradient through autograd (training updates it
+    # in its own backward, see qembed.nn.lowp); per_sample_weights do.
+    def _embedding_bag_setup_context(ctx, inputs, output):
+        rows, indices, offsets, psw, step, bits, dim, fmt, mode, include_last, padding, _ = inputs
+        ctx.save_for_backward(rows, indices, offsets, step)
+        ctx.args = (bits, dim, fmt, mode, include_last, padding)
+        ctx.psw_dtype = None if psw is None else psw.dtype
+
+    def _embedding_bag_backward(ctx, grad):
+        rows, indices, offsets, step = ctx.saved_tensors
+        bits, dim, fmt, mode, include_last, padding = ctx.args
+        grad_psw = None
+        if ctx.needs_input_grad[3]:
+            grad_psw = torch.ops.qembed.embedding_bag_psw_backward(
+                grad, rows, indices, offsets, step, bits, dim, fmt, mode, include_last,
+                padding).to(ctx.psw_dtype)
+        return None, None, None, grad_psw, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("qembed::embedding_bag", _embedding_bag_backward,
+                                    setup_context=_embedding_bag_setup_context)

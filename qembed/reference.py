@@ -7,11 +7,15 @@ import torch
 
 from .formats import (
     FORMATS,
+    OPTIMIZERS,
+    STEP_OPTIMIZERS,
     check_bits_dim,
     code_bytes,
     format_id,
+    optimizer_id,
     param_offset,
     pooling_id,
+    qmax,
     qmin,
     row_bytes,
 )
@@ -204,3 +208,170 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
         count = values.new_zeros(lengths.numel()).index_add_(0, bag_of, keep[:used])
         out = out / count.clamp(min=1)[:, None]
     return out.to(output_dtype)
+
+
+# --- training: backward and fused update -------------------------------------------------
+
+def _seq_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim strictly left to right, the order of the kernels' loops."""
+    acc = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    for d in range(x.shape[-1]):
+        acc = acc + x[..., d]
+    return acc
+
+
+def _bag_of(indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
+            include_last_offset: bool) -> torch.Tensor:
+    """The bag of each position that belongs to one (positions past the last bag do not)."""
+    if mode == "none":
+        return torch.arange(indices.numel(), device=indices.device)
+    lengths = bag_lengths(offsets, indices.numel(), include_last_offset)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths)
+
+
+def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
+                           offsets: torch.Tensor | None,
+                           per_sample_weights: torch.Tensor | None = None, mode: str = "sum",
+                           include_last_offset: bool = False,
+                           padding_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique_rows [U] ascending, grad_rows fp32 [U, D]): the gradient of embedding_bag with
+    respect to each distinct row it read, repeats summed in batch order."""
+    pooling_id(mode)
+    grad_out = grad_out.to(torch.float32)
+    bag = _bag_of(indices, offsets, mode, include_last_offset)
+    idx = indices[: bag.numel()].long()
+    pad = -1 if padding_idx is None else padding_idx
+    if per_sample_weights is not None:
+        factor = per_sample_weights[: bag.numel()].to(torch.float32)
+    elif mode == "mean":
+        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=idx.device)
+        count.index_add_(0, bag, (idx != pad).long())
+        factor = (torch.ones(count.shape) / count.clamp(min=1).to(torch.float32))[bag]
+    else:
+        factor = torch.ones(bag.numel())
+    contrib = grad_out[bag] * factor[:, None]
+    keys, perm = torch.sort(idx, stable=True)
+    keep = keys != pad
+    keys, perm = keys[keep], perm[keep]
+    unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1])
+    for k in range(int(counts.max()) if counts.numel() else 0):
+        sel = counts > k
+        grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
+    return unique_rows, grad_rows
+
+
+def embedding_bag_psw_backward(grad_out: torch.Tensor, rows: torch.Tensor,
+                               indices: torch.Tensor, offsets: torch.Tensor | None, bits: int,
+                               dim: int, fmt: str | int = "affine",
+                               step: torch.Tensor | None = None, mode: str = "sum",
+                               include_last_offset: bool = False,
+                               padding_idx: int | None = None) -> torch.Tensor:
+    """d out / d per_sample_weights: <grad_out[bag(i)], row[indices[i]]>, 0 for padding."""
+    bag = _bag_of(indices, offsets, mode, include_last_offset)
+    idx = indices[: bag.numel()].long()
+    values = dequantize(rows[idx], bits, dim, fmt, step)
+    dot = _seq_sum(grad_out.to(torch.float32)[bag] * values)
+    out = torch.zeros(indices.numel())
+    out[: bag.numel()] = torch.where(idx != (-1 if padding_idx is None else padding_idx), dot, 0.0)
+    return out
+
+
+MIN_STEP = 1e-10  # csrc/cpu/lowp_update.cpp: steps stay at or above this
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    # torch's vectorized fp32 sqrt is not always correctly rounded; the kernels' is. Going
+    # through fp64 gives the correctly rounded fp32 result.
+    return torch.sqrt(x.double()).to(torch.float32)
+
+
+def _lsq_scale(qp: int, n: int) -> torch.Tensor:
+    return 1.0 / _sqrt(_f32(float(max(qp, 1) * n)))
+
+
+def _adam_coeffs(betas: tuple[float, float], iteration: int):
+    b1, b2 = _f32(betas[0]), _f32(betas[1])
+    bc1 = _f32(1.0 - float(b1) ** iteration)
+    bc2 = _f32(1.0 - float(b2) ** iteration)
+    return b1, b2, 1 - b1, 1 - b2, bc1, bc2
+
+
+def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tensor,
+                step_state: torch.Tensor, unique_rows: torch.Tensor, grad_rows: torch.Tensor,
+                bits: int, dim: int, fmt: str | int = "symmetric", optimizer: str = "adagrad",
+                lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
+                betas: tuple[float, float] = (0.9, 0.999), iteration: int = 1,
+                learn_step: bool = False, step_optimizer: str = "sgd", step_lr: float = 0.0,
+                stochastic: bool = True, seed: int = 0, counter: int = 0,
+                weights: torch.Tensor | None = None,
+                weights_out: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: the fused low-precision training step of csrc/cpu/lowp_update.cpp for the
+    distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient)."""
+    fmt, opt = format_id(fmt), optimizer_id(optimizer)
+    sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
+    if fmt == AFFINE:
+        raise ValueError("qembed.lowp_update: training needs a symmetric format")
+    uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
+    ok = torch.isfinite(g).all(1)
+    if weights is not None:
+        ok &= torch.isfinite(weights).all(1)
+    if weights_out is not None:
+        weights_out[~ok] = float("nan")
+    r, g = uniq[ok], g[ok]
+    qn, qp = qmin(bits), qmax(bits)
+    s = row_params(rows[r], bits, dim, fmt, step)[0].clone()
+    w = weights[ok].clone() if weights is not None else dequantize(rows[r], bits, dim, fmt, step)
+    lr_, eps_, wd = _f32(lr), _f32(eps), _f32(weight_decay)
+    b1, b2, omb1, omb2, bc1, bc2 = _adam_coeffs(betas, iteration)
+
+    gd = g + wd * w
+    if opt == OPTIMIZERS["sgd"]:
+        w = w - lr_ * gd
+    elif opt == OPTIMIZERS["adagrad"]:
+        acc = state[r, 0] + _seq_sum(gd * gd) / _f32(float(dim))
+        state[r, 0] = acc
+        w = w - lr_ * (gd / (_sqrt(acc) + eps_)[:, None])
+    elif opt == OPTIMIZERS["adam"]:
+        m = b1 * state[r, :dim] + omb1 * gd
+        v = b2 * state[r, dim:] + omb2 * (gd * gd)
+        state[r] = torch.cat([m, v], 1)
+        w = w - lr_ * ((m / bc1) / (_sqrt(v / bc2) + eps_))
+    if weights_out is not None:
+        weights_out[ok] = w
+
+    def next_step(s, gs, st):
+        delta = gs
+        if sopt == STEP_OPTIMIZERS["adam"]:
+            m = b1 * st[:, 0] + omb1 * gs
+            v = b2 * st[:, 1] + omb2 * (gs * gs)
+            st[:, 0], st[:, 1] = m, v
+            delta = (m / bc1) / (_sqrt(v / bc2) + eps_)
+        return torch.maximum(s - _f32(step_lr) * delta, _f32(MIN_STEP))
+
+    if learn_step and r.numel():
+        x = w / s[:, None]
+        dq = torch.where(x < qn, _f32(qn), torch.where(x > qp, _f32(qp), torch.round(x) - x))
+        gs = _seq_sum(g * dq)
+        if fmt == SYM_ROW:
+            st = step_state[r] if sopt else None
+            s = next_step(s, _lsq_scale(qp, dim) * gs, st)
+            if sopt:
+                step_state[r] = st
+        else:
+            st = step_state[:1] if sopt else None
+            new = next_step(step.reshape(1), _lsq_scale(qp, r.numel() * dim) * _seq_sum(gs), st)
+            step.copy_(new.reshape(step.shape))
+            s = new.expand(r.numel())
+    u = sr_uniforms(seed, counter, r, dim) if stochastic else None
+    codes = (round_codes(w / s[:, None], u, qn, qp) - qn).to(torch.uint8)
+    rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
+    if fmt == SYM_ROW:
+        po = param_offset(dim, bits)
+        rows[r, po: po + 4] = _params_bytes(s)
+    return (~ok).sum()

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <vector>
 #include "../checks.h"
+#include "bags.h"
 #include "row_codec.h"
 
 namespace qembed {
@@ -21,33 +22,6 @@ constexpr int64_t kPrefetchDistance = 16;
 inline void prefetch_row(const uint8_t* row, int64_t stride) {
   for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
   __builtin_prefetch(row + stride - 1, 0, 3);
-}
-
-template <typename index_t>
-void check_indices_in_range(const index_t* idx, int64_t n, int64_t num_rows) {
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < num_rows, "qembed.embedding_bag: index ",
-                      static_cast<int64_t>(idx[i]), " at position ", i,
-                      " is out of range for a table of ", num_rows, " rows");
-}
-
-// Bag b covers positions [starts[b], starts[b + 1]); returns starts with B + 1 entries.
-template <typename offset_t>
-std::vector<int64_t> bag_bounds(const offset_t* off, int64_t num_offsets, int64_t num_bags,
-                                int64_t num_indices) {
-  std::vector<int64_t> starts(num_bags + 1);
-  for (int64_t b = 0; b < num_offsets; ++b) {
-    const int64_t o = off[b];
-    TORCH_CHECK_VALUE(b > 0 || o == 0, "qembed.embedding_bag: offsets[0] must be 0, got ", o);
-    TORCH_CHECK_VALUE(b == 0 || o >= off[b - 1], "qembed.embedding_bag: offsets must be ",
-                      "non-decreasing, but offsets[", b, "] = ", o, " < offsets[", b - 1,
-                      "] = ", static_cast<int64_t>(off[b - 1]));
-    TORCH_CHECK_VALUE(o <= num_indices, "qembed.embedding_bag: offsets[", b, "] = ", o,
-                      " is past the end of indices (", num_indices, ")");
-    if (b <= num_bags) starts[b] = o;
-  }
-  if (num_offsets == num_bags) starts[num_bags] = num_indices;
-  return starts;
 }
 
 template <typename out_t>

@@ -20,6 +20,28 @@ def _normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int 
     return padding_idx % num_embeddings
 
 
+def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
+               per_sample_weights: torch.Tensor | None, include_last_offset: bool):
+    """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):
+    a 2-D input is fixed-length bags without offsets, a 1-D input needs offsets."""
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D (fixed-length bags)")
+        bags, length = input.shape
+        offsets = torch.arange(0, bags * length, length, device=input.device, dtype=input.dtype)
+        if include_last_offset:
+            offsets = torch.cat([offsets, offsets.new_tensor([bags * length])])
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets is required when input is 1-D")
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
+    return input, offsets, per_sample_weights
+
+
 def symmetric_steps(weight: torch.Tensor, bits: int, per_row: bool) -> torch.Tensor:
     """Max-abs calibration of a symmetric step: the largest magnitude maps to Qp."""
     peak = weight.abs().amax(1) if per_row else weight.abs().amax().reshape(1)
@@ -148,22 +170,8 @@ class QuantizedEmbeddingBag(_QuantizedTable):
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D (fixed-length bags)")
-            bags, length = input.shape
-            offsets = torch.arange(0, bags * length, length, device=input.device,
-                                   dtype=input.dtype)
-            if self.include_last_offset:
-                offsets = torch.cat([offsets, offsets.new_tensor([bags * length])])
-            input = input.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets is required when input is 1-D")
-        else:
-            raise ValueError(f"input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
+        input, offsets, per_sample_weights = bag_inputs(input, offsets, per_sample_weights,
+                                                        self.include_last_offset)
         return self._lookup(input, offsets, per_sample_weights, self.mode, self.include_last_offset)
 
     @classmethod

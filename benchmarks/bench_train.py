@@ -1,0 +1,224 @@
+"""Time one training step (forward + backward + optimizer update) of an embedding table.
+
+Compares qembed's LowPrecisionEmbeddingBag (int8 and int4, row-wise Adagrad, ALPT one-pass
+step learning, stochastic rounding; the update fused into backward) with an fp32
+nn.EmbeddingBag(sparse=True) stepped by torch.optim.SparseAdam and torch.optim.Adagrad, and
+with fbgemm_gpu's SplitTableBatchedEmbeddingBagsCodegen on CPU (exact row-wise Adagrad, fused
+into backward) when it imports. Reports the median step time over repeats (batches rotate),
+its ratio to fp32 + SparseAdam measured in the same run, and the bytes of table plus
+optimizer state. Writes markdown, CSV and a PNG to benchmarks/results/.
+
+    python benchmarks/bench_train.py            # 1M and 4M rows, D = 64 and 128 (shapes
+                                                # over --max-gb of fp32 state are skipped)
+    python benchmarks/bench_train.py --quick    # small smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import qembed
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_batches(rows: int, bags: int, length: int, dist: str, count: int, gen):
+    n = bags * length
+    if dist == "zipf":
+        # p(rank k) ~ k^-1.05 over the table, hot ranks scattered over row ids.
+        probs = torch.arange(1, rows + 1, dtype=torch.float64).pow(-1.05)
+        scatter = torch.randperm(rows, generator=gen)
+    offsets = torch.arange(0, n, length)
+    out = []
+    for _ in range(count):
+        if dist == "zipf":
+            idx = scatter[torch.multinomial(probs, n, replacement=True, generator=gen)]
+        else:
+            idx = torch.randint(0, rows, (n,), generator=gen)
+        out.append((idx, offsets))
+    return out
+
+
+def fp32_method(rows, dim, optimizer):
+    emb = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)
+    opt = (torch.optim.SparseAdam(emb.parameters(), lr=1e-3) if optimizer == "sparse_adam"
+           else torch.optim.Adagrad(emb.parameters(), lr=0.01))
+
+    def step(idx, off, grad):
+        emb(idx, off).backward(grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def nbytes():
+        state = sum(t.numel() * t.element_size() for s in opt.state.values()
+                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        return emb.weight.numel() * 4 + state
+    return step, nbytes
+
+
+def qembed_method(rows, dim, bits):
+    emb = qembed.LowPrecisionEmbeddingBag(rows, dim, mode="sum", bits=bits, optimizer="adagrad")
+
+    def step(idx, off, grad):
+        emb(idx, off).backward(grad)
+    return step, lambda: emb.nbytes
+
+
+def fbgemm_method(rows, dim):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+
+    emb = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8)
+
+    def step(idx, off, grad):
+        emb(idx, torch.cat([off, off.new_tensor([idx.numel()])])).backward(grad)
+
+    def nbytes():
+        w = emb.split_embedding_weights()[0]
+        return w.numel() * w.element_size() + sum(
+            s.numel() * s.element_size() for s in emb.split_optimizer_states()[0])
+    return step, nbytes
+
+
+def methods(rows, dim):
+    yield "fp32 + SparseAdam", lambda: fp32_method(rows, dim, "sparse_adam")
+    yield "fp32 + Adagrad", lambda: fp32_method(rows, dim, "adagrad")
+    yield "qembed int8 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 8)
+    yield "qembed int4 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 4)
+    try:
+        import fbgemm_gpu  # noqa: F401
+        yield "fbgemm fp32 (rw-Adagrad)", lambda: fbgemm_method(rows, dim)
+    except Exception as e:  # noqa: BLE001 - any import failure means: skip it
+        print(f"skipping fbgemm_gpu: {e}", file=sys.stderr)
+
+
+def time_steps(steps, batches, grads, warmup, repeats):
+    """Median seconds per step of each method. Methods take turns within each repeat, so
+    load from other processes on a shared machine falls on all of them alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        idx, off = batches[i % len(batches)]
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(idx, off, grads[i % len(grads)])
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="1000000,4000000")
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--dists", default="uniform,zipf")
+    p.add_argument("--bags", type=int, default=2048)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-gb", type=float, default=8.0,
+                   help="skip shapes whose fp32 baselines together need more memory")
+    p.add_argument("--quick", action="store_true", help="100k rows, D=64, uniform, 3 repeats")
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.rows, a.dims, a.dists, a.repeats, a.warmup = "100000", "64", "uniform", 3, 1
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows in map(int, a.rows.split(",")):
+        for dim in map(int, a.dims.split(",")):
+            data = {d: make_batches(rows, a.bags, a.length, d, 4, gen) for d in a.dists.split(",")}
+            grads = [torch.randn(a.bags, dim, generator=gen) * 1e-2 for _ in range(4)]
+            if rows * dim * 4 * 6 > a.max_gb * 2**30:  # the three fp32 tables and states
+                print(f"skipping {rows} x {dim}: fp32 baselines need more than --max-gb",
+                      file=sys.stderr)
+                continue
+            built = {name: build() for name, build in methods(rows, dim)}
+            steps = {name: b[0] for name, b in built.items()}
+            for dist, batches in data.items():
+                for name, t in time_steps(steps, batches, grads, a.warmup, a.repeats).items():
+                    results.append(dict(rows=rows, dim=dim, dist=dist, method=name,
+                                        ms=t * 1e3, bytes=built[name][1]()))
+                    print(f"{rows:>8} {dim:>4} {dist:>7} {name:<32} {t * 1e3:9.1f} ms", flush=True)
+            del built, steps
+    for r in results:
+        base = next(x for x in results if x["rows"] == r["rows"] and x["dim"] == r["dim"]
+                    and x["dist"] == r["dist"] and x["method"] == "fp32 + SparseAdam")
+        r["speedup_vs_fp32_sparseadam"] = base["ms"] / r["ms"]
+        r["bytes_vs_fp32_sparseadam"] = r["bytes"] / base["bytes"]
+    write(results, a)
+
+
+def write(results, a):
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, torch threads "
+              f"{torch.get_num_threads()}); torch {torch.__version__}; {stamp}\n"
+              f"Command: `python {' '.join(sys.argv)}`\n"
+              f"Batch: {a.bags} bags x {a.length} indices, mode sum; median of {a.repeats} steps "
+              f"(forward + backward + update).\n")
+    lines = ["| rows | D | indices | method | step ms | speed-up vs fp32+SparseAdam | "
+             "table+state MiB | memory vs fp32+SparseAdam |",
+             "|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['dim']} | {r['dist']} | {r['method']} | "
+                     f"{r['ms']:.1f} | {r['speedup_vs_fp32_sparseadam']:.2f}x | "
+                     f"{r['bytes'] / 2**20:.0f} | {r['bytes_vs_fp32_sparseadam']:.3f} |")
+    table = "\n".join(lines)
+    print("\n" + header + "\n" + table)
+    os.makedirs(a.out, exist_ok=True)
+    base = os.path.join(a.out, "bench_train" + ("_quick" if a.quick else ""))
+    with open(base + ".md", "w") as f:
+        f.write("# Training step: qembed low-precision tables vs fp32\n\n" + header + "\n" + table + "\n")
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    configs = sorted({(r["rows"], r["dim"], r["dist"]) for r in results})
+    names = list(dict.fromkeys(r["method"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs)), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ys = [next((r["speedup_vs_fp32_sparseadam"] for r in results if r["method"] == name
+                    and (r["rows"], r["dim"], r["dist"]) == c), 0) for c in configs]
+        ax.bar([j + i * width for j in range(len(configs))], ys, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
+    ax.set_xticklabels([f"{r // 1000}k x {d}\n{s}" for r, d, s in configs], fontsize=8)
+    ax.set_ylabel("speed-up vs fp32 + SparseAdam")
+    ax.axhline(1, color="gray", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Training step, {cpu_model()}, torch {torch.__version__}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+// embedding_bag_psw_backward: d out / d per_sample_weights[p] = <grad_out[bag(p)], row[p]>,
+// the row dequantized in registers; zero for padding_idx and positions outside every bag.
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#include <vector>
+#include "../checks.h"
+#include "bags.h"
+#include "row_codec.h"
+
+namespace qembed {
+namespace {
+
+at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
+                                          const at::Tensor& rows_in,
+                                          const at::Tensor& indices_in,
+                                          const at::Tensor& offsets_in,
+                                          const c10::optional<at::Tensor>& step, int64_t bits,
+                                          int64_t dim, int64_t fmt, int64_t mode,
+                                          bool include_last_offset, int64_t padding_idx) {
+  const int64_t num_out = check_lookup_args(rows_in, indices_in, offsets_in, c10::nullopt, step,
+                                            bits, dim, fmt, mode, include_last_offset, at::kFloat);
+  TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                    "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == num_out &&
+                        grad_out_in.size(1) == dim,
+                    "qembed.embedding_bag_psw_backward: grad_out must be [", num_out, ", ", dim,
+                    "], got ", grad_out_in.sizes());
+  const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+  const int64_t n = indices.numel(), stride = rows.size(1);
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  check_indices_in_range(idx, n, rows.size(0));
+  std::vector<int64_t> bag;
+  if (mode == POOL_NONE) {
+    bag.resize(n);
+    for (int64_t p = 0; p < n; ++p) bag[p] = p;
+  } else {
+    const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+    bag = bag_of_positions(bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n));
+  }
+  const float table_step = fmt == SYM_TABLE ? step->item<float>() : 0.0f;
+  at::Tensor out = at::zeros({n}, grad_out.options());
+  float* dst = out.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  const uint8_t* table = rows.data_ptr<uint8_t>();
+  QEMBED_DISPATCH_BITS(bits, [&] {
+    at::parallel_for(0, static_cast<int64_t>(bag.size()), 256, [&](int64_t begin, int64_t end) {
+      std::vector<float> value(dim);
+      for (int64_t p = begin; p < end; ++p) {
+        if (idx[p] == padding_idx) continue;
+        const uint8_t* row = table + idx[p] * stride;
+        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+        std::fill(value.begin(), value.end(), 0.0f);
+        accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
+        const float* g = go + bag[p] * dim;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
+        dst[p] = dot;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) {
+  m.impl("embedding_bag_psw_backward", &embedding_bag_psw_backward_cpu);
+}
+
+}  // namespace qembed

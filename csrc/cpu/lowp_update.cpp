@@ -1,0 +1,273 @@
+// lowp_update: one fused low-precision training step for the distinct rows of a batch.
+// Each row's codes, step and optimizer state are read once and written once:
+//   w = s * q (or the given fp32 weights)      dequantize
+//   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
+//   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient, SGD or Adam, s > 0
+//   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
+// With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
+// before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
+// A row whose gradient (or given weights) is not finite is left untouched and counted.
+#include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+#include "../checks.h"
+#include "row_codec.h"
+
+namespace qembed {
+namespace {
+
+enum Optimizer : int64_t { OPT_SGD = 0, OPT_ADAGRAD = 1, OPT_ADAM = 2, OPT_NONE = 3 };
+enum StepOptimizer : int64_t { STEP_SGD = 0, STEP_ADAM = 1 };
+
+constexpr int64_t kPrefetchDistance = 8;
+
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 1);
+  __builtin_prefetch(c + bytes - 1, 1, 1);
+}
+
+// Steps never reach zero or below: a zero step would divide by zero when re-quantizing.
+constexpr float kMinStep = 1e-10f;
+
+struct Config {
+  int64_t dim, fmt, optimizer, step_optimizer;
+  float lr, eps, wd, step_lr;
+  float b1, b2, omb1, omb2, bc1, bc2;  // Adam: betas, 1 - betas, bias corrections
+  bool learn_step;
+  RoundingKey key;
+};
+
+// Floats per row of optimizer state: Adagrad one accumulator, Adam the moments [m | v].
+int64_t state_width(int64_t optimizer, int64_t dim) {
+  return optimizer == OPT_ADAGRAD ? 1 : (optimizer == OPT_ADAM ? 2 * dim : 0);
+}
+
+bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+// Sum of x[0..n) strictly left to right (the reference's order).
+float ordered_sum(const float* x, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+
+// w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
+// Element-wise work sits in loops of its own so that they vectorize; only the ordered
+// sums stay serial.
+void optimizer_row(float* w, const float* g, float* st, float* tmp, const Config& c) {
+  const int64_t dim = c.dim;
+  if (c.optimizer == OPT_SGD) {
+    for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * (g[d] + c.wd * w[d]);
+  } else if (c.optimizer == OPT_ADAGRAD) {
+    for (int64_t d = 0; d < dim; ++d) {
+      const float gd = g[d] + c.wd * w[d];
+      tmp[d] = gd * gd;
+    }
+    st[0] = st[0] + ordered_sum(tmp, dim) / static_cast<float>(dim);
+    const float denom = std::sqrt(st[0]) + c.eps;
+    for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * ((g[d] + c.wd * w[d]) / denom);
+  } else if (c.optimizer == OPT_ADAM) {
+    float* m = st;
+    float* v = st + dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float gd = g[d] + c.wd * w[d];
+      m[d] = c.b1 * m[d] + c.omb1 * gd;
+      v[d] = c.b2 * v[d] + c.omb2 * (gd * gd);
+      w[d] = w[d] - c.lr * ((m[d] / c.bc1) / (std::sqrt(v[d] / c.bc2) + c.eps));
+    }
+  }
+}
+
+// LSQ: sum_d g_d * dQ/ds at x = w_d / s, dQ/ds = Qn below the range, Qp above, round(x) - x
+// inside.
+float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp,
+              float* tmp) {
+  const float lo = static_cast<float>(qn), hi = static_cast<float>(qp);
+  for (int64_t d = 0; d < dim; ++d) {
+    const float x = w[d] / s;
+    const float inside = std::nearbyint(x) - x;
+    tmp[d] = g[d] * (x < lo ? lo : (x > hi ? hi : inside));
+  }
+  return ordered_sum(tmp, dim);
+}
+
+// LSQ's gradient scale 1 / sqrt(Qp * n); Qp = 0 at one bit, hence max(Qp, 1).
+float lsq_scale(int32_t qp, int64_t n) {
+  return 1.0f / std::sqrt(static_cast<float>(std::max(qp, 1) * n));
+}
+
+// The next step size from its gradient gs; st holds Adam's [m, v] for this step.
+float next_step(float s, float gs, float* st, const Config& c) {
+  float delta = gs;
+  if (c.step_optimizer == STEP_ADAM) {
+    st[0] = c.b1 * st[0] + c.omb1 * gs;
+    st[1] = c.b2 * st[1] + c.omb2 * (gs * gs);
+    delta = (st[0] / c.bc1) / (std::sqrt(st[1] / c.bc2) + c.eps);
+  }
+  return std::max(s - c.step_lr * delta, kMinStep);
+}
+
+template <int BITS>
+int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* state,
+                    float* step_state, const int64_t* uniq, int64_t num_unique,
+                    const float* grad, const float* weights, float* weights_out,
+                    const Config& c) {
+  const int64_t dim = c.dim, po = param_offset(dim, BITS);
+  const int64_t sw = state_width(c.optimizer, dim), ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
+  const int32_t qn = qmin(BITS), qp = qmax(BITS);
+  const bool per_row = c.fmt == SYM_ROW;
+  const bool deferred = c.learn_step && !per_row;
+  std::vector<float> buffer(deferred && !weights_out ? num_unique * dim : 0);
+  float* kept = weights_out ? weights_out : buffer.data();
+  std::vector<float> lsq(deferred ? num_unique : 0);
+  std::vector<uint8_t> skipped(num_unique, 0);
+  const float row_gscale = lsq_scale(qp, dim);
+
+  auto encode = [&](const float* w, int64_t r, float s) {
+    RoundingKey key = c.key;
+    key.row_key = static_cast<uint64_t>(r);
+    encode_row<BITS>(w, dim, RowParams{s, 0.0f, qn}, key, table + r * stride);
+  };
+
+  at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> local(dim), tmp(dim);
+    for (int64_t k = begin; k < end; ++k) {
+      // Rows of a large table miss the caches: fetch upcoming rows and their state early.
+      if (k + kPrefetchDistance < end) {
+        const int64_t next = uniq[k + kPrefetchDistance];
+        prefetch_span(table + next * stride, stride);
+        if (sw > 0) prefetch_span(state + next * sw, sw * sizeof(float));
+      }
+      const float* g = grad + k * dim;
+      float* w = (weights_out || deferred) ? kept + k * dim : local.data();
+      if (!all_finite(g, dim) || (weights && !all_finite(weights + k * dim, dim))) {
+        skipped[k] = 1;
+        if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const int64_t r = uniq[k];
+      uint8_t* row = table + r * stride;
+      float s = per_row ? read_f32(row + po) : *table_step;
+      if (weights) {
+        std::copy(weights + k * dim, weights + (k + 1) * dim, w);
+      } else {
+        std::fill(w, w + dim, 0.0f);
+        accumulate_row<BITS>(row, dim, s, 0.0f, qn, w);
+      }
+      optimizer_row(w, g, state + r * sw, tmp.data(), c);
+      if (c.learn_step) {
+        const float gs = lsq_sum(w, g, dim, s, qn, qp, tmp.data());
+        if (deferred) {
+          lsq[k] = gs;
+          continue;
+        }
+        s = next_step(s, row_gscale * gs, step_state + r * ssw, c);
+        write_f32(row + po, s);
+      }
+      encode(w, r, s);
+    }
+  });
+
+  int64_t num_skipped = 0;
+  for (uint8_t x : skipped) num_skipped += x;
+  if (deferred && num_skipped < num_unique) {
+    float gs = 0.0f;
+    for (int64_t k = 0; k < num_unique; ++k)
+      if (!skipped[k]) gs += lsq[k];
+    const float s = next_step(*table_step, lsq_scale(qp, (num_unique - num_skipped) * dim) * gs,
+                              step_state, c);
+    *table_step = s;
+    at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        if (!skipped[k]) encode(kept + k * dim, uniq[k], s);
+    });
+  }
+  return num_skipped;
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,
+                   " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n0 && t.size(1) == n1 && t.is_contiguous(),
+                    "qembed.lowp_update: ", name, " must be a contiguous [", n0, ", ", n1,
+                    "] tensor, got ", t.sizes());
+}
+
+at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& step,
+                           at::Tensor& state, at::Tensor& step_state,
+                           const at::Tensor& unique_rows, const at::Tensor& grad_rows_in,
+                           const c10::optional<at::Tensor>& weights_in,
+                           const c10::optional<at::Tensor>& weights_out, int64_t bits,
+                           int64_t dim, int64_t fmt, int64_t optimizer, double lr, double eps,
+                           double weight_decay, double beta1, double beta2, int64_t iteration,
+                           bool learn_step, int64_t step_optimizer, double step_lr,
+                           bool stochastic, int64_t seed, int64_t counter) {
+  check_rows(rows, dim, bits, fmt);
+  TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
+  TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
+  check_table_step(step, fmt, rows);
+  TORCH_CHECK_VALUE(optimizer >= OPT_SGD && optimizer <= OPT_NONE, "qembed.lowp_update: ",
+                    "optimizer must be 0 (sgd), 1 (adagrad), 2 (adam) or 3 (none), got ",
+                    optimizer);
+  TORCH_CHECK_VALUE(step_optimizer == STEP_SGD || step_optimizer == STEP_ADAM,
+                    "qembed.lowp_update: step_optimizer must be 0 (sgd) or 1 (adam), got ",
+                    step_optimizer);
+  TORCH_CHECK_VALUE(iteration >= 1, "qembed.lowp_update: iteration counts from 1, got ",
+                    iteration);
+  const int64_t num_rows = rows.size(0);
+  check_index_dtype(unique_rows, "unique_rows");
+  const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
+  const int64_t u = uniq_t.numel();
+  const int64_t* uniq = uniq_t.data_ptr<int64_t>();
+  for (int64_t k = 0; k < u; ++k) {
+    TORCH_CHECK_INDEX(uniq[k] >= 0 && uniq[k] < num_rows, "qembed.lowp_update: row ", uniq[k],
+                      " is out of range for a table of ", num_rows, " rows");
+    // Distinct rows are what makes the parallel in-place update race-free.
+    TORCH_CHECK_VALUE(k == 0 || uniq[k] > uniq[k - 1], "qembed.lowp_update: unique_rows must ",
+                      "be strictly increasing (as embedding_bag_backward returns them)");
+  }
+  const at::Tensor grad = grad_rows_in.contiguous();
+  check_f32(grad, "grad_rows", u, dim);
+  if (state_width(optimizer, dim) > 0)
+    check_f32(state, "state", num_rows, state_width(optimizer, dim));
+  if (learn_step && step_optimizer == STEP_ADAM)
+    check_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2);
+  if (weights_in.has_value()) check_f32(*weights_in, "weights", u, dim);
+  if (weights_out.has_value()) check_f32(*weights_out, "weights_out", u, dim);
+
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const Config c{dim, fmt, optimizer, learn_step ? step_optimizer : STEP_SGD,
+                 static_cast<float>(lr), static_cast<float>(eps),
+                 static_cast<float>(weight_decay), static_cast<float>(step_lr), b1, b2,
+                 1.0f - b1, 1.0f - b2,
+                 static_cast<float>(1.0 - std::pow(static_cast<double>(b1), iteration)),
+                 static_cast<float>(1.0 - std::pow(static_cast<double>(b2), iteration)),
+                 learn_step,
+                 RoundingKey{stochastic, static_cast<uint64_t>(seed),
+                             static_cast<uint64_t>(counter), 0}};
+  const int64_t skipped = QEMBED_DISPATCH_BITS(bits, [&] {
+    return update_rows<BITS>(rows.data_ptr<uint8_t>(), rows.size(1),
+                             fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
+                             state.data_ptr<float>(), step_state.data_ptr<float>(), uniq, u,
+                             grad.data_ptr<float>(),
+                             weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr,
+                             weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
+                             c);
+  });
+  return at::scalar_tensor(skipped, rows.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) { m.impl("lowp_update", &lowp_update_cpu); }
+
+}  // namespace qembed
