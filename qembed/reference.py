@@ -483,8 +483,8 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
         raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
     dim = beta.numel()
-    values = [dequantize(seg[:, : code_bytes(dim, b)].contiguous(), b, dim, "symmetric_table",
-                         steps[s]) + beta for s, (seg, b) in enumerate(zip(segments, bits))]
+    values = [steps[s] * (unpack(seg, b, dim).to(torch.int32) + qmin(b)).to(torch.float32)
+              + beta for s, (seg, b) in enumerate(zip(segments, bits))]
     table = torch.cat([beta.new_zeros(1, dim)] + values)  # row 0: the pruned rows' zeros
     out = table[location.long()[indices.long()] + 1]
     if per_sample_weights is not None:
