@@ -51,4 +51,28 @@ TORCH_LIBRARY(qembed, m) {
       "int bits, int dim, int fmt, int optimizer, float lr, float eps, float weight_decay, "
       "float beta1, float beta2, int iteration, bool learn_step, int step_optimizer, "
       "float step_lr, bool stochastic, int seed, int counter) -> Tensor");
+  // Mixed-precision embeddings (MPE). Search on an fp32 table `weight` [R, D]: row r
+  // belongs to group row_group[r] (int64 [R]), whose probabilities over the candidate widths
+  // `bits` are probs [G, m]; alpha [m] (one step per width), beta [D] (shared offset).
+  // Looks up sum_b probs[g(r), b] * Q_b(w_r) (LSQ+, Q_0 = 0), pooled; mode 0 sum, 1 mean,
+  // 2 none.
+  m.def(
+      "mpe_search_forward(Tensor weight, Tensor indices, Tensor offsets, Tensor row_group, "
+      "Tensor probs, Tensor alpha, Tensor beta, int[] bits, int mode, bool include_last_offset) "
+      "-> Tensor");
+  // The search's gradients from the per-distinct-row gradients grad_rows [U, D] (as
+  // embedding_bag_backward returns them) of the rows unique_rows: (grad of those weight rows
+  // [U, D] (straight-through), grad_alpha [m], grad_beta [D], grad_probs [G, m]). `numel`,
+  // the number of values looked up, sets LSQ's gradient scale 1/sqrt(Qp * numel).
+  m.def(
+      "mpe_search_backward(Tensor weight, Tensor unique_rows, Tensor grad_rows, "
+      "Tensor row_group, Tensor probs, Tensor alpha, Tensor beta, int[] bits, int numel) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Lookup over a mixed-width table: segments[s] uint8 [n_s, >= D*bits[s]/8] of offset-binary
+  // codes with step steps[s]; location int32 [R] is each row's position in the concatenated
+  // segments or -1 (0-bit row: reads as zeros). A stored row reads steps[s] * q + beta [D].
+  m.def(
+      "mpe_embedding_bag(Tensor[] segments, int[] bits, Tensor steps, Tensor beta, "
+      "Tensor location, Tensor indices, Tensor offsets, Tensor? per_sample_weights, int mode, "
+      "bool include_last_offset, ScalarType output_dtype) -> Tensor");
 }

@@ -2,13 +2,18 @@
 
 Fused gather-dequantize-pool lookups over 1- to 8-bit rows, drop-in modules for
 ``nn.EmbeddingBag`` and ``nn.Embedding``, :func:`quantize_` to convert a model in place, and
-tables trained directly in low precision (:class:`LowPrecisionEmbeddingBag`).
+tables trained directly in low precision (:class:`LowPrecisionEmbeddingBag`), and
+mixed-precision tables searched per frequency group (:mod:`qembed.mpe`).
 """
-from . import data, formats, models, ops, reference
-from .nn import (LowPrecisionEmbedding, LowPrecisionEmbeddingBag, QuantizedEmbedding,
-                 QuantizedEmbeddingBag, quantize_, two_pass_backward)
+from . import data, formats, models, mpe, ops, reference
+from .nn import (LowPrecisionEmbedding, LowPrecisionEmbeddingBag, MixedPrecisionEmbedding,
+                 MixedPrecisionEmbeddingBag, MixedPrecisionSearchEmbedding,
+                 MixedPrecisionSearchEmbeddingBag, QuantizedEmbedding, QuantizedEmbeddingBag,
+                 quantize_, two_pass_backward)
 
 __version__ = "0.1.0"
-__all__ = ["data", "formats", "models", "ops", "reference", "LowPrecisionEmbedding",
-           "LowPrecisionEmbeddingBag", "QuantizedEmbedding", "QuantizedEmbeddingBag",
-           "quantize_", "two_pass_backward", "__version__"]
+__all__ = ["data", "formats", "models", "mpe", "ops", "reference", "LowPrecisionEmbedding",
+           "LowPrecisionEmbeddingBag", "MixedPrecisionEmbedding", "MixedPrecisionEmbeddingBag",
+           "MixedPrecisionSearchEmbedding", "MixedPrecisionSearchEmbeddingBag",
+           "QuantizedEmbedding", "QuantizedEmbeddingBag", "quantize_", "two_pass_backward",
+           "__version__"]

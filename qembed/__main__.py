@@ -17,6 +17,7 @@ def _train(args) -> int:
                             bits=args.bits, seeds=args.seeds, epochs=args.epochs,
                             patience=args.patience,
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
+                            mpe_lambdas=args.mpe_lambda, mpe_groups=args.mpe_groups,
                             progress=not args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=512)
     t.add_argument("--dim", type=int, default=16, help="embedding dim (a multiple of 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--mpe-lambda", nargs="+", type=float, default=[2e-6],
+                   help="bit regulariser weights of the mpe method (one run each)")
+    t.add_argument("--mpe-groups", type=int, default=128, help="frequency groups of mpe")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", default="results", help="folder for CSV, markdown and PNG")
     t.add_argument("--name", default=None, help="file name stem of the results")

@@ -9,6 +9,10 @@ every requested bit width:
 * ``lpt-dr``, ``lpt-sr``: a table trained in low precision with a fixed step (LPT),
   re-quantized by deterministic (nearest) or stochastic rounding.
 * ``alpt``: LPT with learned per-row steps and stochastic rounding (ALPT).
+* ``mpe``: mixed-precision embeddings, once per ``mpe_lambdas`` value: search a width per
+  frequency group on an fp32 table with the bit regulariser (``epochs``), sample, reset the
+  table and retrain it packed at the sampled widths (``epochs``), export. Its ``bits`` is the
+  average bits per value; its size counts codes, steps, beta and the int32 row map.
 
 Low-precision tables use Adam with the dense layers' learning rate, as the fp32 table does,
 so the methods differ only in how the table is stored and rounded.
@@ -31,7 +35,8 @@ from torch import nn
 
 from . import data as qdata
 from .models import MODELS, evaluate, fit
-from .nn import LowPrecisionEmbedding, quantize_
+from .mpe import frequency_groups, report, retrain_model
+from .nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_
 
 
 @dataclass
@@ -47,6 +52,8 @@ class Config:
     batch_size: int = 512
     embedding_dim: int = 16
     lr: float = 1e-3
+    mpe_lambdas: list[float] = field(default_factory=lambda: [2e-6])
+    mpe_groups: int = 128
     progress: bool = True
 
 
@@ -57,19 +64,49 @@ def table_bytes(module: nn.Module) -> int:
     if hasattr(emb, "qweight"):
         step = emb.step.numel() * 4 if emb.step is not None else 0
         return emb.qweight.numel() + step
+    if hasattr(emb, "nbytes"):  # exported mixed-precision tables: codes, steps, row map
+        return int(emb.nbytes)
     return emb.weight.numel() * emb.weight.element_size()
 
 
-def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
-    train, valid, _ = splits
+def _build(cfg: Config, splits, seed: int, factory=None) -> nn.Module:
     torch.manual_seed(seed)
-    model = MODELS[cfg.model](train.field_dims, cfg.embedding_dim, embedding_factory=factory)
-    dense = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(dense, lr=cfg.lr)
+    return MODELS[cfg.model](splits[0].field_dims, cfg.embedding_dim, embedding_factory=factory)
+
+
+def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
+    model = _build(cfg, splits, seed, factory)
+    return model, _fit(cfg, model, splits, seed)
+
+
+def _fit(cfg: Config, model: nn.Module, splits, seed: int, regularizer=None) -> float:
+    """Adam over the model's parameters (tables that update themselves have none); seconds."""
+    train, valid, _ = splits
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     start = time.perf_counter()
     fit(model, train, valid, opt, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        patience=cfg.patience, seed=seed, progress=cfg.progress)
-    return model, time.perf_counter() - start
+        patience=cfg.patience, seed=seed, progress=cfg.progress, regularizer=regularizer)
+    return time.perf_counter() - start
+
+
+def _mpe(cfg: Config, splits, seed: int) -> list[tuple[str, float, nn.Module, float]]:
+    """Search, sample, retrain for every lambda: (label, average bits, model, seconds)."""
+    groups = frequency_groups(splits[0].feature_counts(), num_groups=cfg.mpe_groups)
+    out = []
+    for lam in cfg.mpe_lambdas:
+        search = _build(cfg, splits, seed, lambda rows, dim: MixedPrecisionSearchEmbedding(
+            rows, dim, groups=groups, reg_lambda=lam))
+        seconds = _fit(cfg, search, splits, seed, search.embedding.bit_loss)
+        model = retrain_model(search, optimizer="adam", lr=cfg.lr)
+        seconds += _fit(cfg, model, splits, seed)
+        model.embedding = model.embedding.export()
+        rep = report(model.embedding)
+        if cfg.progress:
+            print(f"mpe lambda {lam:g}: group bits {rep.group_bits}; average {rep.average_bits:.3f} "
+                  f"bits; x{rep.compression:.1f} with the row map, x{rep.code_compression:.1f} "
+                  "without", flush=True)
+        out.append((f"mpe(lambda={lam:g})", round(rep.average_bits, 3), model, seconds))
+    return out
 
 
 def _row(cfg, method, bits, seed, model, seconds, test) -> dict:
@@ -93,6 +130,11 @@ def run(cfg: Config) -> list[dict]:
         baseline = None
         for method in cfg.methods:
             spec = METHODS[method]
+            if spec.custom is not None:
+                for label, bits, model, seconds in spec.custom(cfg, splits, seed):
+                    rows.append(_row(cfg, label, bits, seed, model, seconds, splits[2]))
+                    _print(cfg, rows[-1])
+                continue
             for bits in ([32] if spec.full_precision else cfg.bits):
                 if spec.from_baseline:
                     if baseline is None:
@@ -103,11 +145,14 @@ def run(cfg: Config) -> list[dict]:
                     if method == "fp32":
                         baseline = (model, seconds)
                 rows.append(_row(cfg, method, bits, seed, model, seconds, splits[2]))
-                if cfg.progress:
-                    r = rows[-1]
-                    print(f"{method:>8s} {bits:>2d} bits seed {seed}: AUC {r['auc']:.4f} "
-                          f"logloss {r['logloss']:.4f} x{r['compression']:.1f}", flush=True)
+                _print(cfg, rows[-1])
     return rows
+
+
+def _print(cfg: Config, r: dict) -> None:
+    if cfg.progress:
+        print(f"{r['method']:>8s} {r['bits']:>5g} bits seed {r['seed']}: AUC {r['auc']:.4f} "
+              f"logloss {r['logloss']:.4f} x{r['compression']:.1f}", flush=True)
 
 
 @dataclass
@@ -117,6 +162,8 @@ class Method:
     factory: Callable[[Config, int, int], Callable | None] | None = None
     build_from: Callable[[nn.Module, int], nn.Module] | None = None
     full_precision: bool = False
+    # trains its own variants: (cfg, splits, seed) -> [(label, bits, model, seconds)]
+    custom: Callable | None = None
 
     @property
     def from_baseline(self) -> bool:
@@ -137,6 +184,7 @@ METHODS: dict[str, Method] = {
     "lpt-dr": Method(factory=_low_precision(False, "nearest")),
     "lpt-sr": Method(factory=_low_precision(False, "stochastic")),
     "alpt": Method(factory=_low_precision(True, "stochastic")),
+    "mpe": Method(custom=_mpe),
 }
 
 

@@ -173,6 +173,67 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
         stochastic, seed, counter)
 
 
+def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor,
+                       offsets: torch.Tensor | None, row_group: torch.Tensor,
+                       probs: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                       bits: list[int], mode: str = "mean",
+                       include_last_offset: bool = False) -> torch.Tensor:
+    """MPE search lookup on an fp32 table ``weight`` [R, D]: each looked-up row becomes
+    ``sum_b probs[row_group[r], b] * Q_b(w_r)`` over the candidate widths ``bits``
+    (LSQ+ with steps ``alpha`` [m] and offset ``beta`` [D]; 0 bits contribute nothing),
+    pooled by ``mode``. Differentiable in weight (dense gradient), probs, alpha and beta."""
+    if offsets is None and mode != "none":
+        raise ValueError(f"qembed.mpe_search_forward: offsets is required with mode {mode!r}")
+    bits = [int(b) for b in bits]
+    if not _compiled():
+        return reference.mpe_search_forward(weight, indices, offsets, row_group, probs, alpha,
+                                            beta, bits, mode, include_last_offset)
+    if offsets is None:
+        offsets = indices.new_zeros(0)
+    return torch.ops.qembed.mpe_search_forward(weight, indices, offsets, row_group, probs,
+                                               alpha, beta, bits, pooling_id(mode),
+                                               include_last_offset)
+
+
+def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
+                        grad_rows: torch.Tensor, row_group: torch.Tensor, probs: torch.Tensor,
+                        alpha: torch.Tensor, beta: torch.Tensor, bits: list[int], numel: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The search's gradients from one pass over the distinct rows ``unique_rows`` with row
+    gradients ``grad_rows`` [U, D]: ``(grad of those rows [U, D], grad_alpha [m],
+    grad_beta [D], grad_probs [G, m])``; ``numel`` (values looked up) sets LSQ's scale."""
+    bits = [int(b) for b in bits]
+    if not _compiled():
+        return reference.mpe_search_backward(weight, unique_rows, grad_rows, row_group, probs,
+                                             alpha, beta, bits, numel)
+    return torch.ops.qembed.mpe_search_backward(weight, unique_rows, grad_rows, row_group,
+                                                probs, alpha, beta, bits, numel)
+
+
+def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torch.Tensor,
+                      beta: torch.Tensor, location: torch.Tensor, indices: torch.Tensor,
+                      offsets: torch.Tensor | None,
+                      per_sample_weights: torch.Tensor | None = None, mode: str = "mean",
+                      include_last_offset: bool = False,
+                      output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One fused lookup over a mixed-width table: ``segments[s]`` holds rows of ``bits[s]``
+    bits (offset-binary codes, value ``steps[s] * q + beta``); ``location`` int32 [R] gives
+    each row's position in the concatenated segments, -1 for a 0-bit row (reads as zeros)."""
+    if offsets is None and mode != "none":
+        raise ValueError(f"qembed.mpe_embedding_bag: offsets is required with mode {mode!r}")
+    bits = [int(b) for b in bits]
+    if not _compiled():
+        return reference.mpe_embedding_bag(list(segments), bits, steps, beta, location, indices,
+                                           offsets, per_sample_weights, mode,
+                                           include_last_offset, output_dtype)
+    if offsets is None:
+        offsets = indices.new_zeros(0)
+    return torch.ops.qembed.mpe_embedding_bag(list(segments), bits, steps, beta, location,
+                                              indices, offsets, per_sample_weights,
+                                              pooling_id(mode), include_last_offset,
+                                              output_dtype)
+
+
 def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
     # The fake implementations below also serve the Meta key, which the dispatcher picks
     # when any argument is a meta tensor: the C++ device checks never run then.
@@ -256,3 +317,47 @@ if HAS_EXTENSION:
 
     torch.library.register_autograd("qembed::embedding_bag", _embedding_bag_backward,
                                     setup_context=_embedding_bag_setup_context)
+
+    @torch.library.register_fake("qembed::mpe_search_forward")
+    def _mpe_search_forward_fake(weight, indices, offsets, row_group, probs, alpha, beta, bits,
+                                 mode, include_last_offset):
+        _check_same_device(weight, "weight", indices=indices, row_group=row_group, probs=probs,
+                           alpha=alpha, beta=beta)
+        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        return weight.new_empty(n, weight.shape[1])
+
+    @torch.library.register_fake("qembed::mpe_search_backward")
+    def _mpe_search_backward_fake(weight, unique_rows, grad_rows, row_group, probs, alpha, beta,
+                                  bits, numel):
+        return (grad_rows.new_empty(grad_rows.shape), alpha.new_empty(alpha.shape),
+                beta.new_empty(beta.shape), probs.new_empty(probs.shape))
+
+    @torch.library.register_fake("qembed::mpe_embedding_bag")
+    def _mpe_embedding_bag_fake(segments, bits, steps, beta, location, indices, offsets, psw,
+                                mode, include_last_offset, output_dtype):
+        _check_same_device(beta, "beta", steps=steps, location=location, indices=indices,
+                           per_sample_weights=psw)
+        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        return beta.new_empty(n, beta.shape[0], dtype=output_dtype)
+
+    # The search's backward: the rows' gradients (repeats summed, mean applied) come from
+    # embedding_bag_backward, then one pass over the distinct rows gives every gradient. The
+    # table's gradient is dense [R, D]: the search trains an fp32 table with a dense optimizer.
+    def _mpe_search_setup_context(ctx, inputs, output):
+        weight, indices, offsets, row_group, probs, alpha, beta, bits, mode, include_last = inputs
+        ctx.save_for_backward(weight, indices, offsets, row_group, probs, alpha, beta)
+        ctx.args = (list(bits), mode, include_last)
+
+    def _mpe_search_backward_autograd(ctx, grad):
+        weight, indices, offsets, row_group, probs, alpha, beta = ctx.saved_tensors
+        bits, mode, include_last = ctx.args
+        rows, grad_rows = torch.ops.qembed.embedding_bag_backward(grad, indices, offsets, None,
+                                                                  mode, include_last, -1)
+        numel = max(indices.shape[0] * weight.shape[1], 1)
+        grad_w_rows, grad_alpha, grad_beta, grad_probs = torch.ops.qembed.mpe_search_backward(
+            weight, rows, grad_rows, row_group, probs, alpha, beta, bits, numel)
+        grad_w = torch.zeros_like(weight).index_copy_(0, rows, grad_w_rows)
+        return (grad_w, None, None, None, grad_probs, grad_alpha, grad_beta, None, None, None)
+
+    torch.library.register_autograd("qembed::mpe_search_forward", _mpe_search_backward_autograd,
+                                    setup_context=_mpe_search_setup_context)

@@ -375,3 +375,118 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
         po = param_offset(dim, bits)
         rows[r, po: po + 4] = _params_bytes(s)
     return (~ok).sum()
+
+
+# --- mixed-precision embeddings (MPE) -----------------------------------------------------
+
+class _GradScale(torch.autograd.Function):
+    """Identity whose gradient is multiplied by `scale` (LSQ's gradient scaling)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def lsq_scale(bits: int, numel: int) -> float:
+    """LSQ's gradient scale 1 / sqrt(Qp * numel); Qp = 0 at one bit counts as 1."""
+    return float(_lsq_scale(qmax(bits) if bits > 1 else 1, numel))
+
+
+def lsq_plus(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits: int,
+             grad_scale: float = 1.0) -> torch.Tensor:
+    """Q_b(w) = alpha * clamp(round((w - beta) / alpha), Qn, Qp) + beta (zeros for 0 bits),
+    differentiable as a straight-through fake quantizer: round passes gradients, the clamp
+    stops them outside [Qn, Qp]; alpha's and beta's gradients are scaled by `grad_scale`."""
+    if bits == 0:
+        return torch.zeros_like(w)
+    a, c = _GradScale.apply(alpha, grad_scale), _GradScale.apply(beta, grad_scale)
+    x = ((w - c) / a).clamp(qmin(bits), qmax(bits))
+    return a * (x + (torch.round(x) - x).detach()) + c
+
+
+def _pool(values: torch.Tensor, offsets: torch.Tensor | None, mode: str,
+          include_last_offset: bool) -> torch.Tensor:
+    """Sum or mean of per-index rows [N, D] over the bags of `offsets`; `none` passes them."""
+    if mode == "none":
+        return values
+    lengths = bag_lengths(offsets, values.shape[0], include_last_offset)
+    bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    out = values.new_zeros(lengths.numel(), values.shape[1]).index_add(
+        0, bag_of, values[: bag_of.numel()])
+    return out / lengths.clamp(min=1)[:, None].to(values.dtype) if mode == "mean" else out
+
+
+def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None,
+                       row_group: torch.Tensor, probs: torch.Tensor, alpha: torch.Tensor,
+                       beta: torch.Tensor, bits: list[int], mode: str = "mean",
+                       include_last_offset: bool = False) -> torch.Tensor:
+    """Pooled sum_b probs[g(r), b] * Q_b(w_r) over the looked-up rows; differentiable in
+    weight, probs, alpha and beta with the gradients mpe_search_backward computes."""
+    pooling_id(mode)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
+        raise IndexError("qembed.mpe_search_forward: an index is out of range")
+    rows = indices.long()
+    w, p = weight[rows], probs[row_group[rows]]
+    numel = max(rows.numel() * weight.shape[1], 1)
+    acc = torch.zeros_like(w)
+    for k, b in enumerate(bits):
+        if b:
+            acc = acc + p[:, k: k + 1] * lsq_plus(w, alpha[k], beta, b, lsq_scale(b, numel))
+    return _pool(acc, offsets, mode, include_last_offset)
+
+
+def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
+                        grad_rows: torch.Tensor, row_group: torch.Tensor, probs: torch.Tensor,
+                        alpha: torch.Tensor, beta: torch.Tensor, bits: list[int], numel: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of the rows unique_rows [U, D], grad_alpha [m], grad_beta [D], grad_probs [G, m])
+    of the search, from the rows' gradients grad_rows [U, D], in closed form."""
+    rows = unique_rows.long()
+    w, g, groups = weight[rows], grad_rows.to(torch.float32), row_group[rows]
+    p = probs[groups]
+    grad_w = torch.zeros_like(g)
+    grad_alpha, grad_beta = torch.zeros_like(alpha), torch.zeros_like(beta)
+    grad_probs = torch.zeros_like(probs)
+    for k, b in enumerate(bits):
+        if not b:
+            continue
+        qn, qp = qmin(b), qmax(b)
+        x = (w - beta) / alpha[k]
+        inside = (x >= qn) & (x <= qp)
+        pg = p[:, k: k + 1] * g
+        grad_w = grad_w + torch.where(inside, pg, 0.0)
+        dq = torch.where(inside, torch.round(x) - x, torch.where(x < qn, float(qn), float(qp)))
+        scale = lsq_scale(b, numel)
+        grad_alpha[k] = scale * (pg * dq).sum()
+        grad_beta = grad_beta + scale * torch.where(inside, 0.0, pg).sum(0)
+        value = alpha[k] * torch.round(x).clamp(qn, qp) + beta
+        grad_probs[:, k].index_add_(0, groups, (g * value).sum(1))
+    return grad_w, grad_alpha, grad_beta, grad_probs
+
+
+def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torch.Tensor,
+                      beta: torch.Tensor, location: torch.Tensor, indices: torch.Tensor,
+                      offsets: torch.Tensor | None,
+                      per_sample_weights: torch.Tensor | None = None, mode: str = "mean",
+                      include_last_offset: bool = False,
+                      output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Lookup over a mixed-width table: each segment dequantized on its own (steps[s] * q +
+    beta), pruned rows (location -1) zero, then pooled."""
+    pooling_id(mode)
+    if per_sample_weights is not None and mode == "mean":
+        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
+        raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
+    dim = beta.numel()
+    values = [steps[s] * (unpack(seg, b, dim).to(torch.int32) + qmin(b)).to(torch.float32)
+              + beta for s, (seg, b) in enumerate(zip(segments, bits))]
+    table = torch.cat([beta.new_zeros(1, dim)] + values)  # row 0: the pruned rows' zeros
+    out = table[location.long()[indices.long()] + 1]
+    if per_sample_weights is not None:
+        out = out * per_sample_weights.to(torch.float32)[:, None]
+    return _pool(out, offsets, mode, include_last_offset).to(output_dtype)

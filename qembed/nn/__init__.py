@@ -1,6 +1,10 @@
 """Embedding modules over packed low-bit tables."""
 from .lowp import LowPrecisionEmbedding, LowPrecisionEmbeddingBag, two_pass_backward
+from .mpe import (MixedPrecisionEmbedding, MixedPrecisionEmbeddingBag,
+                  MixedPrecisionSearchEmbedding, MixedPrecisionSearchEmbeddingBag)
 from .quantized import QuantizedEmbedding, QuantizedEmbeddingBag, quantize_
 
-__all__ = ["LowPrecisionEmbedding", "LowPrecisionEmbeddingBag", "QuantizedEmbedding",
-           "QuantizedEmbeddingBag", "quantize_", "two_pass_backward"]
+__all__ = ["LowPrecisionEmbedding", "LowPrecisionEmbeddingBag", "MixedPrecisionEmbedding",
+           "MixedPrecisionEmbeddingBag", "MixedPrecisionSearchEmbedding",
+           "MixedPrecisionSearchEmbeddingBag", "QuantizedEmbedding", "QuantizedEmbeddingBag",
+           "quantize_", "two_pass_backward"]

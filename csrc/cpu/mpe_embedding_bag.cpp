@@ -1,0 +1,163 @@
+// mpe_embedding_bag: one lookup over a mixed-width table. Rows live in segments, one per bit
+// width, each a uint8 [n_s, stride_s >= D*b_s/8] of offset-binary codes with one step
+// alpha_s; location[r] is row r's position in the concatenation of the segments, or -1 for
+// a pruned (0-bit) row. A stored row reads as alpha_s * q + beta, a pruned row as zeros
+// (it still counts in a mean). Rows of any width mix freely within a bag.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <vector>
+#include "../checks.h"
+#include "bags.h"
+#include "row_codec.h"
+
+namespace qembed {
+namespace {
+
+struct Segment {
+  const uint8_t* data;
+  int64_t stride, bits, start, end;  // [start, end): its positions in the concatenation
+  float step;
+};
+
+struct MixedTable {
+  std::vector<Segment> segments;
+  const int32_t* location;
+  const float* beta;
+  int64_t dim;
+
+  const Segment* find(int32_t loc) const {
+    for (const Segment& s : segments)
+      if (loc < s.end) return &s;
+    return nullptr;  // unreachable: locations are checked against the total
+  }
+
+  // acc += w * (alpha * q) of row r; returns w if the row is stored (its beta weight), else 0.
+  float add_row(int64_t r, float w, float* acc) const {
+    const int32_t loc = location[r];
+    if (loc < 0) return 0.0f;
+    const Segment& s = *find(loc);
+    const uint8_t* codes = s.data + (loc - s.start) * s.stride;
+    QEMBED_DISPATCH_BITS(s.bits, [&] {
+      accumulate_row<BITS>(codes, dim, w * s.step, 0.0f, qmin(BITS), acc);
+    });
+    return w;
+  }
+};
+
+template <typename out_t>
+void lookup(const MixedTable& t, const int64_t* idx, int64_t n, const float* psw,
+            const std::vector<int64_t>* starts, bool mean, out_t* out) {
+  const int64_t dim = t.dim;
+  const bool pooled = starts != nullptr;
+  const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
+  at::parallel_for(0, num_out, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t p0 = pooled ? (*starts)[o] : o, p1 = pooled ? (*starts)[o + 1] : o + 1;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float beta_weight = 0.0f;
+      for (int64_t p = p0; p < p1; ++p) beta_weight += t.add_row(idx[p], psw ? psw[p] : 1.0f, acc.data());
+      const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
+      for (int64_t d = 0; d < dim; ++d)
+        out[o * dim + d] = static_cast<out_t>((acc[d] + beta_weight * t.beta[d]) * factor);
+    }
+  });
+}
+
+at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
+                                 const at::Tensor& steps_in, const at::Tensor& beta_in,
+                                 const at::Tensor& location_in, const at::Tensor& indices_in,
+                                 const at::Tensor& offsets_in,
+                                 const c10::optional<at::Tensor>& psw_in, int64_t mode,
+                                 bool include_last_offset, at::ScalarType out_dtype) {
+  const char* op = "qembed.mpe_embedding_bag: ";
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(bits.size()) == num_segments, op, "one bit width per ",
+                    "segment is needed, got ", bits.size(), " for ", num_segments);
+  TORCH_CHECK_TYPE(beta_in.scalar_type() == at::kFloat && steps_in.scalar_type() == at::kFloat,
+                   op, "steps and beta must be float32");
+  TORCH_CHECK_VALUE(beta_in.dim() == 1 && beta_in.numel() > 0 && beta_in.numel() % 8 == 0, op,
+                    "beta must be 1-D of the embedding dim (a multiple of 8), got ",
+                    beta_in.sizes());
+  TORCH_CHECK_VALUE(steps_in.dim() == 1 && steps_in.numel() == num_segments, op,
+                    "steps must have one entry per segment (", num_segments, "), got ",
+                    steps_in.sizes());
+  TORCH_CHECK_TYPE(location_in.scalar_type() == at::kInt, op, "location must be int32, got ",
+                   location_in.scalar_type());
+  TORCH_CHECK_VALUE(location_in.dim() == 1, op, "location must be 1-D");
+  const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
+  const at::Tensor location = location_in.contiguous();
+  const int64_t dim = beta.numel();
+  check_same_device(location, "location", beta, "beta");
+
+  MixedTable t{{}, location.data_ptr<int32_t>(), beta.data_ptr<float>(), dim};
+  std::vector<at::Tensor> keep;  // contiguous segments outlive the kernel
+  int64_t total = 0;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    check_bits_dim(bits[s], dim);
+    const at::Tensor& seg = segments[s];
+    TORCH_CHECK_TYPE(seg.scalar_type() == at::kByte, op, "segment ", s, " must be uint8");
+    TORCH_CHECK_VALUE(seg.dim() == 2 && seg.size(1) >= code_bytes(dim, bits[s]), op, "segment ",
+                      s, " must be [rows, >= ", code_bytes(dim, bits[s]), "] bytes for ",
+                      bits[s], " bits, got ", seg.sizes());
+    check_same_device(seg, "a segment", beta, "beta");
+    keep.push_back(seg.contiguous());
+    const float step = steps.data_ptr<float>()[s];
+    TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, op, "steps must be positive and finite");
+    t.segments.push_back({keep.back().data_ptr<uint8_t>(), seg.size(1), bits[s], total,
+                          total + seg.size(0), step});
+    total += seg.size(0);
+  }
+  check_index_dtype(indices_in, "indices");
+  check_same_device(indices_in, "indices", beta, "beta");
+  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+  const int64_t n = indices.numel();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  check_indices_in_range(idx, n, location.numel());
+  for (int64_t p = 0; p < n; ++p) {  // only the rows read: the map may be large
+    const int32_t loc = t.location[idx[p]];
+    TORCH_CHECK_VALUE(loc >= -1 && loc < total, op, "location[", idx[p], "] = ", loc,
+                      " is outside the segments (", total, " rows)");
+  }
+  at::Tensor psw_t;
+  if (psw_in.has_value()) {
+    TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
+                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
+    psw_t = psw_in->to(at::kFloat).contiguous();
+  }
+  const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
+  std::vector<int64_t> starts;
+  int64_t num_out = n;
+  if (mode != POOL_NONE) {
+    check_index_dtype(offsets_in, "offsets");
+    const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+    num_out = offsets.numel() - (include_last_offset ? 1 : 0);
+    TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
+                      "one element");
+    starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
+  }
+  at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
+  const std::vector<int64_t>* bags = mode == POOL_NONE ? nullptr : &starts;
+  const bool mean = mode == POOL_MEAN;
+  if (out_dtype == at::kFloat) lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
+  else if (out_dtype == at::kHalf) lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
+  else lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) { m.impl("mpe_embedding_bag", &mpe_embedding_bag_cpu); }
+
+}  // namespace qembed

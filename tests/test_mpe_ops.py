@@ -1,0 +1,192 @@
+"""MPE ops: the search's forward and gradients against the pure-PyTorch reference (and
+autograd through its straight-through fake quantizer), the mixed-width lookup against a
+per-segment dequantization written here."""
+import pytest
+import torch
+
+from conftest import random_bags
+from qembed import formats, ops, reference
+
+BITS = [0, 1, 2, 3, 4, 5, 6]
+
+
+def search_inputs(rows=60, dim=16, groups=5, bits=BITS):
+    weight = torch.randn(rows, dim) * 0.1
+    alpha = (torch.rand(len(bits)) * 0.04 + 0.01)  # some values clip at every width
+    beta = torch.randn(dim) * 0.02
+    logits = torch.randn(groups, len(bits))
+    row_group = torch.randint(0, groups, (rows,))
+    return weight, row_group, logits, alpha, beta
+
+
+def bags(rows, mode):
+    indices, offsets = random_bags(rows, 7, max_len=6)
+    return indices, (None if mode == "none" else offsets)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "none"])
+@pytest.mark.parametrize("bits", [BITS, [0, 2, 4, 8], [3]])
+def test_search_forward_matches_reference(mode, bits):
+    weight, row_group, logits, alpha, beta = search_inputs(bits=bits)
+    indices, offsets = bags(weight.shape[0], mode)
+    probs = torch.softmax(logits, 1)
+    got = ops.mpe_search_forward(weight, indices, offsets, row_group, probs, alpha, beta, bits,
+                                 mode)
+    want = reference.mpe_search_forward(weight, indices, offsets, row_group, probs, alpha, beta,
+                                        bits, mode)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_expected_value_is_probability_weighted_quantization():
+    # Independent of the reference: Q_b written out with explicit integer codes.
+    weight, row_group, logits, alpha, beta = search_inputs()
+    probs = torch.softmax(logits, 1)
+    ids = torch.arange(weight.shape[0])
+    got = ops.mpe_search_forward(weight, ids, None, row_group, probs, alpha, beta, BITS, "none")
+    want = torch.zeros_like(weight)
+    for k, b in enumerate(BITS):
+        if b:
+            q = torch.round((weight - beta) / alpha[k]).clamp(-(2 ** (b - 1)), 2 ** (b - 1) - 1)
+            want += probs[row_group, k: k + 1] * (alpha[k] * q + beta)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "none"])
+def test_search_gradients_match_autograd_through_reference(mode):
+    weight, row_group, logits, alpha, beta = search_inputs()
+    indices, offsets = bags(weight.shape[0], mode)
+    grad_out = None
+    grads = []
+    for use_ref in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (weight, logits, alpha, beta)]
+        w, lg, a, b = leaves
+        with ops.use_reference(use_ref):
+            out = ops.mpe_search_forward(w, indices, offsets, row_group, torch.softmax(lg, 1), a,
+                                         b, BITS, mode)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        out.backward(grad_out)
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(["weight", "logits", "alpha", "beta"], *grads):
+        assert got.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_search_backward_op_matches_reference():
+    weight, row_group, logits, alpha, beta = search_inputs()
+    probs = torch.softmax(logits, 1)
+    unique = torch.unique(torch.randint(0, weight.shape[0], (30,)))
+    grad_rows = torch.randn(unique.numel(), weight.shape[1])
+    got = ops.mpe_search_backward(weight, unique, grad_rows, row_group, probs, alpha, beta, BITS,
+                                  500)
+    want = reference.mpe_search_backward(weight, unique, grad_rows, row_group, probs, alpha,
+                                         beta, BITS, 500)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_search_backward_independent_of_threads():
+    weight, row_group, logits, alpha, beta = search_inputs(rows=400)
+    unique = torch.arange(400)
+    grad_rows = torch.randn(400, weight.shape[1])
+    args = (weight, unique, grad_rows, row_group, torch.softmax(logits, 1), alpha, beta, BITS, 9)
+    one = ops.mpe_search_backward(*args)
+    torch.set_num_threads(2)
+    try:
+        two = ops.mpe_search_backward(*args)
+    finally:
+        torch.set_num_threads(1)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def mixed_table(rows, dim, widths):
+    """Random segments (padded rows for some widths), steps, beta and a random row map."""
+    perm = torch.randperm(rows)
+    row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,))]
+    segments, steps, location, start = [], [], torch.full((rows,), -1, dtype=torch.int32), 0
+    seg_bits = sorted(set(widths) - {0})
+    for b in seg_bits:
+        members = perm[row_bits[perm] == b]
+        location[members] = torch.arange(start, start + members.numel(), dtype=torch.int32)
+        start += members.numel()
+        width = formats.code_bytes(dim, b) + int(torch.randint(0, 3, ()))
+        segments.append(torch.randint(0, 256, (members.numel(), width), dtype=torch.uint8))
+        steps.append(float(torch.rand(())) + 0.1)
+    return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, row_bits
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "none"])
+@pytest.mark.parametrize("psw", [False, True])
+def test_mixed_lookup_matches_per_segment_dequantization(mode, psw):
+    if psw and mode == "mean":
+        pytest.skip("mean takes no per-sample weights")
+    rows, dim = 80, 24
+    segments, seg_bits, steps, beta, location, row_bits = mixed_table(rows, dim, [0, 1, 3, 4, 8])
+    indices, offsets = bags(rows, mode)
+    weights = torch.randn(indices.numel()) if psw else None
+    got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
+                                weights, mode)
+    # Every row's value from its own segment: unpacked codes, offset-binary, step, beta.
+    table = torch.zeros(rows, dim)
+    for r in range(rows):
+        loc = int(location[r])
+        if loc < 0:
+            continue
+        for seg, b, s in zip(segments, seg_bits, steps):
+            if loc < seg.shape[0]:
+                codes = reference.unpack(seg[loc: loc + 1], b, dim)[0].float()
+                table[r] = s * (codes - 2 ** (b - 1)) + beta
+                break
+            loc -= seg.shape[0]
+    values = table[indices] * (weights[:, None] if psw else 1)
+    if mode == "none":
+        want = values
+    else:
+        want = torch.zeros(offsets.numel(), dim)
+        ends = torch.cat([offsets[1:], torch.tensor([indices.numel()])])
+        for i, (a, e) in enumerate(zip(offsets.tolist(), ends.tolist())):
+            want[i] = values[a:e].sum(0) / (max(e - a, 1) if mode == "mean" else 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with ops.use_reference():
+        ref = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
+                                    weights, mode)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    weight, row_group, logits, alpha, beta = search_inputs()
+    probs = torch.softmax(logits, 1)
+    ids = torch.arange(4)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        ops.mpe_search_forward(weight, ids, None, row_group, probs, -alpha, beta, BITS, "none")
+    with pytest.raises(ValueError, match="bit widths"):
+        ops.mpe_search_forward(weight, ids, None, row_group, probs, alpha, beta,
+                               [0, 1, 2, 3, 4, 5, 9], "none")
+    with pytest.raises(IndexError):
+        ops.mpe_search_forward(weight, ids, None, row_group + 10, probs, alpha, beta, BITS, "none")
+    segments, seg_bits, steps, beta, location, _ = mixed_table(20, 8, [1, 2])
+    location[3] = 10_000
+    with pytest.raises(ValueError, match="outside the segments"):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, torch.tensor([3]), None,
+                              None, "none")
+    with pytest.raises(IndexError):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, torch.tensor([20]),
+                              None, None, "none")
+
+
+def test_opcheck():
+    weight, row_group, logits, alpha, beta = search_inputs()
+    probs = torch.softmax(logits, 1)
+    indices, offsets = random_bags(weight.shape[0], 5)
+    torch.library.opcheck(torch.ops.qembed.mpe_search_forward.default,
+                          (weight, indices, offsets, row_group, probs, alpha, beta, BITS, 1,
+                           False))
+    unique = torch.unique(indices)
+    torch.library.opcheck(torch.ops.qembed.mpe_search_backward.default,
+                          (weight, unique, torch.randn(unique.numel(), 16), row_group, probs,
+                           alpha, beta, BITS, 100))
+    segments, seg_bits, steps, beta, location, _ = mixed_table(30, 16, [0, 2, 5])
+    indices, offsets = random_bags(30, 5)
+    torch.library.opcheck(torch.ops.qembed.mpe_embedding_bag.default,
+                          (segments, seg_bits, steps, beta, location, indices, offsets, None, 0,
+                           False, torch.float32))
