@@ -1,10 +1,21 @@
-// Bag boundaries and index checks shared by the lookup and its backward.
+// Bag boundaries, index checks and row prefetching shared by the lookups and the backward.
 #pragma once
 #include <c10/util/Exception.h>
 #include <cstdint>
 #include <vector>
 
 namespace qembed {
+
+// Lookups prefetch the row this many positions ahead: a gather from a large table waits on
+// memory, not on arithmetic.
+constexpr int64_t kPrefetchDistance = 16;
+
+// Every cache line the row touches (the last holds its parameters). The trip count
+// depends on the stride only, not on where the row starts, so the branch predicts well.
+inline void prefetch_row(const uint8_t* row, int64_t stride) {
+  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
+  __builtin_prefetch(row + stride - 1, 0, 3);
+}
 
 template <typename index_t>
 void check_indices_in_range(const index_t* idx, int64_t n, int64_t num_rows) {

@@ -16,15 +16,6 @@
 namespace qembed {
 namespace {
 
-constexpr int64_t kPrefetchDistance = 16;
-
-// Every cache line the row touches (the last holds its parameters). The trip count
-// depends on the stride only, not on where the row starts, so the branch predicts well.
-inline void prefetch_row(const uint8_t* row, int64_t stride) {
-  for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
-  __builtin_prefetch(row + stride - 1, 0, 3);
-}
-
 template <typename out_t>
 inline void store_row(const float* acc, float shift, int64_t dim, float factor, out_t* out) {
   for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<out_t>((acc[d] + shift) * factor);
@@ -52,7 +43,7 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t stride, const i
     const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
     const float w = psw ? psw[p] : 1.0f;
     const float a = w * prm.scale;
-    accum.add(row + d0 * BITS / 8, a);
+    accum.template add<BITS>(row + d0 * BITS / 8, a);
     if (d0 == 0) {
       bag.shift += a * static_cast<float>(prm.offset) + w * prm.bias;
       ++bag.count;
@@ -70,12 +61,12 @@ inline BagSum pool_bag(const uint8_t* table, int64_t stride, const index_t* idx,
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
     const int64_t width = std::min<int64_t>(kLanes, dim - d0);
     if (width == kLanes) {  // the common case, fully unrolled
-      FullAccumulator<BITS> accum;
+      FullAccumulator accum;
       pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
                        padding_idx, d0, bag);
       accum.store(acc + d0);
     } else {
-      Accumulator<BITS> accum(width);
+      Accumulator accum(width);
       pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
                        padding_idx, d0, bag);
       accum.store(acc + d0);

@@ -9,6 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include <algorithm>
+#include <utility>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
@@ -29,41 +31,65 @@ struct MixedTable {
   const float* beta;
   int64_t dim;
 
+  // The segment holding position loc, counted without a data-dependent branch.
   const Segment* find(int32_t loc) const {
-    for (const Segment& s : segments)
-      if (loc < s.end) return &s;
-    return nullptr;  // unreachable: locations are checked against the total
+    size_t s = 0;
+    for (size_t k = 0; k + 1 < segments.size(); ++k) s += loc >= segments[k].end;
+    return &segments[s];
   }
 
-  // acc += w * (alpha * q) of row r; returns w if the row is stored (its beta weight), else 0.
-  float add_row(int64_t r, float w, float* acc) const {
+  // Row r's codes and segment; null codes for a pruned row.
+  std::pair<const uint8_t*, const Segment*> row(int64_t r) const {
     const int32_t loc = location[r];
-    if (loc < 0) return 0.0f;
-    const Segment& s = *find(loc);
-    const uint8_t* codes = s.data + (loc - s.start) * s.stride;
-    QEMBED_DISPATCH_BITS(s.bits, [&] {
-      accumulate_row<BITS>(codes, dim, w * s.step, 0.0f, qmin(BITS), acc);
-    });
-    return w;
+    if (loc < 0) return {nullptr, nullptr};
+    const Segment* s = find(loc);
+    return {s->data + (loc - s->start) * s->stride, s};
   }
 };
+
+// One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
+// registers, each row decoded at its own width; rows up to `last` are prefetched.
+template <typename out_t>
+void pool(const MixedTable& t, const int64_t* idx, int64_t p0, int64_t p1, int64_t last,
+          const float* psw, bool mean, float* acc, out_t* out) {
+  const int64_t dim = t.dim;
+  float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
+  for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+    Accumulator accum(std::min<int64_t>(kLanes, dim - d0));
+    for (int64_t p = p0; p < p1; ++p) {
+      if (d0 == 0 && p + 2 * kPrefetchDistance < last)  // the map entry first, then
+        __builtin_prefetch(t.location + idx[p + 2 * kPrefetchDistance], 0, 3);
+      if (d0 == 0 && p + kPrefetchDistance < last) {  // the row it points to
+        const auto ahead = t.row(idx[p + kPrefetchDistance]);
+        if (ahead.first) prefetch_row(ahead.first, ahead.second->stride);
+      }
+      const auto [codes, seg] = t.row(idx[p]);
+      if (!codes) continue;
+      const float w = psw ? psw[p] : 1.0f, a = w * seg->step;
+      accum.add_any(codes + d0 * seg->bits / 8, static_cast<int>(seg->bits), a);
+      if (d0 == 0) {
+        shift += a * static_cast<float>(qmin(seg->bits));
+        beta_weight += w;
+      }
+    }
+    accum.store(acc + d0);
+  }
+  const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
+  for (int64_t d = 0; d < dim; ++d)
+    out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * t.beta[d]) * factor);
+}
 
 template <typename out_t>
 void lookup(const MixedTable& t, const int64_t* idx, int64_t n, const float* psw,
             const std::vector<int64_t>* starts, bool mean, out_t* out) {
-  const int64_t dim = t.dim;
   const bool pooled = starts != nullptr;
   const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
   at::parallel_for(0, num_out, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(dim);
+    std::vector<float> acc(t.dim);
+    const int64_t last = pooled ? (*starts)[end] : end;
     for (int64_t o = begin; o < end; ++o) {
       const int64_t p0 = pooled ? (*starts)[o] : o, p1 = pooled ? (*starts)[o + 1] : o + 1;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float beta_weight = 0.0f;
-      for (int64_t p = p0; p < p1; ++p) beta_weight += t.add_row(idx[p], psw ? psw[p] : 1.0f, acc.data());
-      const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
-      for (int64_t d = 0; d < dim; ++d)
-        out[o * dim + d] = static_cast<out_t>((acc[d] + beta_weight * t.beta[d]) * factor);
+      pool(t, idx, p0, p1, last, psw, mean, acc.data(), out + o * t.dim);
     }
   });
 }

@@ -103,7 +103,24 @@ inline __m512 decode16(const uint8_t* codes, __mmask16 byte_mask) {
   return _mm512_cvtepi32_ps(lanes);
 }
 
-template <int BITS>
+// Decode16's tables for every width, for rows whose width is known only at run time.
+struct DecodeTables {
+  alignas(64) uint8_t byte_index[9][64];
+  alignas(64) uint32_t shift[9][16];
+  constexpr DecodeTables() : byte_index{}, shift{} {
+    for (int b = 1; b <= 8; ++b)
+      for (int i = 0; i < 16; ++i) {
+        const int first = (i * b) / 8;
+        byte_index[b][4 * i] = static_cast<uint8_t>(first);
+        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);
+        byte_index[b][4 * i + 2] = byte_index[b][4 * i + 3] = 15;  // masked off below
+        shift[b][i] = static_cast<uint32_t>((i * b) % 8);
+      }
+  }
+};
+
+// The width of the codes is a parameter of add(), not of the class, so rows of different
+// widths (mixed-precision tables) can share one accumulator.
 class Accumulator {
  public:
   // width: a multiple of 8 up to kLanes.
@@ -111,6 +128,7 @@ class Accumulator {
     for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
   }
   // codes: the block's first code.
+  template <int BITS>
   inline void add(const uint8_t* codes, float a) {
     const __m512 av = _mm512_set1_ps(a);
     constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
@@ -120,6 +138,26 @@ class Accumulator {
       if (k >= vectors_) break;
       const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? kHalf : kFull;
       sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, m), sum_[k]);
+    }
+  }
+  // add() for a width known at run time, without a branch on it: mixed-width rows in
+  // random order would mispredict one.
+  inline void add_any(const uint8_t* codes, int bits, float a) {
+    static constexpr DecodeTables kTables{};
+    const __m512 av = _mm512_set1_ps(a);
+    const __m512i index = _mm512_load_si512(kTables.byte_index[bits]);
+    const __m512i shift = _mm512_load_si512(kTables.shift[bits]);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask16 full = static_cast<__mmask16>((1u << (2 * bits)) - 1u);
+    const __mmask16 half = static_cast<__mmask16>((1u << bits) - 1u);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k >= vectors_) break;
+      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? half : full;
+      const __m128i raw = _mm_maskz_loadu_epi8(m, codes + k * 2 * bits);
+      const __m512i bytes = _mm512_permutexvar_epi8(index, _mm512_zextsi128_si512(raw));
+      const __m512i lanes = _mm512_and_si512(_mm512_srlv_epi32(bytes, shift), mask);
+      sum_[k] = _mm512_fmadd_ps(av, _mm512_cvtepi32_ps(lanes), sum_[k]);
     }
   }
   inline void store(float* out) const {
@@ -136,12 +174,12 @@ class Accumulator {
 };
 
 // A block of exactly kLanes columns: no tail, loop fully unrolled.
-template <int BITS>
 class FullAccumulator {
  public:
   FullAccumulator() {
     for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
   }
+  template <int BITS>
   inline void add(const uint8_t* codes, float a) {
     const __m512 av = _mm512_set1_ps(a);
     constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
@@ -157,16 +195,19 @@ class FullAccumulator {
   __m512 sum_[8];
 };
 #else
-template <int BITS>
 class Accumulator {
  public:
   explicit Accumulator(int64_t width) : width_(width) { std::fill(sum_, sum_ + width_, 0.0f); }
+  template <int BITS>
   inline void add(const uint8_t* codes, float a) {
     for (int64_t g = 0; g < width_ / 8; ++g) {
       const uint64_t x = load_group<BITS>(codes + g * BITS);
       for (int i = 0; i < 8; ++i)
         sum_[g * 8 + i] = fmaf(a, static_cast<float>(group_code<BITS>(x, i)), sum_[g * 8 + i]);
     }
+  }
+  inline void add_any(const uint8_t* codes, int bits, float a) {
+    QEMBED_DISPATCH_BITS(bits, [&] { add<BITS>(codes, a); });
   }
   inline void store(float* out) const { std::copy(sum_, sum_ + width_, out); }
 
@@ -175,9 +216,8 @@ class Accumulator {
   int64_t width_;
 };
 
-template <int BITS>
-struct FullAccumulator : Accumulator<BITS> {
-  FullAccumulator() : Accumulator<BITS>(kLanes) {}
+struct FullAccumulator : Accumulator {
+  FullAccumulator() : Accumulator(kLanes) {}
 };
 #endif
 
