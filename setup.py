@@ -25,25 +25,38 @@ def want_cuda():
     return torch.version.cuda is not None and has_nvcc
 
 
+def cuda_include_dirs():
+    """Headers of the CUDA libraries that pip-installed torch builds ship as nvidia-* wheels
+    (cusparse.h, cublas_v2.h, ...): ATen's CUDA headers include them, nvcc does not know
+    where they are."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
 def extension():
     sources = ["csrc/qembed.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: no fused multiply-adds, so kernels round exactly as the reference.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    # No -std: torch's build adds the standard its headers need (C++20 from torch 2.14 on).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("QEMBED_NATIVE", "1") == "1":
         cxx += ["-march=native", "-mprefer-vector-width=512"]
     args = {"cxx": cxx}
+    include_dirs = [os.path.join(ROOT, "csrc")]
     cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if want_cuda() and cuda_sources:
         sources += cuda_sources
-        args["nvcc"] = ["-O3", "--fmad=false", "-std=c++17"]
+        args["nvcc"] = ["-O3", "--fmad=false"]
+        include_dirs += cuda_include_dirs()
         cls = cpp_extension.CUDAExtension
     return cls(
         name="qembed._C",
         sources=sources,
         extra_compile_args=args,
         extra_link_args=["-fopenmp"],
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
     )
 
 

@@ -63,16 +63,18 @@ def median_time(fn, inputs: list, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def write_results(name: str, rows: list[dict], title: str, notes: str = "") -> str:
-    """Writes results/<name>.md and .csv; returns the markdown table."""
-    os.makedirs(RESULTS, exist_ok=True)
+def write_results(name: str, rows: list[dict], title: str, notes: str = "",
+                  out_dir: str = RESULTS) -> str:
+    """Writes <out_dir>/<name>.md and .csv (out_dir: results/ by default); returns the
+    markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
     table = "\n".join(lines)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(f"# {title}\n\n{stamp()}\n\n{notes}\n\n{table}\n")
-    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
