@@ -12,7 +12,7 @@ every requested bit width:
 * ``mpe``: mixed-precision embeddings, once per ``mpe_lambdas`` value: search a width per
   frequency group on an fp32 table with the bit regulariser (``epochs``), sample, reset the
   table and retrain it packed at the sampled widths (``epochs``), export. Its ``bits`` is the
-  average bits per value; its size counts codes, steps, beta and the int32 row map.
+  average bits per value; its size counts codes, steps, beta and the row map.
 
 Low-precision tables use Adam with the dense layers' learning rate, as the fp32 table does,
 so the methods differ only in how the table is stored and rounded.

@@ -88,7 +88,7 @@ def sample_bits(probs: torch.Tensor, candidate_bits) -> torch.Tensor:
 class MixedPrecisionReport:
     """What a sample costs: widths per group and per row, average bits per value (weighted
     by rows), and bytes against fp32. ``table_bytes`` counts the packed codes (rows padded
-    as the stored table pads them), the steps, beta and the int32 row map; ``code_bytes``
+    as the stored table pads them), the steps, beta and the int16/int32 row map; ``code_bytes``
     leaves the map out (what it costs if features are numbered by frequency group, so that
     the vocabulary already maps ids to storage)."""
 
@@ -115,7 +115,7 @@ def report(table) -> MixedPrecisionReport:
         group_bits=[int(b) for b in table.group_bits] if table.group_bits is not None else [],
         group_sizes=[int(s) for s in table.group_sizes] if table.group_sizes is not None else [],
         average_bits=float(widths.mean()), fp32_bytes=table.num_embeddings * table.embedding_dim * 4,
-        table_bytes=table.nbytes, code_bytes=table.nbytes - table.location.numel() * 4)
+        table_bytes=table.nbytes, code_bytes=table.nbytes - table.location.numel() * table.location.element_size())
 
 
 def retrain_model(search_model: nn.Module, **train) -> nn.Module:

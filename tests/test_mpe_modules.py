@@ -112,7 +112,8 @@ def test_memory_is_sum_of_packed_groups():
     table = from_search(search, group_bits).export()
     sizes = search.groups.sizes
     codes = sum(int(s) * 24 * int(b) // 8 for s, b in zip(sizes, group_bits))
-    assert table.nbytes == codes + 300 * 4 + 6 * 4 + 24 * 4  # codes, row map, steps, beta
+    assert table.location.dtype == torch.int16  # 300 rows: the map needs 2 bytes a row
+    assert table.nbytes == codes + 300 * 2 + 6 * 4 + 24 * 4  # codes, row map, steps, beta
     rep = mpe.report(table)
     assert rep.code_bytes == codes + 6 * 4 + 24 * 4
     assert rep.average_bits == pytest.approx(float((sizes * group_bits).sum()) / 300)
@@ -120,7 +121,18 @@ def test_memory_is_sum_of_packed_groups():
     trainable = from_search(search, group_bits)  # rows padded to 4 bytes for lowp_update
     padded = sum(int(s) * formats.row_bytes(24, int(b), "symmetric_table")
                  for s, b in zip(sizes, group_bits) if b)
-    assert trainable.nbytes == padded + 300 * 4 + 6 * 4 + 24 * 4
+    assert trainable.nbytes == padded + 300 * 2 + 6 * 4 + 24 * 4
+
+
+@pytest.mark.parametrize("rows,map_dtype", [(2**15, torch.int16), (2**15 + 1, torch.int32)])
+def test_row_map_is_as_narrow_as_the_table_allows(rows, map_dtype):
+    row_bits = torch.randint(0, 3, (rows,))
+    table = MixedPrecisionEmbeddingBag(rows, 8, row_bits)
+    assert table.location.dtype == map_dtype
+    stored = row_bits > 0
+    assert torch.equal(table.location[stored].long().sort().values,
+                       torch.arange(int(stored.sum())))
+    assert bool((table.location[~stored] == -1).all())
 
 
 def test_retrain_step_updates_each_segment_with_lowp_update():

@@ -99,15 +99,15 @@ def test_search_backward_independent_of_threads():
         assert torch.equal(a, b)
 
 
-def mixed_table(rows, dim, widths):
+def mixed_table(rows, dim, widths, map_dtype=torch.int32):
     """Random segments (padded rows for some widths), steps, beta and a random row map."""
     perm = torch.randperm(rows)
     row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,))]
-    segments, steps, location, start = [], [], torch.full((rows,), -1, dtype=torch.int32), 0
+    segments, steps, location, start = [], [], torch.full((rows,), -1, dtype=map_dtype), 0
     seg_bits = sorted(set(widths) - {0})
     for b in seg_bits:
         members = perm[row_bits[perm] == b]
-        location[members] = torch.arange(start, start + members.numel(), dtype=torch.int32)
+        location[members] = torch.arange(start, start + members.numel(), dtype=map_dtype)
         start += members.numel()
         width = formats.code_bytes(dim, b) + int(torch.randint(0, 3, ()))
         segments.append(torch.randint(0, 256, (members.numel(), width), dtype=torch.uint8))
@@ -117,11 +117,13 @@ def mixed_table(rows, dim, widths):
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "none"])
 @pytest.mark.parametrize("psw", [False, True])
-def test_mixed_lookup_matches_per_segment_dequantization(mode, psw):
+@pytest.mark.parametrize("map_dtype", [torch.int16, torch.int32])
+def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, map_dtype):
     if psw and mode == "mean":
         pytest.skip("mean takes no per-sample weights")
     rows, dim = 80, 24
-    segments, seg_bits, steps, beta, location, row_bits = mixed_table(rows, dim, [0, 1, 3, 4, 8])
+    segments, seg_bits, steps, beta, location, row_bits = mixed_table(rows, dim, [0, 1, 3, 4, 8],
+                                                                      map_dtype)
     indices, offsets = bags(rows, mode)
     weights = torch.randn(indices.numel()) if psw else None
     got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #include "../checks.h"
@@ -25,14 +26,15 @@ struct Segment {
   float step;
 };
 
+template <typename map_t>  // int16 for tables under 2^15 rows, else int32
 struct MixedTable {
   std::vector<Segment> segments;
-  const int32_t* location;
+  const map_t* location;
   const float* beta;
   int64_t dim;
 
   // The segment holding position loc, counted without a data-dependent branch.
-  const Segment* find(int32_t loc) const {
+  const Segment* find(int64_t loc) const {
     size_t s = 0;
     for (size_t k = 0; k + 1 < segments.size(); ++k) s += loc >= segments[k].end;
     return &segments[s];
@@ -40,7 +42,7 @@ struct MixedTable {
 
   // Row r's codes and segment; null codes for a pruned row.
   std::pair<const uint8_t*, const Segment*> row(int64_t r) const {
-    const int32_t loc = location[r];
+    const int64_t loc = location[r];
     if (loc < 0) return {nullptr, nullptr};
     const Segment* s = find(loc);
     return {s->data + (loc - s->start) * s->stride, s};
@@ -49,8 +51,8 @@ struct MixedTable {
 
 // One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
 // registers, each row decoded at its own width; rows up to `last` are prefetched.
-template <typename out_t>
-void pool(const MixedTable& t, const int64_t* idx, int64_t p0, int64_t p1, int64_t last,
+template <typename map_t, typename out_t>
+void pool(const MixedTable<map_t>& t, const int64_t* idx, int64_t p0, int64_t p1, int64_t last,
           const float* psw, bool mean, float* acc, out_t* out) {
   const int64_t dim = t.dim;
   float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
@@ -79,8 +81,8 @@ void pool(const MixedTable& t, const int64_t* idx, int64_t p0, int64_t p1, int64
     out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * t.beta[d]) * factor);
 }
 
-template <typename out_t>
-void lookup(const MixedTable& t, const int64_t* idx, int64_t n, const float* psw,
+template <typename map_t, typename out_t>
+void lookup(const MixedTable<map_t>& t, const int64_t* idx, int64_t n, const float* psw,
             const std::vector<int64_t>* starts, bool mean, out_t* out) {
   const bool pooled = starts != nullptr;
   const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
@@ -117,7 +119,8 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   TORCH_CHECK_VALUE(steps_in.dim() == 1 && steps_in.numel() == num_segments, op,
                     "steps must have one entry per segment (", num_segments, "), got ",
                     steps_in.sizes());
-  TORCH_CHECK_TYPE(location_in.scalar_type() == at::kInt, op, "location must be int32, got ",
+  TORCH_CHECK_TYPE(location_in.scalar_type() == at::kInt || location_in.scalar_type() == at::kShort,
+                   op, "location must be int16 or int32, got ",
                    location_in.scalar_type());
   TORCH_CHECK_VALUE(location_in.dim() == 1, op, "location must be 1-D");
   const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
@@ -125,7 +128,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   const int64_t dim = beta.numel();
   check_same_device(location, "location", beta, "beta");
 
-  MixedTable t{{}, location.data_ptr<int32_t>(), beta.data_ptr<float>(), dim};
+  std::vector<Segment> segs;
   std::vector<at::Tensor> keep;  // contiguous segments outlive the kernel
   int64_t total = 0;
   for (int64_t s = 0; s < num_segments; ++s) {
@@ -139,7 +142,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
     keep.push_back(seg.contiguous());
     const float step = steps.data_ptr<float>()[s];
     TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, op, "steps must be positive and finite");
-    t.segments.push_back({keep.back().data_ptr<uint8_t>(), seg.size(1), bits[s], total,
+    segs.push_back({keep.back().data_ptr<uint8_t>(), seg.size(1), bits[s], total,
                           total + seg.size(0), step});
     total += seg.size(0);
   }
@@ -149,11 +152,6 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   const int64_t n = indices.numel();
   const int64_t* idx = indices.data_ptr<int64_t>();
   check_indices_in_range(idx, n, location.numel());
-  for (int64_t p = 0; p < n; ++p) {  // only the rows read: the map may be large
-    const int32_t loc = t.location[idx[p]];
-    TORCH_CHECK_VALUE(loc >= -1 && loc < total, op, "location[", idx[p], "] = ", loc,
-                      " is outside the segments (", total, " rows)");
-  }
   at::Tensor psw_t;
   if (psw_in.has_value()) {
     TORCH_CHECK_VALUE(mode != POOL_MEAN,
@@ -176,9 +174,20 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
   const std::vector<int64_t>* bags = mode == POOL_NONE ? nullptr : &starts;
   const bool mean = mode == POOL_MEAN;
-  if (out_dtype == at::kFloat) lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
-  else if (out_dtype == at::kHalf) lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
-  else lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+  auto run = [&](const auto* map) {
+    for (int64_t p = 0; p < n; ++p) {  // only the rows read: the map may be large
+      const int64_t loc = map[idx[p]];
+      TORCH_CHECK_VALUE(loc >= -1 && loc < total, op, "location[", idx[p], "] = ", loc,
+                        " is outside the segments (", total, " rows)");
+    }
+    const MixedTable<std::remove_const_t<std::remove_pointer_t<decltype(map)>>> t{
+        segs, map, beta.data_ptr<float>(), dim};
+    if (out_dtype == at::kFloat) lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
+    else if (out_dtype == at::kHalf) lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
+    else lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+  };
+  if (location.scalar_type() == at::kShort) run(location.data_ptr<int16_t>());
+  else run(location.data_ptr<int32_t>());
   return out;
 }
 

@@ -12,7 +12,7 @@ the search trains an fp32 table anyway, with the model's dense optimizer.
 Mixed-width table (:class:`MixedPrecisionEmbeddingBag`, :class:`MixedPrecisionEmbedding`):
 rows are stored by width, one segment of offset-binary codes per width (groups of equal
 width share a segment: they share alpha_b and beta), read as ``alpha_b * q + beta``; 0-bit
-rows store nothing and read as zeros. ``location`` (int32 [R]) maps a feature id to its
+rows store nothing and read as zeros. ``location`` (int16 [R] up to 2^15 rows, else int32) maps a feature id to its
 position in the concatenated segments (-1: pruned). One kernel (``mpe_embedding_bag``)
 serves a batch mixing widths. Retraining updates each segment in place with ``lowp_update``
 (per-table step alpha_b, stochastic rounding by default): there is no fp32 table.
@@ -163,19 +163,21 @@ class _MixedTable(nn.Module):
             raise ValueError("qembed: row widths must be in 0..8")
         if num_embeddings >= 2**31:
             raise ValueError("qembed: the row map is int32: at most 2^31 - 1 rows")
+        # The map costs a row index per feature: 2 bytes while positions fit in int16.
+        map_dtype = torch.int16 if num_embeddings <= 2**15 else torch.int32
         check_bits_dim(8, embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.trainable, self.train_options = trainable, train
         self.output_dtype = dtype or torch.float32
         self.group_bits = self.group_sizes = None  # set by from_search, for reports
         self.widths = sorted({int(b) for b in row_bits.tolist()} - {0})
-        location = torch.full((num_embeddings,), -1, dtype=torch.int32)
+        location = torch.full((num_embeddings,), -1, dtype=map_dtype)
         start = 0
         state_width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[train["optimizer"]]
         step_width = 2 if train["learn_step"] and train["step_optimizer"] == "adam" else 0
         for b in self.widths:
             rows = torch.nonzero(row_bits == b).flatten()  # ascending: slots follow ids
-            location[rows] = torch.arange(start, start + rows.numel(), dtype=torch.int32)
+            location[rows] = torch.arange(start, start + rows.numel(), dtype=map_dtype)
             start += rows.numel()
             # Trainable segments keep lowp_update's row layout (codes padded to 4 bytes);
             # inference segments hold the codes only.
