@@ -31,6 +31,20 @@ def _train(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from . import experiment
+
+    rows = experiment.read_csv(args.csv)
+    summary = experiment.summarize(rows)
+    print(experiment.markdown(summary))
+    out_dir, name = os.path.split(os.path.splitext(args.csv)[0])
+    origin = (f"summary of {os.path.basename(args.csv)} by `qembed report`; the runs: "
+              f"{args.runs or 'see the CSV'}")
+    for path in experiment.write(rows, summary, out_dir or ".", name, args.title, origin)[1:]:
+        print("wrote", path)
+    return 0
+
+
 def _bench(args) -> int:
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     script = os.path.join(root, f"bench_{args.which}.py")
@@ -72,12 +86,17 @@ def main(argv=None) -> int:
     t.add_argument("--name", default=None, help="file name stem of the results")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+    r = sub.add_parser("report", help="summary table, claims and plot from a train CSV")
+    r.add_argument("csv")
+    r.add_argument("--title", default="test AUC per method")
+    r.add_argument("--runs", default=None, help="how the runs were produced (for the stamp)")
+    r.set_defaults(func=_report)
     b = sub.add_parser("bench", help="run benchmarks/bench_<which>.py of a source checkout")
     b.add_argument("which", choices=["lookup", "train"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(func=_bench)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "bench", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "report", "bench", "-h", "--help"):
         argv = ["train"] + argv  # train is the default command
     args = parser.parse_args(argv)
     return args.func(args)

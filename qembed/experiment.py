@@ -193,16 +193,40 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["bits"]), []).append(r)
+    fp32 = {r["seed"]: r["auc"] for r in rows if r["method"] == "fp32"}
     out = []
     for (method, bits), rs in groups.items():
         aucs = [r["auc"] for r in rs]
+        paired = [r["auc"] - fp32[r["seed"]] for r in rs if r["seed"] in fp32]
         out.append({"method": method, "bits": bits, "seeds": len(rs),
                     "auc": statistics.mean(aucs),
                     "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                    # the same split and seed as fp32: removes the split-to-split spread
+                    "auc_vs_fp32": statistics.mean(paired) if paired else float("nan"),
                     "logloss": statistics.mean(r["logloss"] for r in rs),
                     "table_MB": rs[0]["table_bytes"] / 2**20,
                     "compression": rs[0]["compression"],
                     "train_s": statistics.mean(r["train_s"] for r in rs)})
+    return out
+
+
+def claims(summary: list[dict]) -> list[dict]:
+    """The published claims that the methods present can test, each with what was measured
+    and whether it holds here."""
+    auc = {(r["method"], r["bits"]): r["auc_vs_fp32"] for r in summary}
+    checks = [("8-bit ALPT within 0.001 AUC of fp32", ("alpt", 8), None, -0.001)]
+    for b in (4, 2):
+        checks += [(f"{b}-bit: LPT with stochastic rounding beats deterministic rounding",
+                    ("lpt-sr", b), ("lpt-dr", b), 0.0),
+                   (f"{b}-bit: ALPT (learned step) beats LPT-SR (fixed step)",
+                    ("alpt", b), ("lpt-sr", b), 0.0)]
+    out = []
+    for text, a, b, margin in checks:
+        if a not in auc or (b is not None and b not in auc):
+            continue
+        diff = auc[a] - (auc[b] if b is not None else 0.0)
+        out.append({"claim": text, "AUC difference (mean over seeds)": f"{diff:+.4f}",
+                    "holds here": "yes" if diff > margin else "no"})
     return out
 
 
@@ -221,21 +245,41 @@ def stamp() -> str:
             f"command: `{' '.join(shlex.quote(a) for a in ['qembed'] + sys.argv[1:])}`")
 
 
-def write(rows: list[dict], summary: list[dict], out_dir: str, name: str, title: str) -> list[str]:
-    """results CSV (every run), markdown summary and a PNG plot of AUC against bits."""
+def write(rows: list[dict], summary: list[dict], out_dir: str, name: str, title: str,
+          origin: str | None = None) -> list[str]:
+    """results CSV (every run), markdown summary (with the claims it can check) and a PNG
+    plot of AUC against bits. ``origin`` replaces the command line in the stamp."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{name}{ext}") for ext in (".csv", ".md", ".png")]
-    with open(paths[0], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    if origin is None:
+        with open(paths[0], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    found = claims(summary)
     with open(paths[1], "w") as f:
-        f.write(f"# {title}\n\n{stamp()}\n\n{markdown(summary)}\n")
-    plot(summary, paths[2], title)
+        f.write(f"# {title}\n\n{origin or stamp()}\n\n{markdown(summary)}\n")
+        if found:
+            f.write("\n## Published claims\n\n" + markdown(found) + "\n")
+    plot(summary, paths[2], title, origin)
     return paths
 
 
-def plot(summary: list[dict], path: str, title: str) -> None:
+def read_csv(path: str) -> list[dict]:
+    """Rows written by :func:`write`, with their numbers parsed."""
+    def number(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    with open(path) as f:
+        return [{k: number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plot(summary: list[dict], path: str, title: str, origin: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +297,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     ax.set_ylabel("test AUC")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, stamp(), fontsize=5)
+    fig.text(0.01, 0.01, origin or stamp(), fontsize=5)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
