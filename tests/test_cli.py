@@ -26,3 +26,20 @@ def test_train_command_writes_results(tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 0
     assert "| alpt | 4 |" in (tmp_path / "t.md").read_text()
     assert "| ptq | 4 |" in capsys.readouterr().out
+
+
+def test_claims_compare_methods_on_the_same_split():
+    from qembed.experiment import claims, summarize
+
+    rows = []
+    for seed, base in enumerate([0.90, 0.95]):  # split-to-split spread larger than the effects
+        for method, bits, delta in [("fp32", 32, 0.0), ("alpt", 8, -0.002), ("lpt-dr", 2, -0.03),
+                                    ("lpt-sr", 2, -0.02), ("alpt", 2, -0.025)]:
+            rows.append({"method": method, "bits": bits, "seed": seed, "auc": base + delta,
+                         "logloss": 0.5, "table_bytes": 1, "compression": 1.0, "train_s": 1.0})
+    found = {c["claim"]: c for c in claims(summarize(rows))}
+    assert found["8-bit ALPT within 0.001 AUC of fp32"]["holds here"] == "no"
+    sr_dr = found["2-bit: LPT with stochastic rounding beats deterministic rounding"]
+    assert sr_dr["holds here"] == "yes" and sr_dr["AUC difference (mean over seeds)"] == "+0.0100"
+    assert found["2-bit: ALPT (learned step) beats LPT-SR (fixed step)"]["holds here"] == "no"
+    assert not any(c.startswith("4-bit") for c in found)  # no 4-bit runs: nothing claimed
