@@ -13,7 +13,8 @@ import torch
 def _train(args) -> int:
     from . import experiment
 
-    cfg = experiment.Config(data=args.data, synthetic_rows=args.rows, model=args.model, methods=args.methods,
+    cfg = experiment.Config(data=args.data, synthetic_rows=args.rows, min_count=args.min_count,
+                            model=args.model, methods=args.methods,
                             bits=args.bits, seeds=args.seeds, epochs=args.epochs,
                             patience=args.patience,
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     t.add_argument("--data", default=None,
                    help="path, or frappe / avazu / criteo from the data folder; default synthetic")
     t.add_argument("--rows", type=int, default=200_000, help="rows of the synthetic data")
+    t.add_argument("--min-count", type=int, default=1,
+                   help="features seen fewer times share one out-of-vocabulary row per field")
     t.add_argument("--model", default="dnn", choices=sorted(MODELS))
     t.add_argument("--methods", nargs="+", default=["fp32", "ptq", "lpt-sr", "alpt"], choices=sorted(METHODS))
     t.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])

@@ -43,6 +43,7 @@ from .nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_
 class Config:
     data: str | None = None  # None: synthetic
     synthetic_rows: int = 200_000
+    min_count: int = 1  # rarer features share their field's out-of-vocabulary row
     model: str = "dnn"
     methods: list[str] = field(default_factory=lambda: ["fp32", "ptq", "lpt-sr", "alpt"])
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
@@ -123,7 +124,8 @@ def run(cfg: Config) -> list[dict]:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     synthetic = cfg.data in (None, "synthetic")
     dataset = qdata.load(cfg.data, **({"num_samples": cfg.synthetic_rows} if synthetic
-                                       else {"progress": cfg.progress}))
+                                       else {"progress": cfg.progress,
+                                             "min_count": cfg.min_count}))
     rows = []
     for seed in cfg.seeds:
         splits = dataset.split(seed=seed)
