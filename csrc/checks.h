@@ -55,6 +55,44 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1, "qembed: ", name, " must be 1-D, got ", t.dim(), "-D");
 }
 
+// pack: uint8 codes [N, D].
+inline void check_pack_args(const at::Tensor& codes, int64_t bits) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "qembed.pack: codes must be uint8, got ",
+                   codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "qembed.pack: codes must be 2-D, got ", codes.dim(), "-D");
+  check_bits_dim(bits, codes.size(1));
+}
+
+// unpack: uint8 [N, >= dim*bits/8].
+inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t dim) {
+  check_bits_dim(bits, dim);
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "qembed.unpack: packed must be uint8, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "qembed.unpack: packed must be 2-D, got ", packed.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(packed.size(1) >= code_bytes(dim, bits), "qembed.unpack: rows of ",
+                    packed.size(1), " bytes cannot hold ", dim, " codes of ", bits, " bits");
+}
+
+// quantize: fp32 weight [N, D] and, for the symmetric formats, a float32 step of 1 element
+// (or N for SYM_ROW). The values (finite weights, positive steps) each device checks itself.
+inline void check_quantize_args(const at::Tensor& weight, int64_t bits, int64_t fmt,
+                                const c10::optional<at::Tensor>& step) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat,
+                   "qembed.quantize: weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "qembed.quantize: weight must be 2-D, got ",
+                    weight.dim(), "-D");
+  check_bits_dim(bits, weight.size(1));
+  check_format(fmt);
+  if (fmt == AFFINE) return;
+  TORCH_CHECK_VALUE(step.has_value(), "qembed.quantize: symmetric formats need a step");
+  TORCH_CHECK_TYPE(step->scalar_type() == at::kFloat, "qembed.quantize: step must be float32");
+  check_same_device(*step, "step", weight, "weight");
+  const int64_t allowed = fmt == SYM_ROW ? weight.size(0) : 1;
+  TORCH_CHECK_VALUE(step->numel() == 1 || step->numel() == allowed, "qembed.quantize: step must ",
+                    "have 1", fmt == SYM_ROW ? " or N" : "", " elements, got ", step->numel());
+}
+
 // Shape checks of a lookup; returns the number of output rows.
 inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indices,
                                  const at::Tensor& offsets,

@@ -9,12 +9,8 @@ namespace qembed {
 namespace {
 
 at::Tensor pack_cpu(const at::Tensor& codes_in, int64_t bits) {
-  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kByte, "qembed.pack: codes must be uint8, got ",
-                   codes_in.scalar_type());
-  TORCH_CHECK_VALUE(codes_in.dim() == 2, "qembed.pack: codes must be 2-D, got ", codes_in.dim(),
-                    "-D");
+  check_pack_args(codes_in, bits);
   const int64_t n = codes_in.size(0), dim = codes_in.size(1);
-  check_bits_dim(bits, dim);
   const at::Tensor codes = codes_in.contiguous();
   const uint8_t* src = codes.data_ptr<uint8_t>();
   const uint8_t limit = static_cast<uint8_t>(code_mask(bits));

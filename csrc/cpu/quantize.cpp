@@ -25,13 +25,8 @@ RowParams affine_params(const float* w, int64_t dim, int64_t bits) {
 at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                         const c10::optional<at::Tensor>& step_in, bool stochastic, int64_t seed,
                         int64_t counter) {
-  TORCH_CHECK_TYPE(weight_in.scalar_type() == at::kFloat,
-                   "qembed.quantize: weight must be float32, got ", weight_in.scalar_type());
-  TORCH_CHECK_VALUE(weight_in.dim() == 2, "qembed.quantize: weight must be 2-D, got ",
-                    weight_in.dim(), "-D");
+  check_quantize_args(weight_in, bits, fmt, step_in);
   const int64_t n = weight_in.size(0), dim = weight_in.size(1);
-  check_bits_dim(bits, dim);
-  check_format(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const float* w = weight.data_ptr<float>();
   for (int64_t i = 0; i < weight.numel(); ++i)
@@ -40,13 +35,7 @@ at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
 
   at::Tensor step;
   if (fmt != AFFINE) {
-    TORCH_CHECK_VALUE(step_in.has_value(), "qembed.quantize: symmetric formats need a step");
     step = step_in->contiguous();
-    TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "qembed.quantize: step must be float32");
-    check_same_device(step, "step", weight, "weight");
-    const int64_t allowed = fmt == SYM_ROW ? n : 1;
-    TORCH_CHECK_VALUE(step.numel() == 1 || step.numel() == allowed, "qembed.quantize: step must ",
-                      "have 1", fmt == SYM_ROW ? " or N" : "", " elements, got ", step.numel());
     const float* s = step.data_ptr<float>();
     for (int64_t i = 0; i < step.numel(); ++i)
       TORCH_CHECK_VALUE(std::isfinite(s[i]) && s[i] > 0.0f,

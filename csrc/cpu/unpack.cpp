@@ -8,13 +8,7 @@ namespace qembed {
 namespace {
 
 at::Tensor unpack_cpu(const at::Tensor& packed_in, int64_t bits, int64_t dim) {
-  check_bits_dim(bits, dim);
-  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kByte,
-                   "qembed.unpack: packed must be uint8, got ", packed_in.scalar_type());
-  TORCH_CHECK_VALUE(packed_in.dim() == 2, "qembed.unpack: packed must be 2-D, got ",
-                    packed_in.dim(), "-D");
-  TORCH_CHECK_VALUE(packed_in.size(1) >= code_bytes(dim, bits), "qembed.unpack: rows of ",
-                    packed_in.size(1), " bytes cannot hold ", dim, " codes of ", bits, " bits");
+  check_unpack_args(packed_in, bits, dim);
   const at::Tensor packed = packed_in.contiguous();
   const int64_t n = packed.size(0), stride = packed.size(1);
   at::Tensor out = at::empty({n, dim}, packed.options());

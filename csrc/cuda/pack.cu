@@ -20,12 +20,8 @@ __global__ void pack_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict
 }
 
 at::Tensor pack_cuda(const at::Tensor& codes_in, int64_t bits) {
-  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kByte, "qembed.pack: codes must be uint8, got ",
-                   codes_in.scalar_type());
-  TORCH_CHECK_VALUE(codes_in.dim() == 2, "qembed.pack: codes must be 2-D, got ", codes_in.dim(),
-                    "-D");
+  check_pack_args(codes_in, bits);
   const int64_t n = codes_in.size(0), dim = codes_in.size(1);
-  check_bits_dim(bits, dim);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   // A conversion, not a hot path: the range check may wait for the device.

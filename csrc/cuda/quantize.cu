@@ -93,13 +93,8 @@ __global__ void quantize_kernel(const float* __restrict__ weight, int64_t n, int
 at::Tensor quantize_cuda(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                          const c10::optional<at::Tensor>& step_in, bool stochastic,
                          int64_t seed, int64_t counter) {
-  TORCH_CHECK_TYPE(weight_in.scalar_type() == at::kFloat,
-                   "qembed.quantize: weight must be float32, got ", weight_in.scalar_type());
-  TORCH_CHECK_VALUE(weight_in.dim() == 2, "qembed.quantize: weight must be 2-D, got ",
-                    weight_in.dim(), "-D");
+  check_quantize_args(weight_in, bits, fmt, step_in);
   const int64_t n = weight_in.size(0), dim = weight_in.size(1);
-  check_bits_dim(bits, dim);
-  check_format(fmt);
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
   // A conversion, not a hot path: the value checks may wait for the device.
@@ -107,13 +102,7 @@ at::Tensor quantize_cuda(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                     "qembed.quantize: weight has a non-finite value");
   at::Tensor step;
   if (fmt != AFFINE) {
-    TORCH_CHECK_VALUE(step_in.has_value(), "qembed.quantize: symmetric formats need a step");
     step = step_in->contiguous();
-    TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "qembed.quantize: step must be float32");
-    check_same_device(step, "step", weight, "weight");
-    const int64_t allowed = fmt == SYM_ROW ? n : 1;
-    TORCH_CHECK_VALUE(step.numel() == 1 || step.numel() == allowed, "qembed.quantize: step must ",
-                      "have 1", fmt == SYM_ROW ? " or N" : "", " elements, got ", step.numel());
     TORCH_CHECK_VALUE(at::isfinite(step).logical_and(step.gt(0)).all().item<bool>(),
                       "qembed.quantize: steps must be positive and finite");
   }

@@ -19,13 +19,7 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ src, int64_t stride, i
 }
 
 at::Tensor unpack_cuda(const at::Tensor& packed_in, int64_t bits, int64_t dim) {
-  check_bits_dim(bits, dim);
-  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kByte,
-                   "qembed.unpack: packed must be uint8, got ", packed_in.scalar_type());
-  TORCH_CHECK_VALUE(packed_in.dim() == 2, "qembed.unpack: packed must be 2-D, got ",
-                    packed_in.dim(), "-D");
-  TORCH_CHECK_VALUE(packed_in.size(1) >= code_bytes(dim, bits), "qembed.unpack: rows of ",
-                    packed_in.size(1), " bytes cannot hold ", dim, " codes of ", bits, " bits");
+  check_unpack_args(packed_in, bits, dim);
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   const int64_t n = packed.size(0);
