@@ -193,21 +193,24 @@ METHODS: dict[str, Method] = {
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean (and standard deviation over seeds) per method and bit width."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    for r in rows:  # mpe's bits are the searched average: one group per method, not per value
+        key = (r["method"], r["bits"] if isinstance(r["bits"], int) else None)
+        groups.setdefault(key, []).append(r)
     fp32 = {r["seed"]: r["auc"] for r in rows if r["method"] == "fp32"}
     out = []
     for (method, bits), rs in groups.items():
         aucs = [r["auc"] for r in rs]
         paired = [r["auc"] - fp32[r["seed"]] for r in rs if r["seed"] in fp32]
+        if bits is None:
+            bits = round(statistics.mean(r["bits"] for r in rs), 2)
         out.append({"method": method, "bits": bits, "seeds": len(rs),
                     "auc": statistics.mean(aucs),
                     "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
                     # the same split and seed as fp32: removes the split-to-split spread
                     "auc_vs_fp32": statistics.mean(paired) if paired else float("nan"),
                     "logloss": statistics.mean(r["logloss"] for r in rs),
-                    "table_MB": rs[0]["table_bytes"] / 2**20,
-                    "compression": rs[0]["compression"],
+                    "table_MB": statistics.mean(r["table_bytes"] for r in rs) / 2**20,
+                    "compression": statistics.mean(r["compression"] for r in rs),
                     "train_s": statistics.mean(r["train_s"] for r in rs)})
     return out
 
