@@ -34,9 +34,11 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t stride, const i
                        int64_t p0, int64_t p1, int64_t last, const float* psw, int64_t dim,
                        int64_t fmt, float table_step, int64_t padding_idx, int64_t d0,
                        BagSum& bag) {
+  const bool tail = prefetch_needs_tail(stride);
   for (int64_t p = p0; p < p1; ++p) {
     if (d0 == 0 && p + kPrefetchDistance < last)
-      prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+      prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
+                   tail);
     const int64_t r = idx[p];
     if (r == padding_idx) continue;
     const uint8_t* row = table + r * stride;
@@ -100,9 +102,11 @@ void lookup_rows(const uint8_t* table, int64_t stride, const index_t* idx, int64
                  int64_t padding_idx, out_t* out) {
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> value(dim);
+    const bool tail = prefetch_needs_tail(stride);
     for (int64_t p = begin; p < end; ++p) {
       if (p + kPrefetchDistance < end)
-        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride);
+        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
+                     tail);
       std::fill(value.begin(), value.end(), 0.0f);
       const int64_t r = idx[p];
       if (r != padding_idx) {

@@ -24,6 +24,7 @@ struct Segment {
   const uint8_t* data;
   int64_t stride, bits, start, end;  // [start, end): its positions in the concatenation
   float step;
+  bool prefetch_tail;
 };
 
 template <typename map_t>  // int16 for tables under 2^15 rows, else int32
@@ -63,7 +64,8 @@ void pool(const MixedTable<map_t>& t, const int64_t* idx, int64_t p0, int64_t p1
         __builtin_prefetch(t.location + idx[p + 2 * kPrefetchDistance], 0, 3);
       if (d0 == 0 && p + kPrefetchDistance < last) {  // the row it points to
         const auto ahead = t.row(idx[p + kPrefetchDistance]);
-        if (ahead.first) prefetch_row(ahead.first, ahead.second->stride);
+        if (ahead.first)
+          prefetch_row(ahead.first, ahead.second->stride, ahead.second->prefetch_tail);
       }
       const auto [codes, seg] = t.row(idx[p]);
       if (!codes) continue;
@@ -143,7 +145,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
     const float step = steps.data_ptr<float>()[s];
     TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, op, "steps must be positive and finite");
     segs.push_back({keep.back().data_ptr<uint8_t>(), seg.size(1), bits[s], total,
-                          total + seg.size(0), step});
+                    total + seg.size(0), step, prefetch_needs_tail(seg.size(1))});
     total += seg.size(0);
   }
   check_index_dtype(indices_in, "indices");
