@@ -45,7 +45,8 @@ def fbgemm_candidates(weight: torch.Tensor, bits_list):
         from fbgemm_gpu.split_embedding_configs import SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
         from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
-            IntNBitTableBatchedEmbeddingBagsCodegen)
+            IntNBitTableBatchedEmbeddingBagsCodegen,
+        )
     except Exception:  # not installed, or built for another torch
         return {}
     types = {8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}

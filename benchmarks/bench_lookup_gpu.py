@@ -149,8 +149,6 @@ def run(args) -> list[dict]:
                     row["speedup_fp32"] = fp32["ms"] / row["ms"]
                     print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                            f"{k}={v}" for k, v in row.items()))
-            del batches
-        del weight
         torch.cuda.empty_cache()
     return results
 

@@ -6,10 +6,18 @@ tables trained directly in low precision (:class:`LowPrecisionEmbeddingBag`), an
 mixed-precision tables searched per frequency group (:mod:`qembed.mpe`).
 """
 from . import data, formats, models, mpe, ops, reference
-from .nn import (LowPrecisionEmbedding, LowPrecisionEmbeddingBag, MixedPrecisionEmbedding,
-                 MixedPrecisionEmbeddingBag, MixedPrecisionSearchEmbedding,
-                 MixedPrecisionSearchEmbeddingBag, QuantizedEmbedding, QuantizedEmbeddingBag,
-                 quantize_, two_pass_backward)
+from .nn import (
+                 LowPrecisionEmbedding,
+                 LowPrecisionEmbeddingBag,
+                 MixedPrecisionEmbedding,
+                 MixedPrecisionEmbeddingBag,
+                 MixedPrecisionSearchEmbedding,
+                 MixedPrecisionSearchEmbeddingBag,
+                 QuantizedEmbedding,
+                 QuantizedEmbeddingBag,
+                 quantize_,
+                 two_pass_backward,
+)
 
 __version__ = "0.1.0"
 __all__ = ["data", "formats", "models", "mpe", "ops", "reference", "LowPrecisionEmbedding",

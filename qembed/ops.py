@@ -13,8 +13,15 @@ import threading
 import torch
 
 from . import reference
-from .formats import (STEP_OPTIMIZERS, check_bits_dim, code_bytes, format_id, optimizer_id,
-                      pooling_id, row_bytes)
+from .formats import (
+    STEP_OPTIMIZERS,
+    check_bits_dim,
+    code_bytes,
+    format_id,
+    optimizer_id,
+    pooling_id,
+    row_bytes,
+)
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)

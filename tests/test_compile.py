@@ -2,9 +2,9 @@
 eager with the eager, aot_eager and (one case) inductor backends."""
 import pytest
 import torch
+from conftest import random_bags
 from torch import nn
 
-from conftest import random_bags
 from qembed import QuantizedEmbedding, QuantizedEmbeddingBag
 
 

@@ -2,8 +2,8 @@
 CUDA device and an extension built with its CUDA kernels (QEMBED_CUDA=1); skipped otherwise."""
 import pytest
 import torch
-
 from conftest import BITS, FORMATS, MODES, random_bags, random_psw, random_steps, random_table
+
 from qembed import QuantizedEmbeddingBag, formats, ops, reference
 
 pytestmark = [pytest.mark.gpu,

@@ -3,8 +3,8 @@ on the dequantized table (PyTorch's own semantics)."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import BITS, DIMS, FORMATS, MODES, random_bags, random_psw, random_table
+
 from qembed import ops, reference
 
 INDEX_DTYPES = [torch.int32, torch.int64]

@@ -2,10 +2,10 @@
 ops and the modules, and leaves the table as it was."""
 import pytest
 import torch
+from conftest import random_table
 from torch import nn
 
 import qembed
-from conftest import random_table
 from qembed import QuantizedEmbedding, QuantizedEmbeddingBag, ops
 
 

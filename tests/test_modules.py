@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import BITS, FORMATS, pool_per_bag, random_bags, random_psw
 from torch import nn
 
 import qembed
-from conftest import BITS, FORMATS, pool_per_bag, random_bags, random_psw
 from qembed import QuantizedEmbedding, QuantizedEmbeddingBag, formats
 
 QUANTIZED = {nn.EmbeddingBag: QuantizedEmbeddingBag, nn.Embedding: QuantizedEmbedding}

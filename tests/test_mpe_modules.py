@@ -5,10 +5,14 @@ import io
 import pytest
 import torch
 
-from qembed import formats, mpe, ops, reference
+from qembed import formats, mpe, reference
 from qembed.models import DNN
-from qembed.nn import (MixedPrecisionEmbedding, MixedPrecisionEmbeddingBag,
-                       MixedPrecisionSearchEmbedding, MixedPrecisionSearchEmbeddingBag)
+from qembed.nn import (
+    MixedPrecisionEmbedding,
+    MixedPrecisionEmbeddingBag,
+    MixedPrecisionSearchEmbedding,
+    MixedPrecisionSearchEmbeddingBag,
+)
 from qembed.nn.mpe import from_search
 
 

@@ -3,8 +3,8 @@ autograd through its straight-through fake quantizer), the mixed-width lookup ag
 per-segment dequantization written here."""
 import pytest
 import torch
-
 from conftest import random_bags
+
 from qembed import formats, ops, reference
 
 BITS = [0, 1, 2, 3, 4, 5, 6]

@@ -2,8 +2,8 @@
 registration, AOT dispatch with dynamic shapes) with a few representative argument sets."""
 import pytest
 import torch
-
 from conftest import random_bags, random_table
+
 from qembed import formats, ops
 
 FMT = formats.FORMATS

@@ -2,9 +2,10 @@
 checked against computations that share no code with either."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from conftest import BITS, DIMS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from qembed import ops, reference
 
 IMPLS = [ops, reference]

@@ -5,9 +5,10 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from conftest import BITS, DIMS, FORMATS, random_bags, random_steps, random_table
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from qembed import formats, ops, reference
 
 # (format, how the step is given): symmetric takes a per-row [N] step or one [1] broadcast

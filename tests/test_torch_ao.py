@@ -3,9 +3,9 @@ torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_prepack and writes rows its l
 read, with the same results."""
 import pytest
 import torch
+from conftest import bag_lengths, pool_per_bag, random_bags, random_psw
 from torch import nn
 
-from conftest import bag_lengths, pool_per_bag, random_bags, random_psw
 from qembed import QuantizedEmbeddingBag
 
 AO = {8: ("byte", torch.float32), 4: ("4bit", torch.float16), 2: ("2bit", torch.float16)}

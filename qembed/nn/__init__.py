@@ -1,7 +1,11 @@
 """Embedding modules over packed low-bit tables."""
 from .lowp import LowPrecisionEmbedding, LowPrecisionEmbeddingBag, two_pass_backward
-from .mpe import (MixedPrecisionEmbedding, MixedPrecisionEmbeddingBag,
-                  MixedPrecisionSearchEmbedding, MixedPrecisionSearchEmbeddingBag)
+from .mpe import (
+                  MixedPrecisionEmbedding,
+                  MixedPrecisionEmbeddingBag,
+                  MixedPrecisionSearchEmbedding,
+                  MixedPrecisionSearchEmbeddingBag,
+)
 from .quantized import QuantizedEmbedding, QuantizedEmbeddingBag, quantize_
 
 __all__ = ["LowPrecisionEmbedding", "LowPrecisionEmbeddingBag", "MixedPrecisionEmbedding",
