@@ -70,40 +70,8 @@ inline void accumulate_row(const uint8_t* codes, int64_t dim, float a, float c, 
 constexpr int64_t kLanes = 128;
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
-// 16 codes (2*BITS bytes) per vector. A byte permute gives 32-bit lane i the two bytes
-// holding code i, a variable shift aligns it, a mask cuts it out.
-template <int BITS>
-struct Decode16 {
-  alignas(64) uint8_t byte_index[64];
-  alignas(64) uint32_t shift[16];
-  constexpr Decode16() : byte_index{}, shift{} {
-    for (int i = 0; i < 16; ++i) {
-      const int first = (i * BITS) / 8;
-      byte_index[4 * i] = static_cast<uint8_t>(first);
-      byte_index[4 * i + 1] = static_cast<uint8_t>(first + 1);  // bytes >= 2*BITS load as 0
-      byte_index[4 * i + 2] = byte_index[4 * i + 3] = 15;      // always 0
-      shift[i] = static_cast<uint32_t>((i * BITS) % 8);
-    }
-  }
-};
-
-template <int BITS>
-inline __m512 decode16(const uint8_t* codes, __mmask16 byte_mask) {
-  const __m128i raw = _mm_maskz_loadu_epi8(byte_mask, codes);
-  __m512i lanes;
-  if constexpr (BITS == 8) {
-    lanes = _mm512_cvtepu8_epi32(raw);
-  } else {
-    static constexpr Decode16<BITS> kTable{};
-    const __m512i bytes = _mm512_permutexvar_epi8(_mm512_load_si512(kTable.byte_index),
-                                                  _mm512_zextsi128_si512(raw));
-    lanes = _mm512_and_si512(_mm512_srlv_epi32(bytes, _mm512_load_si512(kTable.shift)),
-                             _mm512_set1_epi32((1 << BITS) - 1));
-  }
-  return _mm512_cvtepi32_ps(lanes);
-}
-
-// Decode16's tables for every width, for rows whose width is known only at run time.
+// 16 codes (2*bits bytes) per vector. A byte permute gives 32-bit lane i the two bytes
+// holding code i, a variable shift aligns it, a mask cuts it out. One table per width.
 struct DecodeTables {
   alignas(64) uint8_t byte_index[9][64];
   alignas(64) uint32_t shift[9][16];
@@ -112,12 +80,28 @@ struct DecodeTables {
       for (int i = 0; i < 16; ++i) {
         const int first = (i * b) / 8;
         byte_index[b][4 * i] = static_cast<uint8_t>(first);
-        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);
+        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);  // past 2*bits: loads 0
         byte_index[b][4 * i + 2] = byte_index[b][4 * i + 3] = 15;  // masked off below
         shift[b][i] = static_cast<uint32_t>((i * b) % 8);
       }
   }
 };
+inline constexpr DecodeTables kDecodeTables{};
+
+// The 16 codes at `codes` (bytes outside byte_mask read as 0) as floats. With a constant
+// width the table loads fold into constants; 8-bit codes need only a widening.
+inline __m512 decode16(const uint8_t* codes, int bits, __mmask16 byte_mask) {
+  const __m128i raw = _mm_maskz_loadu_epi8(byte_mask, codes);
+  if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  const __m512i bytes = _mm512_permutexvar_epi8(
+      _mm512_load_si512(kDecodeTables.byte_index[bits]), _mm512_zextsi128_si512(raw));
+  const __m512i lanes = _mm512_and_si512(
+      _mm512_srlv_epi32(bytes, _mm512_load_si512(kDecodeTables.shift[bits])),
+      _mm512_set1_epi32((1 << bits) - 1));
+  return _mm512_cvtepi32_ps(lanes);
+}
+
+inline __mmask16 full_mask(int bits) { return static_cast<__mmask16>((1u << (2 * bits)) - 1u); }
 
 // The width of the codes is a parameter of add(), not of the class, so rows of different
 // widths (mixed-precision tables) can share one accumulator.
@@ -130,34 +114,17 @@ class Accumulator {
   // codes: the block's first code.
   template <int BITS>
   inline void add(const uint8_t* codes, float a) {
-    const __m512 av = _mm512_set1_ps(a);
-    constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
-    constexpr __mmask16 kHalf = static_cast<__mmask16>((1u << BITS) - 1u);
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      if (k >= vectors_) break;
-      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? kHalf : kFull;
-      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, m), sum_[k]);
-    }
+    add_any(codes, BITS, a);
   }
-  // add() for a width known at run time, without a branch on it: mixed-width rows in
-  // random order would mispredict one.
+  // Any width, without a branch on it: mixed-width rows come in random order.
   inline void add_any(const uint8_t* codes, int bits, float a) {
-    static constexpr DecodeTables kTables{};
     const __m512 av = _mm512_set1_ps(a);
-    const __m512i index = _mm512_load_si512(kTables.byte_index[bits]);
-    const __m512i shift = _mm512_load_si512(kTables.shift[bits]);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __mmask16 full = static_cast<__mmask16>((1u << (2 * bits)) - 1u);
     const __mmask16 half = static_cast<__mmask16>((1u << bits) - 1u);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       if (k >= vectors_) break;
-      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? half : full;
-      const __m128i raw = _mm_maskz_loadu_epi8(m, codes + k * 2 * bits);
-      const __m512i bytes = _mm512_permutexvar_epi8(index, _mm512_zextsi128_si512(raw));
-      const __m512i lanes = _mm512_and_si512(_mm512_srlv_epi32(bytes, shift), mask);
-      sum_[k] = _mm512_fmadd_ps(av, _mm512_cvtepi32_ps(lanes), sum_[k]);
+      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? half : full_mask(bits);
+      sum_[k] = _mm512_fmadd_ps(av, decode16(codes + k * 2 * bits, bits, m), sum_[k]);
     }
   }
   inline void store(float* out) const {
@@ -182,10 +149,9 @@ class FullAccumulator {
   template <int BITS>
   inline void add(const uint8_t* codes, float a) {
     const __m512 av = _mm512_set1_ps(a);
-    constexpr __mmask16 kFull = static_cast<__mmask16>((1u << (2 * BITS)) - 1u);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k)
-      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, kFull), sum_[k]);
+      sum_[k] = _mm512_fmadd_ps(av, decode16(codes + k * 2 * BITS, BITS, full_mask(BITS)), sum_[k]);
   }
   inline void store(float* out) const {
     for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
