@@ -4,15 +4,18 @@ symmetric_table format) on CPU, per byte fetched.
   python benchmarks/bench_mpe_lookup.py            # R = 2M rows, D = 64
   python benchmarks/bench_mpe_lookup.py --quick
 
-The mixed table has rows at 1, 2, 4 and 8 bits (a quarter each) plus the int32 row map; the
-single-width tables have every row at one width. Bytes fetched per lookup: the row's codes
-(+ 4 for the mixed table's map entry) and the index; the output row per bag. Times are
-medians over batches rotating through several index sets; ratios are against int8 in the
-same run.
+The mixed table has rows at 1, 2, 4 and 8 bits (a quarter each) plus its row map (int32
+here); the single-width tables have every row at one width. A random lookup into a large
+table waits on memory, which moves whole 64-byte cache lines: bytes fetched per lookup are
+counted in lines, the row's (averaged over where rows start within a line) plus, for the
+mixed table, its map entry's. The row bytes themselves are listed too. Times are the
+lookup thread's CPU time (one thread), medians over repeats in which every table is timed
+in turn, rotating through several index sets.
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -21,9 +24,18 @@ from qembed.formats import code_bytes, row_bytes
 from qembed.nn import MixedPrecisionEmbeddingBag
 
 try:
-    from common import make_indices, median_time, write_results
+    from common import interleaved_median_times, make_indices, write_results
 except ImportError:  # run as a module from the repository root
-    from benchmarks.common import make_indices, median_time, write_results
+    from benchmarks.common import interleaved_median_times, make_indices, write_results
+
+LINE = 64
+
+
+def lines_per_row(stride: int, nbytes: int) -> float:
+    """Cache lines a read of the first nbytes of a row touches, averaged over the rows of a
+    64-byte aligned table with that row stride."""
+    starts = [(r * stride) % LINE for r in range(LINE)]
+    return sum((o + nbytes - 1) // LINE + 1 for o in starts) / LINE
 
 
 def main():
@@ -45,36 +57,45 @@ def main():
                torch.arange(0, n, args.pooling)) for _ in range(4)]
     weight = torch.randn(r, d, generator=gen) * 0.05
 
-    rows = []
-
-    def record(name, fn, row_fetch):
-        t = median_time(fn, inputs, repeats=15)
-        fetched = n * (row_fetch + 8) + args.bags * d * 4
-        rows.append({"table": name, "ms": t * 1e3, "bytes_per_lookup": row_fetch,
-                     "GB/s": fetched / t / 1e9, "Mlookups/s": n / t / 1e6})
-
+    fns, fetch = {}, {}
     for bits in (8, 4, 2, 1):
         step = torch.tensor([0.01])
         table = ops.quantize(weight, bits, "symmetric_table", step)
-        record(f"int{bits} single width",
-               lambda i, o, t=table, b=bits, s=step: ops.embedding_bag(
-                   t, i, o, b, d, "symmetric_table", s, mode="sum"),
-               row_bytes(d, bits, "symmetric_table"))
+        stride = row_bytes(d, bits, "symmetric_table")
+        fns[f"int{bits} single width"] = (
+            lambda i, o, t=table, b=bits, s=step: ops.embedding_bag(
+                t, i, o, b, d, "symmetric_table", s, mode="sum"))
+        fetch[f"int{bits} single width"] = (code_bytes(d, bits),
+                                            lines_per_row(stride, code_bytes(d, bits)))
     row_bits = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (r,), generator=gen)]
     mixed = MixedPrecisionEmbeddingBag(r, d, row_bits, mode="sum", trainable=False)
     mixed.load_float_weight(weight, torch.full((4,), 0.01), torch.zeros(d))
     mixed.eval()
-    avg = sum(code_bytes(d, b) for b in (1, 2, 4, 8)) / 4
-    record("mixed 1/2/4/8 bits", lambda i, o: mixed(i, o), avg + 4)
-    base = next(x["ms"] for x in rows if x["table"].startswith("int8"))
+    segs = {b: s.shape[1] for b, s in zip(mixed.widths, mixed.segments())}
+    map_bytes = mixed.location.element_size()
+    fns["mixed 1/2/4/8 bits"] = lambda i, o: mixed(i, o)
+    fetch["mixed 1/2/4/8 bits"] = (
+        sum(code_bytes(d, b) for b in (1, 2, 4, 8)) / 4 + map_bytes,
+        sum(lines_per_row(segs[b], code_bytes(d, b)) for b in (1, 2, 4, 8)) / 4 + 1)
+    with torch.no_grad():
+        times = interleaved_median_times(fns, inputs, repeats=40, clock=time.thread_time)
+    rows = []
+    for name, t in times.items():
+        row_b, lines = fetch[name]
+        rows.append({"table": name, "ms": t * 1e3, "row_bytes_per_lookup": row_b,
+                     "lines_per_lookup": lines, "ns_per_line": t * 1e9 / (n * lines),
+                     "GB/s_in_lines": n * lines * LINE / t / 1e9, "Mlookups/s": n / t / 1e6})
+    # What the same rows would cost per line read from single-width tables, a quarter each.
+    single = sum(x["ns_per_line"] for x in rows if "single" in x["table"]) / 4
     for x in rows:
-        x["time_vs_int8"] = x["ms"] / base
+        x["ns_per_line_vs_single_mix"] = x["ns_per_line"] / single
     table = write_results(
         "mpe_lookup_cpu", rows,
         f"Mixed-width vs single-width pooled lookup, CPU, R={r}, D={d}, {args.bags} bags x "
         f"{args.pooling}, {args.dist}",
-        "bytes_per_lookup: row bytes read (codes, +4 for the mixed table's row map); GB/s "
-        "counts rows, indices (8 bytes) and outputs.")
+        "lines_per_lookup: 64-byte cache lines a lookup reads (its row's, + 1 for the mixed "
+        "table's map entry); ns_per_line_vs_single_mix: time per line against the mean of "
+        "the four single-width tables (the mixed table holds a quarter of each width).")
     print(table)
 
 

@@ -50,6 +50,22 @@ def make_indices(dist: str, n: int, num_rows: int, generator: torch.Generator) -
     raise ValueError(f"unknown index distribution {dist!r}")
 
 
+def interleaved_median_times(fns: dict, inputs: list, repeats: int, clock=time.perf_counter,
+                             warmup: int = 2) -> dict:
+    """Median seconds of each fn(*inputs[i]), timing the candidates in turn within every
+    repeat, so that a change in the machine's load reaches all of them alike. With one
+    thread, clock=time.thread_time counts only the time the lookup itself ran."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        args = inputs[i % len(inputs)]
+        for name, fn in fns.items():
+            t0 = clock()
+            fn(*args)
+            if i >= warmup:
+                times[name].append(clock() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_time(fn, inputs: list, repeats: int, warmup: int = 2) -> float:
     """Median seconds of fn(*inputs[i]) over `repeats` calls, rotating through the inputs."""
     for i in range(warmup):

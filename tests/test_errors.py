@@ -260,3 +260,19 @@ def test_non_finite_weight_leaves_table_unchanged(fmt, bad):
         module.load_float_weight(weight)
     for name, tensor in module.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "none"])
+@pytest.mark.parametrize("where", ["in-a-bag", "after-the-last-bag"])
+def test_bad_index_found_anywhere_in_a_large_batch(mode, where):
+    """The pooled lookup checks indices as it reads them, on every thread; an index past the
+    last bag (include_last_offset) is never read but must raise all the same."""
+    table = random_table(100, 16, 4, "affine")
+    n = 4000
+    indices = torch.randint(0, 100, (n,))
+    offsets = torch.arange(0, n - 50, 10)  # with include_last_offset: the last 50 are unused
+    position = int(torch.randint(0, n - 50, ())) if where == "in-a-bag" else n - 7
+    indices[position] = 100 + position
+    with pytest.raises(IndexError, match=f"index {100 + position} at position {position} "):
+        ops.embedding_bag(table.rows, indices, offsets, 4, 16, "affine", mode=mode,
+                          include_last_offset=True)

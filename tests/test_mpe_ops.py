@@ -176,6 +176,25 @@ def test_bad_inputs_raise():
                               None, None, "none")
 
 
+@pytest.mark.parametrize("mode", ["sum", "none"])
+def test_bad_map_entry_found_in_a_large_batch(mode):
+    """Index and map entry checks happen inside the (threaded) lookup; the first offender is
+    named, wherever it sits."""
+    segments, seg_bits, steps, beta, location, _ = mixed_table(300, 16, [0, 2, 8])
+    indices = torch.randint(0, 300, (3000,))
+    offsets = torch.arange(0, 3000, 6)
+    bad_row = int(indices[1234])
+    location[bad_row] = 100_000
+    with pytest.raises(ValueError, match=f"location\\[{bad_row}\\] = 100000 is outside"):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets, None,
+                              mode)
+    location[bad_row] = -1
+    indices[2000] = 300
+    with pytest.raises(IndexError, match="index 300 at position 2000 "):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets, None,
+                              mode)
+
+
 def test_opcheck():
     weight, row_group, logits, alpha, beta = search_inputs()
     probs = torch.softmax(logits, 1)

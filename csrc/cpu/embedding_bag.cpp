@@ -2,8 +2,9 @@
 // Rows are read once, decoded in registers and accumulated in fp32; the rows of upcoming
 // indices are prefetched because a lookup into a large table waits on memory, not on math.
 #include <ATen/Dispatch.h>
-#include <algorithm>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,21 +26,27 @@ inline void store_row(const float* acc, float shift, int64_t dim, float factor, 
 struct BagSum {
   float shift = 0.0f;  // sum of the rows' constant terms psw * (scale * offset + bias)
   int64_t count = 0;   // rows pooled (padding entries excluded)
+  bool bad_index = false;  // an index out of range was met (and skipped)
 };
 
 // Adds the columns [d0, d0 + width) of the rows at positions [p0, p1) into `accum`; the
-// first block (d0 == 0) also prefetches and counts.
+// first block (d0 == 0) also prefetches and counts. Indices are range-checked here, as the
+// rows are read, rather than in a separate pass over all of them.
 template <int BITS, typename Acc, typename index_t>
-inline void pool_block(Acc& accum, const uint8_t* table, int64_t stride, const index_t* idx,
-                       int64_t p0, int64_t p1, int64_t last, const float* psw, int64_t dim,
-                       int64_t fmt, float table_step, int64_t padding_idx, int64_t d0,
-                       BagSum& bag) {
+inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64_t stride,
+                       const index_t* idx, int64_t p0, int64_t p1, int64_t last,
+                       const float* psw, int64_t dim, int64_t fmt, float table_step,
+                       int64_t padding_idx, int64_t d0, BagSum& bag) {
   const bool tail = prefetch_needs_tail(stride);
   for (int64_t p = p0; p < p1; ++p) {
-    if (d0 == 0 && p + kPrefetchDistance < last)
+    if (d0 == 0 && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
       prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
                    tail);
     const int64_t r = idx[p];
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
+      bag.bad_index = true;
+      continue;
+    }
     if (r == padding_idx) continue;
     const uint8_t* row = table + r * stride;
     const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
@@ -56,43 +63,45 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t stride, const i
 // Pools positions [p0, p1) into acc[0, dim) (overwritten). Columns go in blocks of kLanes
 // whose accumulators stay in registers; rows are re-read from cache for later blocks.
 template <int BITS, typename index_t>
-inline BagSum pool_bag(const uint8_t* table, int64_t stride, const index_t* idx, int64_t p0,
-                       int64_t p1, int64_t last, const float* psw, int64_t dim, int64_t fmt,
-                       float table_step, int64_t padding_idx, float* acc) {
+inline BagSum pool_bag(const uint8_t* table, int64_t num_rows, int64_t stride,
+                       const index_t* idx, int64_t p0, int64_t p1, int64_t last,
+                       const float* psw, int64_t dim, int64_t fmt, float table_step,
+                       int64_t padding_idx, float* acc) {
   BagSum bag;
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
     const int64_t width = std::min<int64_t>(kLanes, dim - d0);
-    if (width == kLanes) {  // the common case, fully unrolled
-      FullAccumulator accum;
-      pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
-                       padding_idx, d0, bag);
+    with_accumulator(width, [&](auto&& accum) {
+      pool_block<BITS>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim, fmt,
+                       table_step, padding_idx, d0, bag);
       accum.store(acc + d0);
-    } else {
-      Accumulator accum(width);
-      pool_block<BITS>(accum, table, stride, idx, p0, p1, last, psw, dim, fmt, table_step,
-                       padding_idx, d0, bag);
-      accum.store(acc + d0);
-    }
+    });
   }
   return bag;
 }
 
+// Returns false if an index was out of range (its rows were skipped).
 template <int BITS, typename index_t, typename out_t>
-void pool_bags(const uint8_t* table, int64_t stride, const index_t* idx,
+bool pool_bags(const uint8_t* table, int64_t num_rows, int64_t stride, const index_t* idx,
                const std::vector<int64_t>& starts, const float* psw, int64_t dim, int64_t fmt,
                float table_step, bool mean, int64_t padding_idx, out_t* out) {
   const int64_t num_bags = static_cast<int64_t>(starts.size()) - 1;
   const int64_t grain = std::max<int64_t>(1, 4096 / (1 + starts.back() / std::max<int64_t>(1, num_bags)));
+  std::atomic<bool> all_valid{true};
   at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(dim);
     const int64_t last = starts[end];
+    bool valid = true;
     for (int64_t b = begin; b < end; ++b) {
-      const BagSum bag = pool_bag<BITS>(table, stride, idx, starts[b], starts[b + 1], last, psw,
-                                        dim, fmt, table_step, padding_idx, acc.data());
+      const BagSum bag = pool_bag<BITS>(table, num_rows, stride, idx, starts[b], starts[b + 1],
+                                        last, psw, dim, fmt, table_step, padding_idx,
+                                        acc.data());
+      valid = valid && !bag.bad_index;
       const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
       store_row(acc.data(), bag.shift, dim, factor, out + b * dim);
     }
+    if (!valid) all_valid = false;
   });
+  return all_valid;
 }
 
 // mode none: out[p] = psw_p * dequantize(row[idx[p]]), rounded exactly as dequantize does.
@@ -139,25 +148,31 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
 
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "qembed_embedding_bag", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
-    check_indices_in_range(idx, n, num_rows);
     std::vector<int64_t> starts;
     if (mode != POOL_NONE) {
       const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
       starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
     }
+    if (mode == POOL_NONE) check_indices_in_range(idx, n, num_rows);
     auto run = [&](auto* dst) {
-      QEMBED_DISPATCH_BITS(bits, [&] {
-        if (mode == POOL_NONE)
-          lookup_rows<BITS>(rows.data_ptr<uint8_t>(), stride, idx, n, psw, dim, fmt, table_step,
-                            padding_idx, dst);
-        else
-          pool_bags<BITS>(rows.data_ptr<uint8_t>(), stride, idx, starts, psw, dim, fmt,
-                          table_step, mode == POOL_MEAN, padding_idx, dst);
+      return QEMBED_DISPATCH_BITS(bits, [&] {
+        if (mode != POOL_NONE)
+          return pool_bags<BITS>(rows.data_ptr<uint8_t>(), num_rows, stride, idx, starts, psw,
+                                 dim, fmt, table_step, mode == POOL_MEAN, padding_idx, dst);
+        lookup_rows<BITS>(rows.data_ptr<uint8_t>(), stride, idx, n, psw, dim, fmt, table_step,
+                          padding_idx, dst);
+        return true;
       });
     };
-    if (out_dtype == at::kFloat) run(out.data_ptr<float>());
-    else if (out_dtype == at::kHalf) run(out.data_ptr<at::Half>());
-    else run(out.data_ptr<at::BFloat16>());
+    bool valid;
+    if (out_dtype == at::kFloat) valid = run(out.data_ptr<float>());
+    else if (out_dtype == at::kHalf) valid = run(out.data_ptr<at::Half>());
+    else valid = run(out.data_ptr<at::BFloat16>());
+    // Positions after the last bag are not read, but are checked all the same.
+    for (int64_t p = starts.empty() ? n : starts.back(); p < n && valid; ++p)
+      valid = idx[p] >= 0 && idx[p] < num_rows;
+    // The pooled lookup skipped the bad rows; find the first one for the message.
+    if (!valid) check_indices_in_range(idx, n, num_rows);
   });
   return out;
 }

@@ -10,8 +10,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
-#include <utility>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
@@ -27,75 +27,127 @@ struct Segment {
   bool prefetch_tail;
 };
 
+// A row as the lookup needs it: its codes (null for a pruned row), width and step.
+struct RowRef {
+  const uint8_t* codes;
+  int64_t bits;
+  float step;
+  bool valid;  // false for an index or map entry out of range: the lookup skips it
+};
+
 template <typename map_t>  // int16 for tables under 2^15 rows, else int32
 struct MixedTable {
   std::vector<Segment> segments;
   const map_t* location;
+  int64_t num_rows;  // entries of location
+  int64_t total;     // stored rows, over all segments
   const float* beta;
   int64_t dim;
 
-  // The segment holding position loc, counted without a data-dependent branch.
-  const Segment* find(int64_t loc) const {
-    size_t s = 0;
-    for (size_t k = 0; k + 1 < segments.size(); ++k) s += loc >= segments[k].end;
-    return &segments[s];
-  }
-
-  // Row r's codes and segment; null codes for a pruned row.
-  std::pair<const uint8_t*, const Segment*> row(int64_t r) const {
+  // Row r found through the map; with `prefetch`, its cache lines are requested too. The
+  // segment is counted without a data-dependent branch.
+  QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return {nullptr, 0, 0, false};
     const int64_t loc = location[r];
-    if (loc < 0) return {nullptr, nullptr};
-    const Segment* s = find(loc);
-    return {s->data + (loc - s->start) * s->stride, s};
+    if (loc < 0 || loc >= total) return {nullptr, 0, 0, loc == -1};
+    size_t k = 0;
+    for (size_t j = 0; j + 1 < segments.size(); ++j) k += loc >= segments[j].end;
+    const Segment& s = segments[k];
+    const uint8_t* codes = s.data + (loc - s.start) * s.stride;
+    if (prefetch) prefetch_row(codes, s.stride, s.prefetch_tail);
+    return {codes, s.bits, s.step, true};
   }
 };
 
+// Each row costs two dependent reads, its map entry and then its codes. Rows are found
+// kPrefetchDistance positions ahead of their use (their codes prefetched then, and kept in
+// a ring), map entries twice as far ahead.
+template <typename map_t>
+class RowPipeline {
+ public:
+  RowPipeline(const MixedTable<map_t>& t, const int64_t* idx, int64_t first, int64_t last)
+      : t_(t), idx_(idx), last_(last) {
+    for (int64_t q = first; q < std::min(first + kPrefetchDistance, last); ++q)
+      ring_[q % kPrefetchDistance] = t.row(idx[q], true);
+    for (int64_t q = first + kPrefetchDistance; q < std::min(first + 2 * kPrefetchDistance, last);
+         ++q)
+      prefetch_entry(q);
+  }
+  // The row at position p; positions are taken in increasing order, each once.
+  QEMBED_INLINE RowRef take(int64_t p) {
+    RowRef& slot = ring_[p % kPrefetchDistance];
+    const RowRef r = slot;
+    if (p + kPrefetchDistance < last_) slot = t_.row(idx_[p + kPrefetchDistance], true);
+    if (p + 2 * kPrefetchDistance < last_) prefetch_entry(p + 2 * kPrefetchDistance);
+    return r;
+  }
+
+ private:
+  void prefetch_entry(int64_t q) const {  // a wild index only prefetches, never faults
+    __builtin_prefetch(t_.location + idx_[q], 0, 3);
+  }
+  const MixedTable<map_t>& t_;
+  const int64_t* idx_;
+  int64_t last_;
+  RowRef ring_[kPrefetchDistance];
+};
+
 // One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
-// registers, each row decoded at its own width; rows up to `last` are prefetched.
+// registers, each row decoded at its own width. The first block takes its rows from the
+// pipeline, later ones (D > kLanes) find them again, in cache by then. Returns false if it
+// met (and skipped) an invalid index or map entry.
 template <typename map_t, typename out_t>
-void pool(const MixedTable<map_t>& t, const int64_t* idx, int64_t p0, int64_t p1, int64_t last,
-          const float* psw, bool mean, float* acc, out_t* out) {
+bool pool(const MixedTable<map_t>& t, RowPipeline<map_t>& rows, const int64_t* idx, int64_t p0,
+          int64_t p1, const float* psw, bool mean, float* acc, out_t* out) {
   const int64_t dim = t.dim;
   float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
+  bool ok = true;
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
-    Accumulator accum(std::min<int64_t>(kLanes, dim - d0));
-    for (int64_t p = p0; p < p1; ++p) {
-      if (d0 == 0 && p + 2 * kPrefetchDistance < last)  // the map entry first, then
-        __builtin_prefetch(t.location + idx[p + 2 * kPrefetchDistance], 0, 3);
-      if (d0 == 0 && p + kPrefetchDistance < last) {  // the row it points to
-        const auto ahead = t.row(idx[p + kPrefetchDistance]);
-        if (ahead.first)
-          prefetch_row(ahead.first, ahead.second->stride, ahead.second->prefetch_tail);
+    with_accumulator(std::min<int64_t>(kLanes, dim - d0), [&](auto&& accum) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const RowRef r = d0 == 0 ? rows.take(p) : t.row(idx[p], false);
+        if (!r.valid) {
+          ok = false;
+          continue;
+        }
+        if (!r.codes) continue;
+        const float w = psw ? psw[p] : 1.0f, a = w * r.step;
+        accum.add_any(r.codes + d0 * r.bits / 8, static_cast<int>(r.bits), a);
+        if (d0 == 0) {
+          shift += a * static_cast<float>(qmin(r.bits));
+          beta_weight += w;
+        }
       }
-      const auto [codes, seg] = t.row(idx[p]);
-      if (!codes) continue;
-      const float w = psw ? psw[p] : 1.0f, a = w * seg->step;
-      accum.add_any(codes + d0 * seg->bits / 8, static_cast<int>(seg->bits), a);
-      if (d0 == 0) {
-        shift += a * static_cast<float>(qmin(seg->bits));
-        beta_weight += w;
-      }
-    }
-    accum.store(acc + d0);
+      accum.store(acc + d0);
+    });
   }
   const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
   for (int64_t d = 0; d < dim; ++d)
     out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * t.beta[d]) * factor);
+  return ok;
 }
 
+// Returns false if an index or map entry was invalid.
 template <typename map_t, typename out_t>
-void lookup(const MixedTable<map_t>& t, const int64_t* idx, int64_t n, const float* psw,
+bool lookup(const MixedTable<map_t>& t, const int64_t* idx, int64_t n, const float* psw,
             const std::vector<int64_t>* starts, bool mean, out_t* out) {
   const bool pooled = starts != nullptr;
   const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
+  auto start = [&](int64_t o) { return pooled ? (*starts)[o] : o; };
+  std::atomic<bool> all_ok{true};
   at::parallel_for(0, num_out, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(t.dim);
-    const int64_t last = pooled ? (*starts)[end] : end;
-    for (int64_t o = begin; o < end; ++o) {
-      const int64_t p0 = pooled ? (*starts)[o] : o, p1 = pooled ? (*starts)[o + 1] : o + 1;
-      pool(t, idx, p0, p1, last, psw, mean, acc.data(), out + o * t.dim);
-    }
+    RowPipeline<map_t> rows(t, idx, start(begin), start(end));
+    bool ok = true;
+    for (int64_t o = begin; o < end; ++o)
+      ok = pool(t, rows, idx, start(o), start(o + 1), psw, mean, acc.data(), out + o * t.dim) &&
+           ok;
+    if (!ok) all_ok = false;
   });
+  // Positions after the last bag are not read, but are checked all the same.
+  bool ok = all_ok;
+  for (int64_t p = start(num_out); p < n && ok; ++p) ok = t.row(idx[p], false).valid;
+  return ok;
 }
 
 at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
@@ -153,7 +205,6 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel();
   const int64_t* idx = indices.data_ptr<int64_t>();
-  check_indices_in_range(idx, n, location.numel());
   at::Tensor psw_t;
   if (psw_in.has_value()) {
     TORCH_CHECK_VALUE(mode != POOL_MEAN,
@@ -177,16 +228,20 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   const std::vector<int64_t>* bags = mode == POOL_NONE ? nullptr : &starts;
   const bool mean = mode == POOL_MEAN;
   auto run = [&](const auto* map) {
-    for (int64_t p = 0; p < n; ++p) {  // only the rows read: the map may be large
+    const MixedTable<std::remove_const_t<std::remove_pointer_t<decltype(map)>>> t{
+        segs, map, location.numel(), total, beta.data_ptr<float>(), dim};
+    bool ok;
+    if (out_dtype == at::kFloat) ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
+    else if (out_dtype == at::kHalf) ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
+    else ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+    if (ok) return;
+    // The lookup skipped what was invalid; name the first offender.
+    check_indices_in_range(idx, n, location.numel());
+    for (int64_t p = 0; p < n; ++p) {
       const int64_t loc = map[idx[p]];
       TORCH_CHECK_VALUE(loc >= -1 && loc < total, op, "location[", idx[p], "] = ", loc,
                         " is outside the segments (", total, " rows)");
     }
-    const MixedTable<std::remove_const_t<std::remove_pointer_t<decltype(map)>>> t{
-        segs, map, beta.data_ptr<float>(), dim};
-    if (out_dtype == at::kFloat) lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
-    else if (out_dtype == at::kHalf) lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
-    else lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
   };
   if (location.scalar_type() == at::kShort) run(location.data_ptr<int16_t>());
   else run(location.data_ptr<int32_t>());

@@ -9,6 +9,10 @@
 #endif
 #include <algorithm>
 
+// The accumulators' methods run once per row read: when the compiler leaves one out of line,
+// the accumulator registers go through memory on every call.
+#define QEMBED_INLINE inline __attribute__((always_inline))
+
 namespace qembed {
 
 // Random stream position of a stochastic rounding: the uniforms of row `row_key`.
@@ -88,11 +92,10 @@ struct DecodeTables {
 };
 inline constexpr DecodeTables kDecodeTables{};
 
-// The 16 codes at `codes` (bytes outside byte_mask read as 0) as floats. With a constant
-// width the table loads fold into constants; 8-bit codes need only a widening.
-inline __m512 decode16(const uint8_t* codes, int bits, __mmask16 byte_mask) {
+// The 16 codes at `codes` (bytes outside byte_mask read as 0) as floats, for any width
+// without a branch on it (mixed-width rows come in random order).
+QEMBED_INLINE __m512 decode16_any(const uint8_t* codes, int bits, __mmask16 byte_mask) {
   const __m128i raw = _mm_maskz_loadu_epi8(byte_mask, codes);
-  if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
   const __m512i bytes = _mm512_permutexvar_epi8(
       _mm512_load_si512(kDecodeTables.byte_index[bits]), _mm512_zextsi128_si512(raw));
   const __m512i lanes = _mm512_and_si512(
@@ -101,7 +104,22 @@ inline __m512 decode16(const uint8_t* codes, int bits, __mmask16 byte_mask) {
   return _mm512_cvtepi32_ps(lanes);
 }
 
-inline __mmask16 full_mask(int bits) { return static_cast<__mmask16>((1u << (2 * bits)) - 1u); }
+// The same for a width known at compile time: the table loads fold into constants, and
+// 8-bit codes need only a widening (a whole 16-byte load, no mask, where `full`).
+template <int BITS, bool full = false>
+QEMBED_INLINE __m512 decode16(const uint8_t* codes, __mmask16 byte_mask) {
+  if constexpr (BITS == 8) {
+    const __m128i raw = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))
+                             : _mm_maskz_loadu_epi8(byte_mask, codes);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  } else {
+    return decode16_any(codes, BITS, byte_mask);
+  }
+}
+
+QEMBED_INLINE __mmask16 full_mask(int bits) {
+  return static_cast<__mmask16>((1u << (2 * bits)) - 1u);
+}
 
 // The width of the codes is a parameter of add(), not of the class, so rows of different
 // widths (mixed-precision tables) can share one accumulator.
@@ -113,21 +131,24 @@ class Accumulator {
   }
   // codes: the block's first code.
   template <int BITS>
-  inline void add(const uint8_t* codes, float a) {
-    add_any(codes, BITS, a);
-  }
-  // Any width, without a branch on it: mixed-width rows come in random order.
-  inline void add_any(const uint8_t* codes, int bits, float a) {
+  QEMBED_INLINE void add(const uint8_t* codes, float a) {
     const __m512 av = _mm512_set1_ps(a);
-    const __mmask16 half = static_cast<__mmask16>((1u << bits) - 1u);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       if (k >= vectors_) break;
-      const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? half : full_mask(bits);
-      sum_[k] = _mm512_fmadd_ps(av, decode16(codes + k * 2 * bits, bits, m), sum_[k]);
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, mask(k, BITS)), sum_[k]);
     }
   }
-  inline void store(float* out) const {
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k >= vectors_) break;
+      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes + k * 2 * bits, bits, mask(k, bits)),
+                                sum_[k]);
+    }
+  }
+  QEMBED_INLINE void store(float* out) const {
     for (int k = 0; k < vectors_; ++k) {
       const __mmask16 m = (half_tail_ && k == vectors_ - 1) ? 0x00FF : 0xFFFF;
       _mm512_mask_storeu_ps(out + 16 * k, m, sum_[k]);
@@ -135,56 +156,85 @@ class Accumulator {
   }
 
  private:
+  // The bytes of vector k: all 2*bits, or half of them for a final half vector.
+  QEMBED_INLINE __mmask16 mask(int k, int bits) const {
+    return (half_tail_ && k == vectors_ - 1) ? static_cast<__mmask16>((1u << bits) - 1u)
+                                             : full_mask(bits);
+  }
+
   __m512 sum_[8];
   int vectors_;
   bool half_tail_;
 };
 
-// A block of exactly kLanes columns: no tail, loop fully unrolled.
-class FullAccumulator {
+// A block of exactly 16 * VECS columns: no tail, loop fully unrolled.
+template <int VECS>
+class FixedAccumulator {
  public:
-  FullAccumulator() {
-    for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
+  FixedAccumulator() {
+    for (int k = 0; k < VECS; ++k) sum_[k] = _mm512_setzero_ps();
   }
   template <int BITS>
-  inline void add(const uint8_t* codes, float a) {
+  QEMBED_INLINE void add(const uint8_t* codes, float a) {
     const __m512 av = _mm512_set1_ps(a);
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k)
-      sum_[k] = _mm512_fmadd_ps(av, decode16(codes + k * 2 * BITS, BITS, full_mask(BITS)), sum_[k]);
+    for (int k = 0; k < VECS; ++k)
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS, true>(codes + k * 2 * BITS, full_mask(BITS)),
+                                sum_[k]);
   }
-  inline void store(float* out) const {
-    for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+    const __mmask16 m = full_mask(bits);
+#pragma GCC unroll 8
+    for (int k = 0; k < VECS; ++k)
+      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes + k * 2 * bits, bits, m), sum_[k]);
+  }
+  QEMBED_INLINE void store(float* out) const {
+    for (int k = 0; k < VECS; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
   }
 
  private:
-  __m512 sum_[8];
+  __m512 sum_[VECS];
 };
 #else
 class Accumulator {
  public:
   explicit Accumulator(int64_t width) : width_(width) { std::fill(sum_, sum_ + width_, 0.0f); }
   template <int BITS>
-  inline void add(const uint8_t* codes, float a) {
+  QEMBED_INLINE void add(const uint8_t* codes, float a) {
     for (int64_t g = 0; g < width_ / 8; ++g) {
       const uint64_t x = load_group<BITS>(codes + g * BITS);
       for (int i = 0; i < 8; ++i)
         sum_[g * 8 + i] = fmaf(a, static_cast<float>(group_code<BITS>(x, i)), sum_[g * 8 + i]);
     }
   }
-  inline void add_any(const uint8_t* codes, int bits, float a) {
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
     QEMBED_DISPATCH_BITS(bits, [&] { add<BITS>(codes, a); });
   }
-  inline void store(float* out) const { std::copy(sum_, sum_ + width_, out); }
+  QEMBED_INLINE void store(float* out) const { std::copy(sum_, sum_ + width_, out); }
 
  private:
   float sum_[kLanes];
   int64_t width_;
 };
 
-struct FullAccumulator : Accumulator {
-  FullAccumulator() : Accumulator(kLanes) {}
+template <int VECS>
+struct FixedAccumulator : Accumulator {
+  FixedAccumulator() : Accumulator(16 * VECS) {}
 };
 #endif
+
+// Calls f(accumulator) with the fastest accumulator for a block of `width` columns: the
+// usual widths get a fully unrolled one.
+template <typename F>
+inline void with_accumulator(int64_t width, F&& f) {
+  switch (width) {
+    case 128: f(FixedAccumulator<8>()); break;
+    case 64: f(FixedAccumulator<4>()); break;
+    case 32: f(FixedAccumulator<2>()); break;
+    case 16: f(FixedAccumulator<1>()); break;
+    default: f(Accumulator(width));
+  }
+}
 
 }  // namespace qembed
