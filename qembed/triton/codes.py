@@ -55,9 +55,9 @@ def philox_uniform(row, d, seed_lo, seed_hi, counter_lo):
     c0 = (d // 4).to(tl.uint32)
     c1 = row.to(tl.uint32)
     c2 = (row >> 32).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + counter_lo.to(tl.uint32)
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + tl.cast(counter_lo, tl.uint32)
+    k0 = tl.cast(seed_lo, tl.uint32)
+    k1 = tl.cast(seed_hi, tl.uint32)
     for _ in tl.static_range(10):
         hi0 = tl.umulhi(c0, 0xD2511F53)
         lo0 = c0 * 0xD2511F53

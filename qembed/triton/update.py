@@ -103,7 +103,7 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
         gd = g + wd * w
         acc = tl.load(state + r, mask=go, other=0.0)
         acc = acc + tl.div_rn(ordered_sum(gd * gd, cols[None, :], DIM, BLOCK_R),
-                              DIM.to(tl.float32))
+                              tl.cast(DIM, tl.float32))
         tl.store(state + r, acc, mask=go)
         w = w - lr * tl.div_rn(gd, (tl.sqrt_rn(acc) + eps)[:, None])
     elif OPT == _ADAM:  # state [m | v]
