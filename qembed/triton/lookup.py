@@ -15,8 +15,7 @@ import triton.language as tl
 from ..formats import FORMATS, POOLINGS, code_bytes, param_offset, qmin
 from .codes import f32_at, load_codes
 
-SYM_ROW, SYM_TABLE, AFFINE = (tl.constexpr(FORMATS[name])
-                               for name in ("symmetric", "symmetric_table", "affine"))
+SYM_ROW, AFFINE = tl.constexpr(FORMATS["symmetric"]), tl.constexpr(FORMATS["affine"])
 POOL_MEAN, POOL_NONE = POOLINGS["mean"], POOLINGS["none"]
 BLOCK_N = 16  # rows of a bag gathered at once
 MAX_BLOCK_D = 256  # wider rows go in several column blocks (the grid's second axis)
