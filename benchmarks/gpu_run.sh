@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network, no pip): builds qembed._C with its CUDA kernels in place,
-# runs the GPU tests (under compute-sanitizer's memcheck too, where installed) and the GPU
-# lookup benchmark. Everything it prints and writes goes to OUT_DIR.
+# runs the GPU tests (under compute-sanitizer's memcheck too, where installed), the Triton
+# kernels' GPU tests (where triton is installed) and the GPU lookup benchmark. Everything it prints and writes goes to OUT_DIR.
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Exits non-zero if the build fails (at once) or any later step failed (after the rest ran).
 set -uo pipefail
@@ -54,6 +54,11 @@ step() {  # step NAME COMMAND...: runs it, logs to OUT_DIR/NAME.log, remembers a
 }
 
 step tests "$py" -m pytest tests/test_cuda.py -m gpu -v -p no:cacheprovider
+if "$py" -c "import triton" 2>/dev/null; then
+  step triton_tests "$py" -m pytest tests/test_triton_cuda.py -m gpu -v -p no:cacheprovider
+else
+  echo "triton not installed: the Triton kernels' GPU tests skipped" | tee "$out/triton_tests.log"
+fi
 sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" 2>/dev/null)
 if [ -n "$sanitizer" ]; then
   # memcheck slows kernels down a lot: the kernel tests only, no compiler

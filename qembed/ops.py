@@ -4,10 +4,23 @@ Each function calls ``torch.ops.qembed.<op>`` (compiled kernels for the tensors'
 or, when the extension is not built or :func:`use_reference` is active, the pure-PyTorch
 twin in :mod:`qembed.reference`. Fake (meta) implementations let the ops trace under
 ``torch.compile(fullgraph=True)``.
+
+``embedding_bag`` and ``lowp_update`` also have Triton kernels (:mod:`qembed.triton`), used
+where the extension has no CUDA kernel for them:
+
+* extension built without CUDA kernels for the op: the Triton function is registered as
+  the op's CUDA kernel (when triton is installed), so CUDA tensors reach it through
+  ``torch.ops.qembed`` like any kernel (autograd, fake tensors and ``torch.compile`` as usual);
+* no extension at all: the wrappers below send CUDA tensors to Triton, other tensors to the
+  reference;
+* :func:`use_triton` sends both ops to Triton for any device, for testing. CPU tensors then
+  run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
+  triton is first imported.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 
 import torch
@@ -30,22 +43,43 @@ try:
 except ImportError:  # pragma: no cover - exercised only without a build
     HAS_EXTENSION = False
 
-_state = threading.local()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_OPS = ("embedding_bag", "lowp_update")
+
+_state = threading.local()  # .backend: None (by device), "reference" or "triton"
 
 
 @contextlib.contextmanager
-def use_reference(enabled: bool = True):
-    """Run the pure-PyTorch reference instead of the compiled kernels inside this block."""
-    previous = getattr(_state, "reference", False)
-    _state.reference = enabled
+def _forced(backend: str | None):
+    previous = getattr(_state, "backend", None)
+    _state.backend = backend
     try:
         yield
     finally:
-        _state.reference = previous
+        _state.backend = previous
+
+
+def use_reference(enabled: bool = True):
+    """Run the pure-PyTorch reference instead of the compiled kernels inside this block."""
+    return _forced("reference" if enabled else None)
+
+
+def use_triton(enabled: bool = True):
+    """Run ``embedding_bag`` and ``lowp_update`` with the Triton kernels inside this block, on
+    any device (CPU tensors need ``TRITON_INTERPRET=1``); the other ops run as usual."""
+    return _forced("triton" if enabled else None)
 
 
 def _compiled() -> bool:
-    return HAS_EXTENSION and not getattr(_state, "reference", False)
+    return HAS_EXTENSION and getattr(_state, "backend", None) != "reference"
+
+
+def _triton(device: torch.device) -> bool:
+    """Whether embedding_bag / lowp_update on `device` go to qembed.triton from here."""
+    backend = getattr(_state, "backend", None)
+    if backend is not None:
+        return backend == "triton"
+    return not HAS_EXTENSION and HAS_TRITON and device.type == "cuda"
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,16 +132,20 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
     """
     if offsets is None and mode != "none":
         raise ValueError(f"qembed.embedding_bag: offsets is required with mode {mode!r}")
-    if not _compiled():
+    triton = _triton(rows.device)
+    if not triton and not _compiled():
         return reference.embedding_bag(rows, indices, offsets, bits, dim, fmt, step,
                                        per_sample_weights, mode, include_last_offset,
                                        padding_idx, output_dtype)
     if offsets is None:
         offsets = indices.new_zeros(0)
-    return torch.ops.qembed.embedding_bag(
-        rows, indices, offsets, per_sample_weights, step, bits, dim, format_id(fmt),
-        pooling_id(mode), include_last_offset, -1 if padding_idx is None else padding_idx,
-        output_dtype)
+    args = (rows, indices, offsets, per_sample_weights, step, bits, dim, format_id(fmt),
+            pooling_id(mode), include_last_offset, -1 if padding_idx is None else padding_idx,
+            output_dtype)
+    if triton:
+        from . import triton as kernels
+        return kernels.embedding_bag(*args)
+    return torch.ops.qembed.embedding_bag(*args)
 
 
 def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
@@ -168,16 +206,20 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     ([1], updated in place) of the ``symmetric_table`` format. Rows with a non-finite
     gradient are left untouched; returns their count (int64 scalar tensor).
     """
-    if not _compiled():
+    triton = _triton(rows.device)
+    if not triton and not _compiled():
         return reference.lowp_update(rows, step, state, step_state, unique_rows, grad_rows, bits,
                                      dim, fmt, optimizer, lr, eps, weight_decay, betas,
                                      iteration, learn_step, step_optimizer, step_lr, stochastic,
                                      seed, counter, weights, weights_out)
-    return torch.ops.qembed.lowp_update(
-        rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out, bits, dim,
-        format_id(fmt), optimizer_id(optimizer), lr, eps, weight_decay, betas[0], betas[1],
-        iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr,
-        stochastic, seed, counter)
+    args = (rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out, bits,
+            dim, format_id(fmt), optimizer_id(optimizer), lr, eps, weight_decay, betas[0],
+            betas[1], iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS),
+            step_lr, stochastic, seed, counter)
+    if triton:
+        from . import triton as kernels
+        return kernels.lowp_update(*args)
+    return torch.ops.qembed.lowp_update(*args)
 
 
 def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor,
@@ -248,6 +290,24 @@ def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
         if t is not None and t.device != base.device:
             raise ValueError(f"qembed: {name} is on {t.device} but {base_name} is on {base.device}")
 
+
+def _register_triton_cuda_kernels() -> None:
+    """Triton as the CUDA kernel of the ops the extension has none for; triton is imported
+    on the first call, not with qembed."""
+    for op in TRITON_OPS:
+        name = f"qembed::{op}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+            continue
+
+        def kernel(*args, _op=op):
+            from . import triton as kernels
+            return getattr(kernels, _op)(*args)
+
+        torch.library.register_kernel(name, "cuda", kernel)
+
+
+if HAS_EXTENSION and HAS_TRITON:
+    _register_triton_cuda_kernels()
 
 if HAS_EXTENSION:
 
