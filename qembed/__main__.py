@@ -18,6 +18,7 @@ def _train(args) -> int:
                             bits=args.bits, seeds=args.seeds, epochs=args.epochs,
                             patience=args.patience,
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
+                            table_optimizer=args.table_optimizer, table_lr=args.table_lr,
                             mpe_lambdas=args.mpe_lambda, mpe_groups=args.mpe_groups,
                             progress=not args.quiet)
     if args.threads:
@@ -81,6 +82,10 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=512)
     t.add_argument("--dim", type=int, default=16, help="embedding dim (a multiple of 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--table-optimizer", default="adam", choices=["adam", "adagrad", "sgd"],
+                   help="optimizer of the low-precision tables (lpt-*, alpt)")
+    t.add_argument("--table-lr", type=float, default=None,
+                   help="learning rate of the low-precision tables (default: --lr)")
     t.add_argument("--mpe-lambda", nargs="+", type=float, default=[2e-6],
                    help="bit regulariser weights of the mpe method (one run each)")
     t.add_argument("--mpe-groups", type=int, default=128, help="frequency groups of mpe")

@@ -14,8 +14,9 @@ every requested bit width:
   table and retrain it packed at the sampled widths (``epochs``), export. Its ``bits`` is the
   average bits per value; its size counts codes, steps, beta and the row map.
 
-Low-precision tables use Adam with the dense layers' learning rate, as the fp32 table does,
-so the methods differ only in how the table is stored and rounded.
+Low-precision tables use Adam with the dense layers' learning rate by default, as the fp32
+table does, so the methods differ only in how the table is stored and rounded
+(``table_optimizer`` and ``table_lr`` change that for LPT and ALPT).
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ class Config:
     batch_size: int = 512
     embedding_dim: int = 16
     lr: float = 1e-3
+    # the low-precision tables' optimizer ("adam", "adagrad" row-wise, "sgd") and learning
+    # rate (None: lr)
+    table_optimizer: str = "adam"
+    table_lr: float | None = None
     mpe_lambdas: list[float] = field(default_factory=lambda: [2e-6])
     mpe_groups: int = 128
     progress: bool = True
@@ -175,7 +180,8 @@ class Method:
 def _low_precision(learn_step: bool, rounding: str):
     def factory(cfg: Config, bits: int, seed: int):
         return lambda rows, dim: LowPrecisionEmbedding(
-            rows, dim, bits=bits, optimizer="adam", lr=cfg.lr, learn_step=learn_step,
+            rows, dim, bits=bits, optimizer=cfg.table_optimizer,
+            lr=cfg.lr if cfg.table_lr is None else cfg.table_lr, learn_step=learn_step,
             rounding=rounding, seed=seed)
     return factory
 

@@ -96,6 +96,7 @@ class _LowPrecisionTable(nn.Module):
         self._pending = None  # two-pass: (rows, fp32 weights) awaiting the step update
         self._step_pass, self._anchors = False, []
         self._warned = False
+        self._host_counters = None  # [seed, num_updates] as ints, see _counters()
 
         width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[optimizer]
         num_steps = num_embeddings if step_per == "row" else 1
@@ -153,6 +154,26 @@ class _LowPrecisionTable(nn.Module):
                 self.qweight[start:end, po:po + 4] = s.contiguous().view(torch.uint8).view(-1, 4)
             self._encode(torch.arange(start, end, device=w.device), w, counter=0)
 
+    # --- counters ---------------------------------------------------------------------
+
+    def _counters(self) -> list[int]:
+        """[seed, num_updates] as Python ints, read from the buffers once (and again after a
+        state_dict load): reading a CUDA tensor's value would wait for the device every step."""
+        if self._host_counters is None:
+            self._host_counters = [int(self.seed), int(self.num_updates)]
+        return self._host_counters
+
+    def _next_update(self) -> int:
+        """Counts one update in the buffer and its host copy; returns the new count."""
+        counters = self._counters()
+        self.num_updates += 1
+        counters[1] += 1
+        return counters[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_counters = None
+
     # --- reading and writing rows -----------------------------------------------------
 
     def _encode(self, rows: torch.Tensor, weights: torch.Tensor, counter: int) -> None:
@@ -160,7 +181,7 @@ class _LowPrecisionTable(nn.Module):
         steps and the module's rounding, keyed by `counter`."""
         ops.lowp_update(self.qweight, self.step, self.state, self.step_state, rows,
                         torch.zeros_like(weights), self.bits, self.embedding_dim, self.format,
-                        "none", stochastic=self.rounding == "stochastic", seed=int(self.seed),
+                        "none", stochastic=self.rounding == "stochastic", seed=self._counters()[0],
                         counter=counter, weights=weights.contiguous())
 
     def dequantize(self) -> torch.Tensor:
@@ -176,8 +197,7 @@ class _LowPrecisionTable(nn.Module):
     def write_rows(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
         """Re-quantize fp32 `weights` [N, D] into `rows` (strictly increasing) with the rows'
         current steps: the write half of a user's own optimizer."""
-        self.num_updates += 1
-        self._encode(rows, weights.to(torch.float32), int(self.num_updates))
+        self._encode(rows, weights.to(torch.float32), self._next_update())
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +247,7 @@ class _LowPrecisionTable(nn.Module):
         return dict(bits=self.bits, dim=self.embedding_dim, fmt=self.format, lr=self.lr,
                     eps=self.eps, weight_decay=self.weight_decay, betas=self.betas,
                     step_optimizer=self.step_optimizer, step_lr=self.step_lr,
-                    seed=int(self.seed))
+                    seed=self._counters()[0])
 
     @torch.no_grad()
     def update_rows(self, unique_rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
@@ -235,8 +255,7 @@ class _LowPrecisionTable(nn.Module):
         with gradient `grad_rows` [U, D]: what backward runs, exposed for ``fused_update=False``
         users who transform the gradient first."""
         self._finish_pending()
-        self.num_updates += 1
-        t = int(self.num_updates)
+        t = self._next_update()
         two_pass = self.learn_step and self.step_grad == "two_pass"
         weights_out = torch.empty_like(grad_rows, dtype=torch.float32) if two_pass else None
         skipped = ops.lowp_update(
@@ -246,7 +265,7 @@ class _LowPrecisionTable(nn.Module):
             weights_out=weights_out, **self._hyper())
         if two_pass:
             self._pending = (unique_rows, weights_out)
-        self._count_skipped(int(skipped))
+        self._count_skipped(skipped)
 
     def _step_update(self, rows, grad):
         """Second pass of two-pass ALPT: the step learns from the gradient at the
@@ -258,7 +277,7 @@ class _LowPrecisionTable(nn.Module):
         if not torch.equal(rows, pending_rows):
             raise RuntimeError("qembed: the second pass of two-pass ALPT must look up the same "
                                "batch as the first")
-        t = int(self.num_updates)
+        t = self._counters()[1]
         with torch.no_grad():
             ops.lowp_update(self.qweight, self.step, self.state, self.step_state, rows, grad,
                             optimizer="none", iteration=t, learn_step=True,
@@ -271,15 +290,19 @@ class _LowPrecisionTable(nn.Module):
             rows, weights = self._pending
             self._pending = None
             with torch.no_grad():
-                self._encode(rows, weights, int(self.num_updates))
+                self._encode(rows, weights, self._counters()[1])
 
-    def _count_skipped(self, skipped: int) -> None:
-        if skipped:
-            self.nonfinite_rows += skipped
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"qembed: {skipped} embedding rows got a non-finite gradient and "
-                              "were left unchanged (counted in .nonfinite_rows)", RuntimeWarning)
+    def _count_skipped(self, skipped: torch.Tensor) -> None:
+        """Adds the update's skipped-row count. On CPU a first skip also warns; on a GPU the
+        count stays on the device (a warning would wait for it every step)."""
+        self.nonfinite_rows += skipped
+        if skipped.device.type != "cpu":
+            return
+        count = int(skipped)
+        if count and not self._warned:
+            self._warned = True
+            warnings.warn(f"qembed: {count} embedding rows got a non-finite gradient and "
+                          "were left unchanged (counted in .nonfinite_rows)", RuntimeWarning)
 
     def extra_repr(self) -> str:
         s = (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
@@ -315,7 +338,7 @@ class LowPrecisionEmbeddingBag(_LowPrecisionTable):
       for the caller's own optimizer (see :meth:`update_rows`, :meth:`write_rows`).
 
     ``dtype`` sets the output dtype. ``.nonfinite_rows`` counts rows whose update was skipped
-    for a non-finite gradient.
+    for a non-finite gradient (on CPU the first such row also warns; on a GPU, read the count).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
