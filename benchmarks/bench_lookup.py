@@ -4,8 +4,10 @@
   python benchmarks/bench_lookup.py            # R = 4M rows, D in {64, 128}
   python benchmarks/bench_lookup.py --quick    # small smoke run
 
-Prints a table and writes results/lookup_cpu.{md,csv,png}. Times are medians over repeated
-runs rotating through several index batches; every ratio is against fp32 in the same run.
+Prints a table and writes results/lookup_cpu.{md,csv,png}. Times are medians over repeats
+that time every method in turn (so that the shared machine's changing load reaches all of
+them alike), rotating through several index batches; every ratio is against fp32 (and
+time_vs_torch_ao against torch.ops.quantized at the same width) in the same run.
 Effective GB/s counts the bytes a lookup must read: each row in full (its 64-byte cache
 lines are not counted separately), the indices and the output.
 """
@@ -21,9 +23,9 @@ import qembed
 from qembed.formats import row_bytes
 
 try:
-    from common import RESULTS, make_indices, median_time, stamp, write_results
+    from common import RESULTS, interleaved_median_times, make_indices, stamp, write_results
 except ImportError:  # run as a module from the repository root
-    from benchmarks.common import RESULTS, make_indices, median_time, stamp, write_results
+    from benchmarks.common import RESULTS, interleaved_median_times, make_indices, stamp, write_results
 
 AO_OPS = {8: "embedding_bag_byte", 4: "embedding_bag_4bit", 2: "embedding_bag_2bit"}
 
@@ -86,19 +88,24 @@ def run(num_rows: int, dims, bags: int, bag_len: int, repeats: int, batches: int
             for _ in range(batches):
                 idx = make_indices(dist, bags * bag_len, num_rows, gen)
                 inputs.append((idx, torch.arange(0, bags * bag_len, bag_len)))
-            base = None
             with torch.no_grad():
-                for name, (fn, nbytes, row_b) in cands.items():
-                    t = median_time(fn, inputs, repeats)
-                    base = base or t
-                    n = bags * bag_len
-                    moved = n * row_b + n * 8 + bags * dim * 4
-                    results.append({
-                        "D": dim, "indices": dist, "method": name,
-                        "time_ms": t * 1e3, "Mlookups/s": n / t / 1e6, "GB/s": moved / t / 1e9,
-                        "speedup_vs_fp32": base / t, "table_MB": nbytes / 2**20})
-                    print(f"D={dim:4d} {dist:8s} {name:22s} {t*1e3:8.3f} ms  x{base/t:5.2f}",
-                          flush=True)
+                times = interleaved_median_times({k: v[0] for k, v in cands.items()}, inputs,
+                                                 repeats)
+            base = times["fp32 nn.EmbeddingBag"]
+            for name, (fn, nbytes, row_b) in cands.items():
+                t = times[name]
+                n = bags * bag_len
+                moved = n * row_b + n * 8 + bags * dim * 4
+                bits = name.rsplit("int", 1)[-1]
+                ao = times.get(f"torch.ao int{bits}")
+                results.append({
+                    "D": dim, "indices": dist, "method": name,
+                    "time_ms": t * 1e3, "Mlookups/s": n / t / 1e6, "GB/s": moved / t / 1e9,
+                    "speedup_vs_fp32": base / t,
+                    "time_vs_torch_ao": t / ao if ao and name.startswith("qembed") else "",
+                    "table_MB": nbytes / 2**20})
+                print(f"D={dim:4d} {dist:8s} {name:22s} {t*1e3:8.3f} ms  x{base/t:5.2f}",
+                      flush=True)
         del cands
     return results
 
@@ -147,7 +154,7 @@ def main(argv=None):
         a.rows, a.repeats, a.batches, a.name = 100_000, 5, 2, a.name + "_quick"
     results = run(a.rows, a.dims, a.bags, a.bag_len, a.repeats, a.batches, a.bits)
     notes = (f"R = {a.rows:,} rows, {a.bags} bags x {a.bag_len} indices, mode sum, "
-             f"median of {a.repeats} runs over {a.batches} index batches.")
+             f"median of {a.repeats} interleaved runs over {a.batches} index batches.")
     print(write_results(a.name, results, "Pooled lookup on CPU", notes))
     plot(results, os.path.join(RESULTS, f"{a.name}.png"))
 

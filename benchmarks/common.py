@@ -66,19 +66,6 @@ def interleaved_median_times(fns: dict, inputs: list, repeats: int, clock=time.p
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def median_time(fn, inputs: list, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of fn(*inputs[i]) over `repeats` calls, rotating through the inputs."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    times = []
-    for i in range(repeats):
-        args = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def write_results(name: str, rows: list[dict], title: str, notes: str = "",
                   out_dir: str = RESULTS) -> str:
     """Writes <out_dir>/<name>.md and .csv (out_dir: results/ by default); returns the
