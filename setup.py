@@ -36,7 +36,7 @@ def cuda_include_dirs():
 
 
 def extension():
-    sources = ["csrc/qembed.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/qembed.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: no fused multiply-adds, so kernels round exactly as the reference.
     # No -std: torch's build adds the standard its headers need (C++20 from torch 2.14 on).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]

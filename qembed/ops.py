@@ -364,26 +364,7 @@ if HAS_EXTENSION:
                           weights_out, *args):
         return rows.new_empty((), dtype=torch.long)
 
-    # The table is uint8 codes and gets no gradient through autograd (training updates it
-    # in its own backward, see qembed.nn.lowp); per_sample_weights do.
-    def _embedding_bag_setup_context(ctx, inputs, output):
-        rows, indices, offsets, psw, step, bits, dim, fmt, mode, include_last, padding, _ = inputs
-        ctx.save_for_backward(rows, indices, offsets, step)
-        ctx.args = (bits, dim, fmt, mode, include_last, padding)
-        ctx.psw_dtype = None if psw is None else psw.dtype
-
-    def _embedding_bag_backward(ctx, grad):
-        rows, indices, offsets, step = ctx.saved_tensors
-        bits, dim, fmt, mode, include_last, padding = ctx.args
-        grad_psw = None
-        if ctx.needs_input_grad[3]:
-            grad_psw = torch.ops.qembed.embedding_bag_psw_backward(
-                grad, rows, indices, offsets, step, bits, dim, fmt, mode, include_last,
-                padding).to(ctx.psw_dtype)
-        return None, None, None, grad_psw, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("qembed::embedding_bag", _embedding_bag_backward,
-                                    setup_context=_embedding_bag_setup_context)
+    # embedding_bag's autograd is in C++ (csrc/autograd.cpp).
 
     @torch.library.register_fake("qembed::mpe_search_forward")
     def _mpe_search_forward_fake(weight, indices, offsets, row_group, probs, alpha, beta, bits,
