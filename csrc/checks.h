@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include "layout.h"
+#include "optim.h"
 
 namespace qembed {
 
@@ -130,6 +131,50 @@ inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indic
     return offsets.numel() - 1;
   }
   return offsets.numel();
+}
+
+// lowp_update's float32 tensors: contiguous [n0, n1] on the table's device.
+inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1,
+                             const at::Tensor& rows) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,
+                   " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n0 && t.size(1) == n1 && t.is_contiguous(),
+                    "qembed.lowp_update: ", name, " must be a contiguous [", n0, ", ", n1,
+                    "] tensor, got ", t.sizes());
+  check_same_device(t, name, rows, "rows");
+}
+
+// lowp_update's arguments, all but the values of unique_rows (range and order), which each
+// device checks its own way. `grad` is grad_rows made contiguous.
+inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
+                              const at::Tensor& state, const at::Tensor& step_state,
+                              const at::Tensor& unique_rows, const at::Tensor& grad,
+                              const c10::optional<at::Tensor>& weights,
+                              const c10::optional<at::Tensor>& weights_out, int64_t bits,
+                              int64_t dim, int64_t fmt, int64_t optimizer, int64_t iteration,
+                              bool learn_step, int64_t step_optimizer) {
+  check_rows(rows, dim, bits, fmt);
+  TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
+  TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
+  check_table_step(step, fmt, rows);
+  TORCH_CHECK_VALUE(optimizer >= OPT_SGD && optimizer <= OPT_NONE, "qembed.lowp_update: ",
+                    "optimizer must be 0 (sgd), 1 (adagrad), 2 (adam) or 3 (none), got ",
+                    optimizer);
+  TORCH_CHECK_VALUE(step_optimizer == STEP_SGD || step_optimizer == STEP_ADAM,
+                    "qembed.lowp_update: step_optimizer must be 0 (sgd) or 1 (adam), got ",
+                    step_optimizer);
+  TORCH_CHECK_VALUE(iteration >= 1, "qembed.lowp_update: iteration counts from 1, got ",
+                    iteration);
+  check_index_dtype(unique_rows, "unique_rows");
+  check_same_device(unique_rows, "unique_rows", rows, "rows");
+  const int64_t u = unique_rows.numel(), num_rows = rows.size(0);
+  check_update_f32(grad, "grad_rows", u, dim, rows);
+  if (state_width(optimizer, dim) > 0)
+    check_update_f32(state, "state", num_rows, state_width(optimizer, dim), rows);
+  if (learn_step && step_optimizer == STEP_ADAM)
+    check_update_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2, rows);
+  if (weights.has_value()) check_update_f32(*weights, "weights", u, dim, rows);
+  if (weights_out.has_value()) check_update_f32(*weights_out, "weights_out", u, dim, rows);
 }
 
 }  // namespace qembed
