@@ -3,6 +3,7 @@
 // reads memory.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include "layout.h"
 #include "optim.h"
@@ -175,6 +176,85 @@ inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Te
     check_update_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2, rows);
   if (weights.has_value()) check_update_f32(*weights, "weights", u, dim, rows);
   if (weights_out.has_value()) check_update_f32(*weights_out, "weights_out", u, dim, rows);
+}
+
+inline void check_f32_shape(const at::Tensor& t, const char* op, const char* name,
+                            c10::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.", op, ": ", name,
+                   " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "qembed.", op, ": ", name, " must have shape ", shape,
+                    ", got ", t.sizes());
+}
+
+// The MPE search's tensors: fp32 weight [R, D], int64 row_group [R], fp32 probs [G, m],
+// alpha [m], beta [D], all on weight's device, and m candidate widths in 0..8. The values
+// (groups in range, positive steps) each device checks its own way.
+inline void check_search_args(const char* op, const at::Tensor& weight,
+                              const at::Tensor& row_group, const at::Tensor& probs,
+                              const at::Tensor& alpha, const at::Tensor& beta,
+                              c10::IntArrayRef bits) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "qembed.", op, ": weight must be 2-D, got ",
+                    weight.dim(), "-D");
+  const int64_t rows = weight.size(0), dim = weight.size(1);
+  const int64_t m = static_cast<int64_t>(bits.size());
+  TORCH_CHECK_VALUE(m >= 1, "qembed.", op, ": at least one candidate bit width is needed");
+  for (int64_t b : bits)
+    TORCH_CHECK_VALUE(b >= 0 && b <= 8, "qembed.", op, ": candidate bit widths must be in ",
+                      "0..8, got ", b);
+  check_f32_shape(weight, op, "weight", {rows, dim});
+  TORCH_CHECK_VALUE(probs.dim() == 2, "qembed.", op, ": probs must be [G, ", m, "]");
+  check_f32_shape(probs, op, "probs", {probs.size(0), m});
+  check_f32_shape(alpha, op, "alpha", {m});
+  check_f32_shape(beta, op, "beta", {dim});
+  TORCH_CHECK_TYPE(row_group.scalar_type() == at::kLong, "qembed.", op,
+                   ": row_group must be int64, got ", row_group.scalar_type());
+  TORCH_CHECK_VALUE(row_group.dim() == 1 && row_group.numel() == rows, "qembed.", op,
+                    ": row_group must have one entry per row (", rows, "), got ",
+                    row_group.sizes());
+  for (const at::Tensor* t : {&row_group, &probs, &alpha, &beta})
+    check_same_device(*t, "a quantizer tensor", weight, "weight");
+}
+
+// mpe_embedding_bag's table: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
+// steps [S] and beta [D] (D a multiple of 8), an int16 or int32 row map, all on beta's
+// device; the mode and output dtype of a lookup. The values (positive steps, map entries
+// inside the segments) each device checks its own way.
+inline void check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
+                                    const at::Tensor& steps, const at::Tensor& beta,
+                                    const at::Tensor& location, int64_t mode,
+                                    at::ScalarType out_dtype) {
+  const char* op = "qembed.mpe_embedding_bag: ";
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(bits.size()) == num_segments, op, "one bit width per ",
+                    "segment is needed, got ", bits.size(), " for ", num_segments);
+  TORCH_CHECK_TYPE(beta.scalar_type() == at::kFloat && steps.scalar_type() == at::kFloat,
+                   op, "steps and beta must be float32");
+  TORCH_CHECK_VALUE(beta.dim() == 1 && beta.numel() > 0 && beta.numel() % 8 == 0, op,
+                    "beta must be 1-D of the embedding dim (a multiple of 8), got ",
+                    beta.sizes());
+  TORCH_CHECK_VALUE(steps.dim() == 1 && steps.numel() == num_segments, op,
+                    "steps must have one entry per segment (", num_segments, "), got ",
+                    steps.sizes());
+  TORCH_CHECK_TYPE(location.scalar_type() == at::kInt || location.scalar_type() == at::kShort,
+                   op, "location must be int16 or int32, got ", location.scalar_type());
+  TORCH_CHECK_VALUE(location.dim() == 1, op, "location must be 1-D");
+  check_same_device(location, "location", beta, "beta");
+  check_same_device(steps, "steps", beta, "beta");
+  const int64_t dim = beta.numel();
+  for (int64_t s = 0; s < num_segments; ++s) {
+    check_bits_dim(bits[s], dim);
+    const at::Tensor& seg = segments[s];
+    TORCH_CHECK_TYPE(seg.scalar_type() == at::kByte, op, "segment ", s, " must be uint8");
+    TORCH_CHECK_VALUE(seg.dim() == 2 && seg.size(1) >= code_bytes(dim, bits[s]), op, "segment ",
+                      s, " must be [rows, >= ", code_bytes(dim, bits[s]), "] bytes for ",
+                      bits[s], " bits, got ", seg.sizes());
+    check_same_device(seg, "a segment", beta, "beta");
+  }
 }
 
 }  // namespace qembed
