@@ -8,7 +8,7 @@
 namespace qembed {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kBadIndex = 1, kBadOffsets = 2, kBadOrder = 4;  // error flags
+constexpr int kBadIndex = 1, kBadOffsets = 2, kBadOrder = 4, kBadParam = 8;  // error flags
 
 // The sum of a row's terms strictly in element order starting from 0.0f, as the CPU's
 // serial loops and the reference's _seq_sum add them. The row is `groups` groups of 8
@@ -44,6 +44,19 @@ __device__ __forceinline__ int64_t bag_of_position(int64_t p, const int64_t* off
       hi = mid;
   }
   return lo - 1 < num_bags ? lo - 1 : -1;
+}
+
+// Positions [start, end) of bag b (the last bag ends at n unless include_last_offset gave
+// num_offsets = num_bags + 1), clamped into [0, n] so bad offsets are never read through;
+// returns whether the bag's offsets break the rules.
+__device__ __forceinline__ bool bag_range(const int64_t* offsets, int64_t num_offsets, int64_t b,
+                                          int64_t n, int64_t& start, int64_t& end) {
+  start = offsets[b];
+  end = b + 1 < num_offsets ? offsets[b + 1] : n;
+  const bool bad = (b == 0 && start != 0) || start < 0 || end < start || end > n;
+  start = start < 0 ? 0 : (start > n ? n : start);
+  end = end < start ? start : (end > n ? n : end);
+  return bad;
 }
 
 // Whether offsets[b] breaks the rules: start at 0, non-decreasing, not past n.
