@@ -5,6 +5,8 @@ import itertools
 import pytest
 import torch
 from conftest import BITS, FORMATS, MODES, random_bags, random_psw, random_steps, random_table
+from test_mpe_ops import BITS as MPE_BITS
+from test_mpe_ops import mixed_table, search_inputs
 from test_train_ops import STATE_WIDTH, make_table, run_update, same
 
 from qembed import LowPrecisionEmbeddingBag, QuantizedEmbeddingBag, formats, ops, reference
@@ -14,7 +16,8 @@ pytestmark = [pytest.mark.gpu,
 
 DIMS = [8, 64, 128, 136]
 OPS = ["pack", "unpack", "quantize", "dequantize", "embedding_bag", "embedding_bag_backward",
-       "embedding_bag_psw_backward", "lowp_update"]
+       "embedding_bag_psw_backward", "lowp_update", "mpe_search_forward", "mpe_search_backward",
+       "mpe_embedding_bag"]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -477,3 +480,122 @@ def test_training_module_equals_cpu(step_per):
             m(indices.to(dev), offsets.to(dev), w).backward(grad_out.to(dev))
     for name, buf in module.state_dict().items():
         assert same(on_gpu.state_dict()[name].cpu(), buf), name
+
+
+# --- mixed-precision embeddings ------------------------------------------------------------
+
+SEARCH_BITS = [MPE_BITS, [0, 2, 4, 8], [3]]
+
+
+@pytest.mark.parametrize("dim", [16, 40])
+@pytest.mark.parametrize("bits", SEARCH_BITS, ids=["0-6", "0248", "3"])
+@pytest.mark.parametrize("mode", MODES)
+def test_search_forward_equals_cpu(mode, bits, dim):
+    weight, row_group, logits, alpha, beta = search_inputs(rows=60, dim=dim, bits=bits)
+    probs = torch.softmax(logits, 1)
+    indices, offsets = random_bags(60, 20, max_len=40)
+    offsets = None if mode == "none" else offsets
+    args = (row_group, probs, alpha, beta)
+    got = ops.mpe_search_forward(*cuda(weight, indices, offsets, *args), bits, mode)
+    assert same(got.cpu(), ops.mpe_search_forward(weight, indices, offsets, *args, bits, mode))
+
+
+@pytest.mark.parametrize("dim", [16, 40])
+@pytest.mark.parametrize("bits", SEARCH_BITS, ids=["0-6", "0248", "3"])
+def test_search_backward_equals_cpu(bits, dim):
+    """Every gradient bit for bit: the partial sums are added in the CPU's row order."""
+    weight, row_group, logits, alpha, beta = search_inputs(rows=300, dim=dim, groups=7,
+                                                           bits=bits)
+    unique = torch.unique(torch.randint(0, 300, (200,)))
+    args = (weight, unique, torch.randn(unique.numel(), dim), row_group,
+            torch.softmax(logits, 1), alpha, beta)
+    got = ops.mpe_search_backward(*cuda(*args), bits, 500)
+    want = ops.mpe_search_backward(*args, bits, 500)
+    assert all(g.is_cuda and same(g.cpu(), w) for g, w in zip(got, want))
+    empty = ops.mpe_search_backward(*cuda(weight, unique[:0], args[2][:0], *args[3:]), bits, 0)
+    assert [tuple(t.shape) for t in empty] == [(0, dim), (len(bits),), (dim,), (7, len(bits))]
+
+
+def test_search_validated_in_debug_mode(monkeypatch):
+    weight, row_group, logits, alpha, beta = search_inputs()
+    args = cuda(weight, torch.tensor([1, 60]), None, row_group, torch.softmax(logits, 1), alpha,
+                beta)
+    got = ops.mpe_search_forward(*args, MPE_BITS, "none")  # row 60 skipped: zeros
+    assert not got[1].any()
+    monkeypatch.setenv("QEMBED_CUDA_VALIDATE", "1")
+    with pytest.raises(IndexError, match="out of range"):
+        ops.mpe_search_forward(*args, MPE_BITS, "none")
+    args[5] = -args[5]
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        ops.mpe_search_forward(*cuda(weight, torch.tensor([1])), *args[2:], MPE_BITS, "none")
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("map_dtype", [torch.int16, torch.int32], ids=["map16", "map32"])
+@pytest.mark.parametrize("mode,with_psw", [("sum", False), ("sum", True), ("mean", False),
+                                           ("none", True)])
+@pytest.mark.parametrize("dim", [24, 136])
+def test_mixed_lookup_matches_cpu(dim, mode, with_psw, map_dtype, out_dtype):
+    segments, seg_bits, steps, beta, location, _ = mixed_table(200, dim, [0, 1, 3, 4, 5, 8],
+                                                               map_dtype)
+    indices, offsets = random_bags(200, 30, max_len=40)
+    offsets = None if mode == "none" else offsets
+    psw = random_psw(indices.numel()) if with_psw else None
+    got = ops.mpe_embedding_bag(cuda(*segments), seg_bits,
+                                *cuda(steps, beta, location, indices, offsets, psw), mode,
+                                output_dtype=out_dtype)
+    want = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets, psw,
+                                 mode)
+    assert_close(got, want, out_dtype)
+
+
+@pytest.mark.parametrize("include_last_offset", [False, True], ids=["no_last", "last"])
+def test_mixed_lookup_options(include_last_offset):
+    """int32 indices, include_last_offset, an all-pruned table, empty batches."""
+    segments, seg_bits, steps, beta, location, _ = mixed_table(50, 16, [0, 2, 7])
+    indices, offsets = random_bags(50, 12, max_len=40, index_dtype=torch.int32,
+                                   include_last_offset=include_last_offset)
+    args = (indices, offsets, None, "sum", include_last_offset)
+    got = ops.mpe_embedding_bag(cuda(*segments), seg_bits, *cuda(steps, beta, location), *cuda(
+        *args[:2]), *args[2:])
+    assert_close(got, ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, *args))
+    pruned = torch.full((50,), -1, dtype=torch.int32)
+    got = ops.mpe_embedding_bag([], [], *cuda(torch.zeros(0), beta, pruned, indices, offsets),
+                                None, "mean", include_last_offset)
+    assert got.shape == (12, 16) and not got.any()
+    empty = torch.zeros(0, dtype=torch.long)
+    got = ops.mpe_embedding_bag(cuda(*segments), seg_bits, *cuda(steps, beta, location, empty,
+                                                                  empty), None, "sum")
+    assert got.shape == (0, 16)
+
+
+def test_mixed_lookup_validated_in_debug_mode(monkeypatch):
+    segments, seg_bits, steps, beta, location, _ = mixed_table(20, 8, [1, 2])
+    location[3] = 10_000
+    table = (cuda(*segments), seg_bits, *cuda(steps, beta, location))
+    got = ops.mpe_embedding_bag(*table, torch.tensor([3], device="cuda"), None, None, "none")
+    assert not got.any()  # skipped
+    monkeypatch.setenv("QEMBED_CUDA_VALIDATE", "1")
+    with pytest.raises(ValueError, match="outside the segments"):
+        ops.mpe_embedding_bag(*table, torch.tensor([3], device="cuda"), None, None, "none")
+    with pytest.raises(IndexError, match="out of range"):
+        ops.mpe_embedding_bag(*table, torch.tensor([20], device="cuda"), None, None, "none")
+
+
+def test_opcheck_mpe_ops():
+    weight, row_group, logits, alpha, beta = search_inputs()
+    probs = torch.softmax(logits, 1)
+    indices, offsets = random_bags(weight.shape[0], 5)
+    torch.library.opcheck(torch.ops.qembed.mpe_search_forward.default,
+                          (*cuda(weight, indices, offsets, row_group, probs, alpha, beta),
+                           MPE_BITS, 1, False))
+    unique = torch.unique(indices)
+    torch.library.opcheck(torch.ops.qembed.mpe_search_backward.default,
+                          (*cuda(weight, unique, torch.randn(unique.numel(), 16), row_group,
+                                 probs, alpha, beta), MPE_BITS, 100))
+    segments, seg_bits, steps, beta, location, _ = mixed_table(30, 16, [0, 2, 5])
+    indices, offsets = random_bags(30, 5)
+    torch.library.opcheck(torch.ops.qembed.mpe_embedding_bag.default,
+                          (cuda(*segments), seg_bits, *cuda(steps, beta, location, indices,
+                                                            offsets), None, 0, False,
+                           torch.float32))
