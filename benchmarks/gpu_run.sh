@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network, no pip): builds qembed._C with its CUDA kernels in place,
 # runs the GPU tests (under compute-sanitizer's memcheck too, where installed), the Triton
-# kernels' GPU tests (where triton is installed) and the GPU lookup benchmark. Everything it prints and writes goes to OUT_DIR.
+# kernels' GPU tests (where triton is installed), the GPU lookup benchmark and the
+# training-step benchmark. Everything it prints and writes goes to OUT_DIR.
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Exits non-zero if the build fails (at once) or any later step failed (after the rest ran).
 set -uo pipefail
@@ -69,5 +70,6 @@ else
   echo "compute-sanitizer not found: memcheck skipped" | tee "$out/memcheck.log"
 fi
 step bench "$py" benchmarks/bench_lookup_gpu.py --out "$out"
+step bench_train "$py" benchmarks/bench_train_gpu.py --out "$out"
 echo "results in $out"
 exit $status

@@ -3,8 +3,10 @@
 // reads memory.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include "layout.h"
+#include "optim.h"
 
 namespace qembed {
 
@@ -130,6 +132,129 @@ inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indic
     return offsets.numel() - 1;
   }
   return offsets.numel();
+}
+
+// lowp_update's float32 tensors: contiguous [n0, n1] on the table's device.
+inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1,
+                             const at::Tensor& rows) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,
+                   " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n0 && t.size(1) == n1 && t.is_contiguous(),
+                    "qembed.lowp_update: ", name, " must be a contiguous [", n0, ", ", n1,
+                    "] tensor, got ", t.sizes());
+  check_same_device(t, name, rows, "rows");
+}
+
+// lowp_update's arguments, all but the values of unique_rows (range and order), which each
+// device checks its own way. `grad` is grad_rows made contiguous.
+inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
+                              const at::Tensor& state, const at::Tensor& step_state,
+                              const at::Tensor& unique_rows, const at::Tensor& grad,
+                              const c10::optional<at::Tensor>& weights,
+                              const c10::optional<at::Tensor>& weights_out, int64_t bits,
+                              int64_t dim, int64_t fmt, int64_t optimizer, int64_t iteration,
+                              bool learn_step, int64_t step_optimizer) {
+  check_rows(rows, dim, bits, fmt);
+  TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
+  TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
+  check_table_step(step, fmt, rows);
+  TORCH_CHECK_VALUE(optimizer >= OPT_SGD && optimizer <= OPT_NONE, "qembed.lowp_update: ",
+                    "optimizer must be 0 (sgd), 1 (adagrad), 2 (adam) or 3 (none), got ",
+                    optimizer);
+  TORCH_CHECK_VALUE(step_optimizer == STEP_SGD || step_optimizer == STEP_ADAM,
+                    "qembed.lowp_update: step_optimizer must be 0 (sgd) or 1 (adam), got ",
+                    step_optimizer);
+  TORCH_CHECK_VALUE(iteration >= 1, "qembed.lowp_update: iteration counts from 1, got ",
+                    iteration);
+  check_index_dtype(unique_rows, "unique_rows");
+  check_same_device(unique_rows, "unique_rows", rows, "rows");
+  const int64_t u = unique_rows.numel(), num_rows = rows.size(0);
+  check_update_f32(grad, "grad_rows", u, dim, rows);
+  if (state_width(optimizer, dim) > 0)
+    check_update_f32(state, "state", num_rows, state_width(optimizer, dim), rows);
+  if (learn_step && step_optimizer == STEP_ADAM)
+    check_update_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2, rows);
+  if (weights.has_value()) check_update_f32(*weights, "weights", u, dim, rows);
+  if (weights_out.has_value()) check_update_f32(*weights_out, "weights_out", u, dim, rows);
+}
+
+inline void check_f32_shape(const at::Tensor& t, const char* op, const char* name,
+                            c10::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.", op, ": ", name,
+                   " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "qembed.", op, ": ", name, " must have shape ", shape,
+                    ", got ", t.sizes());
+}
+
+// The MPE search's tensors: fp32 weight [R, D], int64 row_group [R], fp32 probs [G, m],
+// alpha [m], beta [D], all on weight's device, and m candidate widths in 0..8. The values
+// (groups in range, positive steps) each device checks its own way.
+inline void check_search_args(const char* op, const at::Tensor& weight,
+                              const at::Tensor& row_group, const at::Tensor& probs,
+                              const at::Tensor& alpha, const at::Tensor& beta,
+                              c10::IntArrayRef bits) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "qembed.", op, ": weight must be 2-D, got ",
+                    weight.dim(), "-D");
+  const int64_t rows = weight.size(0), dim = weight.size(1);
+  const int64_t m = static_cast<int64_t>(bits.size());
+  TORCH_CHECK_VALUE(m >= 1, "qembed.", op, ": at least one candidate bit width is needed");
+  for (int64_t b : bits)
+    TORCH_CHECK_VALUE(b >= 0 && b <= 8, "qembed.", op, ": candidate bit widths must be in ",
+                      "0..8, got ", b);
+  check_f32_shape(weight, op, "weight", {rows, dim});
+  TORCH_CHECK_VALUE(probs.dim() == 2, "qembed.", op, ": probs must be [G, ", m, "]");
+  check_f32_shape(probs, op, "probs", {probs.size(0), m});
+  check_f32_shape(alpha, op, "alpha", {m});
+  check_f32_shape(beta, op, "beta", {dim});
+  TORCH_CHECK_TYPE(row_group.scalar_type() == at::kLong, "qembed.", op,
+                   ": row_group must be int64, got ", row_group.scalar_type());
+  TORCH_CHECK_VALUE(row_group.dim() == 1 && row_group.numel() == rows, "qembed.", op,
+                    ": row_group must have one entry per row (", rows, "), got ",
+                    row_group.sizes());
+  for (const at::Tensor* t : {&row_group, &probs, &alpha, &beta})
+    check_same_device(*t, "a quantizer tensor", weight, "weight");
+}
+
+// mpe_embedding_bag's table: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
+// steps [S] and beta [D] (D a multiple of 8), an int16 or int32 row map, all on beta's
+// device; the mode and output dtype of a lookup. The values (positive steps, map entries
+// inside the segments) each device checks its own way.
+inline void check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
+                                    const at::Tensor& steps, const at::Tensor& beta,
+                                    const at::Tensor& location, int64_t mode,
+                                    at::ScalarType out_dtype) {
+  const char* op = "qembed.mpe_embedding_bag: ";
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(bits.size()) == num_segments, op, "one bit width per ",
+                    "segment is needed, got ", bits.size(), " for ", num_segments);
+  TORCH_CHECK_TYPE(beta.scalar_type() == at::kFloat && steps.scalar_type() == at::kFloat,
+                   op, "steps and beta must be float32");
+  TORCH_CHECK_VALUE(beta.dim() == 1 && beta.numel() > 0 && beta.numel() % 8 == 0, op,
+                    "beta must be 1-D of the embedding dim (a multiple of 8), got ",
+                    beta.sizes());
+  TORCH_CHECK_VALUE(steps.dim() == 1 && steps.numel() == num_segments, op,
+                    "steps must have one entry per segment (", num_segments, "), got ",
+                    steps.sizes());
+  TORCH_CHECK_TYPE(location.scalar_type() == at::kInt || location.scalar_type() == at::kShort,
+                   op, "location must be int16 or int32, got ", location.scalar_type());
+  TORCH_CHECK_VALUE(location.dim() == 1, op, "location must be 1-D");
+  check_same_device(location, "location", beta, "beta");
+  check_same_device(steps, "steps", beta, "beta");
+  const int64_t dim = beta.numel();
+  for (int64_t s = 0; s < num_segments; ++s) {
+    check_bits_dim(bits[s], dim);
+    const at::Tensor& seg = segments[s];
+    TORCH_CHECK_TYPE(seg.scalar_type() == at::kByte, op, "segment ", s, " must be uint8");
+    TORCH_CHECK_VALUE(seg.dim() == 2 && seg.size(1) >= code_bytes(dim, bits[s]), op, "segment ",
+                      s, " must be [rows, >= ", code_bytes(dim, bits[s]), "] bytes for ",
+                      bits[s], " bits, got ", seg.sizes());
+    check_same_device(seg, "a segment", beta, "beta");
+  }
 }
 
 }  // namespace qembed

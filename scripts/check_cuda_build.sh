@@ -30,10 +30,11 @@ QEMBED_CUDA=1 QEMBED_NATIVE=0 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;
   exit 1
 }
 so=$(find "$out/lib" -name '_C*.so')
-# Every kernel made it into the library (as its host-side launch stub).
+# Every kernel made it into the library (as its host-side launch stub; templates demangle
+# with "<", plain functions with "(").
 symbols=$(nm -C "$so")
 for kernel in $(grep -ho "__global__ void [a-z_]*" csrc/cuda/*.cu | awk '{print $3}'); do
-  if ! grep -q "${kernel}<" <<<"$symbols"; then
+  if ! grep -qE "${kernel}[<(]" <<<"$symbols"; then
     echo "check_cuda_build: kernel $kernel missing from $so" >&2
     exit 1
   fi

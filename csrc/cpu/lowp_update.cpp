@@ -15,13 +15,11 @@
 #include <limits>
 #include <vector>
 #include "../checks.h"
+#include "../optim.h"
 #include "row_codec.h"
 
 namespace qembed {
 namespace {
-
-enum Optimizer : int64_t { OPT_SGD = 0, OPT_ADAGRAD = 1, OPT_ADAM = 2, OPT_NONE = 3 };
-enum StepOptimizer : int64_t { STEP_SGD = 0, STEP_ADAM = 1 };
 
 constexpr int64_t kPrefetchDistance = 8;
 
@@ -29,22 +27,6 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 1);
   __builtin_prefetch(c + bytes - 1, 1, 1);
-}
-
-// Steps never reach zero or below: a zero step would divide by zero when re-quantizing.
-constexpr float kMinStep = 1e-10f;
-
-struct Config {
-  int64_t dim, fmt, optimizer, step_optimizer;
-  float lr, eps, wd, step_lr;
-  float b1, b2, omb1, omb2, bc1, bc2;  // Adam: betas, 1 - betas, bias corrections
-  bool learn_step;
-  RoundingKey key;
-};
-
-// Floats per row of optimizer state: Adagrad one accumulator, Adam the moments [m | v].
-int64_t state_width(int64_t optimizer, int64_t dim) {
-  return optimizer == OPT_ADAGRAD ? 1 : (optimizer == OPT_ADAM ? 2 * dim : 0);
 }
 
 bool all_finite(const float* x, int64_t n) {
@@ -63,64 +45,37 @@ float ordered_sum(const float* x, int64_t n) {
 // w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
 // Element-wise work sits in loops of its own so that they vectorize; only the ordered
 // sums stay serial.
-void optimizer_row(float* w, const float* g, float* st, float* tmp, const Config& c) {
+void optimizer_row(float* w, const float* g, float* st, float* tmp, const UpdateConfig& c) {
   const int64_t dim = c.dim;
   if (c.optimizer == OPT_SGD) {
-    for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * (g[d] + c.wd * w[d]);
+    for (int64_t d = 0; d < dim; ++d) w[d] = sgd_value(w[d], g[d], c);
   } else if (c.optimizer == OPT_ADAGRAD) {
     for (int64_t d = 0; d < dim; ++d) {
-      const float gd = g[d] + c.wd * w[d];
+      const float gd = decayed_grad(w[d], g[d], c);
       tmp[d] = gd * gd;
     }
     st[0] = st[0] + ordered_sum(tmp, dim) / static_cast<float>(dim);
-    const float denom = std::sqrt(st[0]) + c.eps;
-    for (int64_t d = 0; d < dim; ++d) w[d] = w[d] - c.lr * ((g[d] + c.wd * w[d]) / denom);
+    const float denom = adagrad_denom(st[0], c);
+    for (int64_t d = 0; d < dim; ++d) w[d] = adagrad_value(w[d], g[d], denom, c);
   } else if (c.optimizer == OPT_ADAM) {
     float* m = st;
     float* v = st + dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float gd = g[d] + c.wd * w[d];
-      m[d] = c.b1 * m[d] + c.omb1 * gd;
-      v[d] = c.b2 * v[d] + c.omb2 * (gd * gd);
-      w[d] = w[d] - c.lr * ((m[d] / c.bc1) / (std::sqrt(v[d] / c.bc2) + c.eps));
-    }
+    for (int64_t d = 0; d < dim; ++d) w[d] = adam_value(w[d], g[d], m[d], v[d], c);
   }
 }
 
-// LSQ: sum_d g_d * dQ/ds at x = w_d / s, dQ/ds = Qn below the range, Qp above, round(x) - x
-// inside.
+// LSQ: sum_d g_d * dQ/ds (optim.h's lsq_term), in row order.
 float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp,
               float* tmp) {
-  const float lo = static_cast<float>(qn), hi = static_cast<float>(qp);
-  for (int64_t d = 0; d < dim; ++d) {
-    const float x = w[d] / s;
-    const float inside = std::nearbyint(x) - x;
-    tmp[d] = g[d] * (x < lo ? lo : (x > hi ? hi : inside));
-  }
+  for (int64_t d = 0; d < dim; ++d) tmp[d] = lsq_term(w[d], g[d], s, qn, qp);
   return ordered_sum(tmp, dim);
-}
-
-// LSQ's gradient scale 1 / sqrt(Qp * n); Qp = 0 at one bit, hence max(Qp, 1).
-float lsq_scale(int32_t qp, int64_t n) {
-  return 1.0f / std::sqrt(static_cast<float>(std::max(qp, 1) * n));
-}
-
-// The next step size from its gradient gs; st holds Adam's [m, v] for this step.
-float next_step(float s, float gs, float* st, const Config& c) {
-  float delta = gs;
-  if (c.step_optimizer == STEP_ADAM) {
-    st[0] = c.b1 * st[0] + c.omb1 * gs;
-    st[1] = c.b2 * st[1] + c.omb2 * (gs * gs);
-    delta = (st[0] / c.bc1) / (std::sqrt(st[1] / c.bc2) + c.eps);
-  }
-  return std::max(s - c.step_lr * delta, kMinStep);
 }
 
 template <int BITS>
 int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* state,
                     float* step_state, const int64_t* uniq, int64_t num_unique,
                     const float* grad, const float* weights, float* weights_out,
-                    const Config& c) {
+                    const UpdateConfig& c, const RoundingKey& rounding) {
   const int64_t dim = c.dim, po = param_offset(dim, BITS);
   const int64_t sw = state_width(c.optimizer, dim), ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
@@ -133,7 +88,7 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   const float row_gscale = lsq_scale(qp, dim);
 
   auto encode = [&](const float* w, int64_t r, float s) {
-    RoundingKey key = c.key;
+    RoundingKey key = rounding;
     key.row_key = static_cast<uint64_t>(r);
     encode_row<BITS>(w, dim, RowParams{s, 0.0f, qn}, key, table + r * stride);
   };
@@ -194,14 +149,6 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   return num_skipped;
 }
 
-void check_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,
-                   " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n0 && t.size(1) == n1 && t.is_contiguous(),
-                    "qembed.lowp_update: ", name, " must be a contiguous [", n0, ", ", n1,
-                    "] tensor, got ", t.sizes());
-}
-
 at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& step,
                            at::Tensor& state, at::Tensor& step_state,
                            const at::Tensor& unique_rows, const at::Tensor& grad_rows_in,
@@ -211,20 +158,10 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            double weight_decay, double beta1, double beta2, int64_t iteration,
                            bool learn_step, int64_t step_optimizer, double step_lr,
                            bool stochastic, int64_t seed, int64_t counter) {
-  check_rows(rows, dim, bits, fmt);
-  TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
-  TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
-  check_table_step(step, fmt, rows);
-  TORCH_CHECK_VALUE(optimizer >= OPT_SGD && optimizer <= OPT_NONE, "qembed.lowp_update: ",
-                    "optimizer must be 0 (sgd), 1 (adagrad), 2 (adam) or 3 (none), got ",
-                    optimizer);
-  TORCH_CHECK_VALUE(step_optimizer == STEP_SGD || step_optimizer == STEP_ADAM,
-                    "qembed.lowp_update: step_optimizer must be 0 (sgd) or 1 (adam), got ",
-                    step_optimizer);
-  TORCH_CHECK_VALUE(iteration >= 1, "qembed.lowp_update: iteration counts from 1, got ",
-                    iteration);
+  const at::Tensor grad = grad_rows_in.contiguous();
+  check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
+                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer);
   const int64_t num_rows = rows.size(0);
-  check_index_dtype(unique_rows, "unique_rows");
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();
   const int64_t* uniq = uniq_t.data_ptr<int64_t>();
@@ -235,25 +172,11 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
     TORCH_CHECK_VALUE(k == 0 || uniq[k] > uniq[k - 1], "qembed.lowp_update: unique_rows must ",
                       "be strictly increasing (as embedding_bag_backward returns them)");
   }
-  const at::Tensor grad = grad_rows_in.contiguous();
-  check_f32(grad, "grad_rows", u, dim);
-  if (state_width(optimizer, dim) > 0)
-    check_f32(state, "state", num_rows, state_width(optimizer, dim));
-  if (learn_step && step_optimizer == STEP_ADAM)
-    check_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2);
-  if (weights_in.has_value()) check_f32(*weights_in, "weights", u, dim);
-  if (weights_out.has_value()) check_f32(*weights_out, "weights_out", u, dim);
-
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  const Config c{dim, fmt, optimizer, learn_step ? step_optimizer : STEP_SGD,
-                 static_cast<float>(lr), static_cast<float>(eps),
-                 static_cast<float>(weight_decay), static_cast<float>(step_lr), b1, b2,
-                 1.0f - b1, 1.0f - b2,
-                 static_cast<float>(1.0 - std::pow(static_cast<double>(b1), iteration)),
-                 static_cast<float>(1.0 - std::pow(static_cast<double>(b2), iteration)),
-                 learn_step,
-                 RoundingKey{stochastic, static_cast<uint64_t>(seed),
-                             static_cast<uint64_t>(counter), 0}};
+  const UpdateConfig c = make_update_config(dim, fmt, optimizer, lr, eps, weight_decay, beta1,
+                                            beta2, iteration, learn_step, step_optimizer,
+                                            step_lr);
+  const RoundingKey rounding{stochastic, static_cast<uint64_t>(seed),
+                             static_cast<uint64_t>(counter), 0};
   const int64_t skipped = QEMBED_DISPATCH_BITS(bits, [&] {
     return update_rows<BITS>(rows.data_ptr<uint8_t>(), rows.size(1),
                              fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
@@ -261,7 +184,7 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                              grad.data_ptr<float>(),
                              weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr,
                              weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
-                             c);
+                             c, rounding);
   });
   return at::scalar_tensor(skipped, rows.options().dtype(at::kLong));
 }

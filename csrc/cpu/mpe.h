@@ -8,7 +8,7 @@
 #include <c10/util/Exception.h>
 #include <vector>
 #include "../checks.h"
-#include "../rounding.h"
+#include "../lsq_plus.h"
 
 namespace qembed {
 
@@ -25,12 +25,6 @@ struct SearchQuantizer {
   const float* probs_of(int64_t row) const { return probs + row_group[row] * num_candidates(); }
 };
 
-// Q_b(w) of one row's element d, for a positive width b with step a.
-inline float lsq_plus_value(float w, float beta, float a, int32_t lo, int32_t hi) {
-  const float x = (w - beta) / a;
-  return a * static_cast<float>(round_to_code(x, 0.0f, false, lo, hi)) + beta;
-}
-
 // out[d] = sum over candidates b > 0 (in order) of p_b * Q_b(w)_d.
 inline void expected_row(const float* w, const SearchQuantizer& q, const float* p, float* out) {
   std::fill(out, out + q.dim, 0.0f);
@@ -43,39 +37,15 @@ inline void expected_row(const float* w, const SearchQuantizer& q, const float* 
   }
 }
 
-inline void check_f32_shape(const at::Tensor& t, const char* op, const char* name,
-                            c10::IntArrayRef shape) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.", op, ": ", name,
-                   " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, "qembed.", op, ": ", name, " must have shape ", shape,
-                    ", got ", t.sizes());
-}
-
-// Checks the search's tensors (contiguous copies are the caller's) and returns its view.
+// Checks the search's tensors (contiguous copies are the caller's) and their values, and
+// returns its view.
 inline SearchQuantizer search_quantizer(const char* op, const at::Tensor& weight,
                                         const at::Tensor& row_group, const at::Tensor& probs,
                                         const at::Tensor& alpha, const at::Tensor& beta,
                                         c10::IntArrayRef bits) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, "qembed.", op, ": weight must be 2-D, got ",
-                    weight.dim(), "-D");
+  check_search_args(op, weight, row_group, probs, alpha, beta, bits);
   const int64_t rows = weight.size(0), dim = weight.size(1);
   const int64_t m = static_cast<int64_t>(bits.size());
-  TORCH_CHECK_VALUE(m >= 1, "qembed.", op, ": at least one candidate bit width is needed");
-  for (int64_t b : bits)
-    TORCH_CHECK_VALUE(b >= 0 && b <= 8, "qembed.", op, ": candidate bit widths must be in ",
-                      "0..8, got ", b);
-  check_f32_shape(weight, op, "weight", {rows, dim});
-  TORCH_CHECK_VALUE(probs.dim() == 2, "qembed.", op, ": probs must be [G, ", m, "]");
-  check_f32_shape(probs, op, "probs", {probs.size(0), m});
-  check_f32_shape(alpha, op, "alpha", {m});
-  check_f32_shape(beta, op, "beta", {dim});
-  TORCH_CHECK_TYPE(row_group.scalar_type() == at::kLong, "qembed.", op,
-                   ": row_group must be int64, got ", row_group.scalar_type());
-  TORCH_CHECK_VALUE(row_group.dim() == 1 && row_group.numel() == rows, "qembed.", op,
-                    ": row_group must have one entry per row (", rows, "), got ",
-                    row_group.sizes());
-  for (const at::Tensor* t : {&row_group, &probs, &alpha, &beta})
-    check_same_device(*t, "a quantizer tensor", weight, "weight");
   const int64_t* g = row_group.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK_INDEX(g[r] >= 0 && g[r] < probs.size(0), "qembed.", op, ": row_group[", r,

@@ -157,42 +157,17 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
                                  const c10::optional<at::Tensor>& psw_in, int64_t mode,
                                  bool include_last_offset, at::ScalarType out_dtype) {
   const char* op = "qembed.mpe_embedding_bag: ";
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
-                       out_dtype == at::kBFloat16,
-                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, mode, out_dtype);
   const int64_t num_segments = static_cast<int64_t>(segments.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(bits.size()) == num_segments, op, "one bit width per ",
-                    "segment is needed, got ", bits.size(), " for ", num_segments);
-  TORCH_CHECK_TYPE(beta_in.scalar_type() == at::kFloat && steps_in.scalar_type() == at::kFloat,
-                   op, "steps and beta must be float32");
-  TORCH_CHECK_VALUE(beta_in.dim() == 1 && beta_in.numel() > 0 && beta_in.numel() % 8 == 0, op,
-                    "beta must be 1-D of the embedding dim (a multiple of 8), got ",
-                    beta_in.sizes());
-  TORCH_CHECK_VALUE(steps_in.dim() == 1 && steps_in.numel() == num_segments, op,
-                    "steps must have one entry per segment (", num_segments, "), got ",
-                    steps_in.sizes());
-  TORCH_CHECK_TYPE(location_in.scalar_type() == at::kInt || location_in.scalar_type() == at::kShort,
-                   op, "location must be int16 or int32, got ",
-                   location_in.scalar_type());
-  TORCH_CHECK_VALUE(location_in.dim() == 1, op, "location must be 1-D");
   const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
   const at::Tensor location = location_in.contiguous();
   const int64_t dim = beta.numel();
-  check_same_device(location, "location", beta, "beta");
 
   std::vector<Segment> segs;
   std::vector<at::Tensor> keep;  // contiguous segments outlive the kernel
   int64_t total = 0;
   for (int64_t s = 0; s < num_segments; ++s) {
-    check_bits_dim(bits[s], dim);
     const at::Tensor& seg = segments[s];
-    TORCH_CHECK_TYPE(seg.scalar_type() == at::kByte, op, "segment ", s, " must be uint8");
-    TORCH_CHECK_VALUE(seg.dim() == 2 && seg.size(1) >= code_bytes(dim, bits[s]), op, "segment ",
-                      s, " must be [rows, >= ", code_bytes(dim, bits[s]), "] bytes for ",
-                      bits[s], " bits, got ", seg.sizes());
-    check_same_device(seg, "a segment", beta, "beta");
     keep.push_back(seg.contiguous());
     const float step = steps.data_ptr<float>()[s];
     TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, op, "steps must be positive and finite");

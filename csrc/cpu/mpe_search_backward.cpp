@@ -45,10 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpe_search_backward_c
   at::Tensor grad_beta = at::zeros({dim}, weight.options());
   at::Tensor grad_probs = at::zeros({probs.size(0), m}, weight.options());
   std::vector<float> scale(m);
-  for (int64_t k = 0; k < m; ++k) {
-    const int32_t qp = q.bits[k] > 1 ? qmax(q.bits[k]) : 1;  // Qp = 0 at one bit
-    scale[k] = 1.0f / std::sqrt(static_cast<float>(qp) * static_cast<float>(numel));
-  }
+  for (int64_t k = 0; k < m; ++k) scale[k] = lsq_plus_grad_scale(q.bits[k], numel);
   // Per-row partials: [U, m] for alpha and probs, [U, D] for beta.
   std::vector<float> part_alpha(u * m, 0.0f), part_probs(u * m, 0.0f), part_beta(u * dim, 0.0f);
   const float* w_all = weight.data_ptr<float>();

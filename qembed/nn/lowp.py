@@ -139,7 +139,7 @@ class _LowPrecisionTable(nn.Module):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"({self.num_embeddings}, {self.embedding_dim})")
         root_qp = max(qmax(self.bits), 1) ** 0.5
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.qweight.device)
         for _, _, w in self._weight_chunks(weight, init_std):
             total += w.abs().sum(dtype=torch.float64)
         table_step = float(2 * total / max(self.num_embeddings * self.embedding_dim, 1) / root_qp)

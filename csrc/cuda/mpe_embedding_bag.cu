@@ -1,0 +1,209 @@
+// mpe_embedding_bag: one lookup over a mixed-width table (see the CPU kernel for the layout),
+// one warp per output row, one lane per column. A stored row of segment s adds
+// w * step_s * (code + Qn_s) + w * beta, accumulated as the CPU does: a fused multiply-add on
+// the raw code per row, the rows' constant terms summed apart and added once. Pruned rows
+// (location -1) add nothing and still count in a mean. Indices or map entries out of range
+// are skipped without a synchronisation; QEMBED_CUDA_VALIDATE=1 waits and raises for them,
+// bad offsets and non-positive steps, as the CPU does.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <vector>
+#include "../checks.h"
+#include "common.cuh"
+#include "launch.cuh"
+
+namespace qembed {
+namespace {
+
+constexpr int kMaxSegments = 16;
+constexpr int kBadStep = 16;  // error flag beside common.cuh's
+
+struct MixedTable {
+  const uint8_t* data[kMaxSegments];
+  int64_t stride[kMaxSegments];
+  int64_t end[kMaxSegments];  // past the segment's last position in the concatenation
+  int bits[kMaxSegments];
+  int num_segments;
+  int64_t total;  // rows in all segments
+  const float* steps;
+  const float* beta;
+  int64_t dim, num_rows;
+};
+
+// Row r's codes and segment, or false for a pruned row or one out of range (flagged).
+template <typename map_t>
+__device__ __forceinline__ bool locate(const MixedTable& t, const map_t* location, int64_t r,
+                                       int* error, const uint8_t*& row, int& seg) {
+  if (r < 0 || r >= t.num_rows) {
+    if (error != nullptr) atomicOr(error, kBadIndex);
+    return false;
+  }
+  const int64_t loc = static_cast<int64_t>(location[r]);
+  if (loc == -1) return false;
+  if (loc < -1 || loc >= t.total) {
+    if (error != nullptr) atomicOr(error, kBadParam);
+    return false;
+  }
+  int s = 0;
+  while (loc >= t.end[s]) ++s;
+  row = t.data[s] + (loc - (s > 0 ? t.end[s - 1] : 0)) * t.stride[s];
+  seg = s;
+  return true;
+}
+
+// Code d of a row of `bits`-bit codes: bits [d*bits, d*bits + bits) of the row read as a
+// little-endian bit string; the second byte only when the code reaches into it.
+__device__ __forceinline__ uint32_t code_at(const uint8_t* row, int64_t d, int bits) {
+  const int64_t bit = d * bits;
+  const int shift = static_cast<int>(bit % 8);
+  const uint8_t* p = row + bit / 8;
+  uint32_t v = static_cast<uint32_t>(p[0]) >> shift;
+  if (shift + bits > 8) v |= static_cast<uint32_t>(p[1]) << (8 - shift);
+  return v & ((1u << bits) - 1u);
+}
+
+template <typename map_t, typename out_t>
+__global__ void mixed_lookup_kernel(MixedTable t, const map_t* __restrict__ location,
+                                    const int64_t* __restrict__ idx, int64_t n,
+                                    const int64_t* __restrict__ offsets, int64_t num_offsets,
+                                    int64_t num_out, const float* __restrict__ psw, bool mean,
+                                    int* error, out_t* __restrict__ out) {
+  const int64_t o = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (o >= num_out) return;
+  if (error != nullptr && o == 0 && lane == 0)
+    for (int s = 0; s < t.num_segments; ++s)
+      if (!(isfinite(t.steps[s]) && t.steps[s] > 0.0f)) atomicOr(error, kBadStep);
+  int64_t start = o, end = o + 1;  // mode none: one position per output row
+  if (offsets != nullptr && bag_range(offsets, num_offsets, o, n, start, end) &&
+      error != nullptr && lane == 0)
+    atomicOr(error, kBadOffsets);
+  for (int64_t d = lane; d < t.dim; d += kWarp) {
+    float acc = 0.0f, shift = 0.0f, weight = 0.0f;  // weight: sum of w over stored rows
+    for (int64_t p = start; p < end; ++p) {
+      const uint8_t* row;
+      int s;
+      if (!locate(t, location, idx[p], d == lane ? error : nullptr, row, s)) continue;
+      const float w = psw != nullptr ? psw[p] : 1.0f, a = w * t.steps[s];
+      acc = fmaf(a, static_cast<float>(code_at(row, d, t.bits[s])), acc);
+      shift += a * static_cast<float>(qmin(t.bits[s]));
+      weight += w;
+    }
+    const float factor = mean && end > start ? 1.0f / static_cast<float>(end - start) : 1.0f;
+    out[o * t.dim + d] = static_cast<out_t>((acc + shift + weight * t.beta[d]) * factor);
+  }
+}
+
+template <typename map_t, typename out_t>
+void launch(const MixedTable& t, const at::Tensor& location, const at::Tensor& indices,
+            const at::Tensor& offsets, int64_t num_out, const float* psw, bool mean, int* error,
+            at::Tensor& out) {
+  mixed_lookup_kernel<map_t, out_t><<<blocks_for(num_out * kWarp), kBlock, 0, current_stream()>>>(
+      t, location.data_ptr<map_t>(), indices.data_ptr<int64_t>(), indices.numel(),
+      offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr,
+      offsets.defined() ? offsets.numel() : 0, num_out, psw, mean, error,
+      static_cast<out_t*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename map_t>
+void launch_for_output(const MixedTable& t, const at::Tensor& location,
+                       const at::Tensor& indices, const at::Tensor& offsets, int64_t num_out,
+                       const float* psw, bool mean, int* error, at::Tensor& out) {
+  if (out.scalar_type() == at::kFloat)
+    launch<map_t, float>(t, location, indices, offsets, num_out, psw, mean, error, out);
+  else if (out.scalar_type() == at::kHalf)
+    launch<map_t, at::Half>(t, location, indices, offsets, num_out, psw, mean, error, out);
+  else
+    launch<map_t, at::BFloat16>(t, location, indices, offsets, num_out, psw, mean, error, out);
+}
+
+at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits,
+                                  const at::Tensor& steps_in, const at::Tensor& beta_in,
+                                  const at::Tensor& location_in, const at::Tensor& indices_in,
+                                  const at::Tensor& offsets_in,
+                                  const c10::optional<at::Tensor>& psw_in, int64_t mode,
+                                  bool include_last_offset, at::ScalarType out_dtype) {
+  const char* op = "qembed.mpe_embedding_bag: ";
+  check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, mode, out_dtype);
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  TORCH_CHECK_VALUE(num_segments <= kMaxSegments, op, "at most ", kMaxSegments,
+                    " segments on CUDA, got ", num_segments);
+  const c10::cuda::CUDAGuard guard(beta_in.device());
+  const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
+  const at::Tensor location = location_in.contiguous();
+  const int64_t dim = beta.numel();
+  MixedTable t{};
+  std::vector<at::Tensor> keep;  // contiguous segments outlive the launch
+  int64_t total = 0;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    keep.push_back(segments[s].contiguous());
+    total += keep.back().size(0);
+    t.data[s] = keep.back().data_ptr<uint8_t>();
+    t.stride[s] = keep.back().size(1);
+    t.end[s] = total;
+    t.bits[s] = static_cast<int>(bits[s]);
+  }
+  t.num_segments = static_cast<int>(num_segments);
+  t.total = total;
+  t.steps = steps.data_ptr<float>();
+  t.beta = beta.data_ptr<float>();
+  t.dim = dim;
+  t.num_rows = location.numel();
+
+  check_index_dtype(indices_in, "indices");
+  check_same_device(indices_in, "indices", beta, "beta");
+  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+  const int64_t n = indices.numel();
+  at::Tensor psw;
+  if (psw_in.has_value()) {
+    TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
+                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
+    check_same_device(*psw_in, "per_sample_weights", beta, "beta");
+    psw = psw_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor offsets;
+  int64_t num_out = n;
+  if (mode != POOL_NONE) {
+    check_index_dtype(offsets_in, "offsets");
+    check_same_device(offsets_in, "offsets", beta, "beta");
+    offsets = offsets_in.to(at::kLong).contiguous();
+    num_out = offsets.numel() - (include_last_offset ? 1 : 0);
+    TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
+                      "one element");
+  }
+  at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
+  if (num_out == 0) return out;
+  const bool validate = validate_on_host();
+  const at::Tensor error =
+      validate ? at::zeros({1}, beta.options().dtype(at::kInt)) : at::Tensor();
+  int* err = validate ? error.data_ptr<int>() : nullptr;
+  const float* w = psw.defined() ? psw.data_ptr<float>() : nullptr;
+  const bool mean = mode == POOL_MEAN;
+  if (location.scalar_type() == at::kShort)
+    launch_for_output<int16_t>(t, location, indices, offsets, num_out, w, mean, err, out);
+  else
+    launch_for_output<int32_t>(t, location, indices, offsets, num_out, w, mean, err, out);
+  if (validate) {
+    const int flags = error.item<int>();
+    TORCH_CHECK_INDEX(!(flags & kBadIndex), op, "an index is out of range for a table of ",
+                      location.numel(), " rows");
+    TORCH_CHECK_VALUE(!(flags & kBadParam), op, "a location is outside the segments (", total,
+                      " rows)");
+    TORCH_CHECK_VALUE(!(flags & kBadStep), op, "steps must be positive and finite");
+    TORCH_CHECK_VALUE(!(flags & kBadOffsets), op, "offsets must start at 0, be non-decreasing ",
+                      "and not pass the end of indices (", n, ")");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CUDA, m) { m.impl("mpe_embedding_bag", &mpe_embedding_bag_cuda); }
+
+}  // namespace qembed
