@@ -8,8 +8,9 @@
 namespace qembed {
 
 // Lookups prefetch the row this many positions ahead: a gather from a large table waits on
-// memory, not on arithmetic.
-constexpr int64_t kPrefetchDistance = 16;
+// memory, not on arithmetic. 32 rather than 16: int8 Zipf lookups into 4M rows ran ~10%
+// faster relative to torch.ops.quantized's (8 was slower, 48 no better).
+constexpr int64_t kPrefetchDistance = 32;
 
 // Prefetches every cache line a row touches: one per 64 bytes from its start, and its last
 // byte's line when that can be a further one. Rows start at multiples of gcd(stride, 64)

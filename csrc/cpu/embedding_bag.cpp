@@ -38,13 +38,18 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
                        const float* psw, int64_t dim, int64_t fmt, float table_step,
                        int64_t padding_idx, int64_t d0, BagSum& bag) {
   const bool tail = prefetch_needs_tail(stride);
+  // Locals, not `bag`'s fields: through the reference each row would wait on the previous
+  // row's store of the running sum.
+  float shift = 0.0f;
+  int64_t count = 0;
+  bool bad_index = false;
   for (int64_t p = p0; p < p1; ++p) {
     if (d0 == 0 && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
       prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
                    tail);
     const int64_t r = idx[p];
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
-      bag.bad_index = true;
+      bad_index = true;
       continue;
     }
     if (r == padding_idx) continue;
@@ -53,10 +58,13 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
     const float w = psw ? psw[p] : 1.0f;
     const float a = w * prm.scale;
     accum.template add<BITS>(row + d0 * BITS / 8, a);
-    if (d0 == 0) {
-      bag.shift += a * static_cast<float>(prm.offset) + w * prm.bias;
-      ++bag.count;
-    }
+    shift += a * static_cast<float>(prm.offset) + w * prm.bias;
+    ++count;
+  }
+  if (d0 == 0) {
+    bag.shift = shift;
+    bag.count = count;
+    bag.bad_index = bad_index;
   }
 }
 
