@@ -135,6 +135,37 @@ inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indic
 }
 
 // lowp_update's float32 tensors: contiguous [n0, n1] on the table's device.
+// embedding_bag_backward's arguments: grad_out [B, D] floating point, indices beside it.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& indices,
+                                int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, "qembed.embedding_bag_backward: grad_out must be ",
+                    "2-D, got ", grad_out.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_out.scalar_type()),
+                   "qembed.embedding_bag_backward: grad_out must be floating point");
+  check_index_dtype(indices, "indices");
+  check_same_device(indices, "indices", grad_out, "grad_out");
+}
+
+// embedding_bag_psw_backward's arguments: the lookup's (sum or none) and grad_out
+// [num_out, dim] beside the table; returns num_out.
+inline int64_t check_psw_backward_args(const at::Tensor& grad_out, const at::Tensor& rows,
+                                       const at::Tensor& indices, const at::Tensor& offsets,
+                                       const c10::optional<at::Tensor>& step, int64_t bits,
+                                       int64_t dim, int64_t fmt, int64_t mode,
+                                       bool include_last_offset) {
+  const int64_t num_out = check_lookup_args(rows, indices, offsets, c10::nullopt, step, bits,
+                                            dim, fmt, mode, include_last_offset, at::kFloat);
+  TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                    "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == num_out && grad_out.size(1) == dim,
+                    "qembed.embedding_bag_psw_backward: grad_out must be [", num_out, ", ", dim,
+                    "], got ", grad_out.sizes());
+  check_same_device(grad_out, "grad_out", rows, "the table");
+  return num_out;
+}
+
 inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1,
                              const at::Tensor& rows) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,

@@ -48,13 +48,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, int64_t mode, bool include_last_offset,
     int64_t padding_idx) {
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2, "qembed.embedding_bag_backward: grad_out must be ",
-                    "2-D, got ", grad_out_in.dim(), "-D");
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_out_in.scalar_type()),
-                   "qembed.embedding_bag_backward: grad_out must be floating point");
-  check_index_dtype(indices_in, "indices");
+  check_backward_args(grad_out_in, indices_in, mode);
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel(), dim = grad_out.size(1);

@@ -18,14 +18,9 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
                                           const c10::optional<at::Tensor>& step, int64_t bits,
                                           int64_t dim, int64_t fmt, int64_t mode,
                                           bool include_last_offset, int64_t padding_idx) {
-  const int64_t num_out = check_lookup_args(rows_in, indices_in, offsets_in, c10::nullopt, step,
-                                            bits, dim, fmt, mode, include_last_offset, at::kFloat);
-  TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                    "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == num_out &&
-                        grad_out_in.size(1) == dim,
-                    "qembed.embedding_bag_psw_backward: grad_out must be [", num_out, ", ", dim,
-                    "], got ", grad_out_in.sizes());
+  const int64_t num_out =
+      check_psw_backward_args(grad_out_in, rows_in, indices_in, offsets_in, step, bits, dim, fmt,
+                              mode, include_last_offset);
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
