@@ -3,12 +3,13 @@
 // indices are prefetched because a lookup into a large table waits on memory, not on math.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <algorithm>
-#include <atomic>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
@@ -30,21 +31,24 @@ struct BagSum {
 };
 
 // Adds the columns [d0, d0 + width) of the rows at positions [p0, p1) into `accum`; the
-// first block (d0 == 0) also prefetches and counts. Indices are range-checked here, as the
-// rows are read, rather than in a separate pass over all of them.
-template <int BITS, typename Acc, typename index_t>
+// FIRST block (d0 == 0) also prefetches and counts. Indices are range-checked here, as the
+// rows are read, rather than in a separate pass over all of them. Width, format and FIRST
+// are compile-time so that the row's parameters and the column offsets of its codes fold
+// into constants: a per-row loop with them at run time spilled and reloaded them every row.
+template <int BITS, int64_t FMT, bool FIRST, typename Acc, typename index_t>
 inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64_t stride,
                        const index_t* idx, int64_t p0, int64_t p1, int64_t last,
-                       const float* psw, int64_t dim, int64_t fmt, float table_step,
-                       int64_t padding_idx, int64_t d0, BagSum& bag) {
+                       const float* psw, int64_t dim, float table_step, int64_t padding_idx,
+                       int64_t d0, BagSum& bag) {
   const bool tail = prefetch_needs_tail(stride);
+  const int64_t col = FIRST ? 0 : d0 * BITS / 8;
   // Locals, not `bag`'s fields: through the reference each row would wait on the previous
   // row's store of the running sum.
   float shift = 0.0f;
   int64_t count = 0;
   bool bad_index = false;
   for (int64_t p = p0; p < p1; ++p) {
-    if (d0 == 0 && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
+    if (FIRST && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
       prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
                    tail);
     const int64_t r = idx[p];
@@ -54,14 +58,16 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
     }
     if (r == padding_idx) continue;
     const uint8_t* row = table + r * stride;
-    const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+    const RowParams prm = row_params(row, dim, BITS, FMT, table_step);
     const float w = psw ? psw[p] : 1.0f;
     const float a = w * prm.scale;
-    accum.template add<BITS>(row + d0 * BITS / 8, a);
-    shift += a * static_cast<float>(prm.offset) + w * prm.bias;
-    ++count;
+    accum.template add<BITS>(row + col, a);
+    if (FIRST) {
+      shift += a * static_cast<float>(prm.offset) + w * prm.bias;
+      ++count;
+    }
   }
-  if (d0 == 0) {
+  if (FIRST) {
     bag.shift = shift;
     bag.count = count;
     bag.bad_index = bad_index;
@@ -69,28 +75,32 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
 }
 
 // Pools positions [p0, p1) into acc[0, dim) (overwritten). Columns go in blocks of kLanes
-// whose accumulators stay in registers; rows are re-read from cache for later blocks.
-template <int BITS, typename index_t>
+// whose accumulators stay in registers; rows are re-read from cache for later blocks (D > 128
+// only, with the generic accumulator).
+template <int BITS, int64_t FMT, typename index_t>
 inline BagSum pool_bag(const uint8_t* table, int64_t num_rows, int64_t stride,
                        const index_t* idx, int64_t p0, int64_t p1, int64_t last,
-                       const float* psw, int64_t dim, int64_t fmt, float table_step,
-                       int64_t padding_idx, float* acc) {
+                       const float* psw, int64_t dim, float table_step, int64_t padding_idx,
+                       float* acc) {
   BagSum bag;
-  for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
-    const int64_t width = std::min<int64_t>(kLanes, dim - d0);
-    with_accumulator(width, [&](auto&& accum) {
-      pool_block<BITS>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim, fmt,
-                       table_step, padding_idx, d0, bag);
-      accum.store(acc + d0);
-    });
+  with_accumulator(std::min<int64_t>(kLanes, dim), [&](auto&& accum) {
+    pool_block<BITS, FMT, true>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
+                                table_step, padding_idx, 0, bag);
+    accum.store(acc);
+  });
+  for (int64_t d0 = kLanes; d0 < dim; d0 += kLanes) {
+    Accumulator accum(std::min<int64_t>(kLanes, dim - d0));
+    pool_block<BITS, FMT, false>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
+                                 table_step, padding_idx, d0, bag);
+    accum.store(acc + d0);
   }
   return bag;
 }
 
 // Returns false if an index was out of range (its rows were skipped).
-template <int BITS, typename index_t, typename out_t>
+template <int BITS, int64_t FMT, typename index_t, typename out_t>
 bool pool_bags(const uint8_t* table, int64_t num_rows, int64_t stride, const index_t* idx,
-               const std::vector<int64_t>& starts, const float* psw, int64_t dim, int64_t fmt,
+               const std::vector<int64_t>& starts, const float* psw, int64_t dim,
                float table_step, bool mean, int64_t padding_idx, out_t* out) {
   const int64_t num_bags = static_cast<int64_t>(starts.size()) - 1;
   const int64_t grain = std::max<int64_t>(1, 4096 / (1 + starts.back() / std::max<int64_t>(1, num_bags)));
@@ -100,9 +110,9 @@ bool pool_bags(const uint8_t* table, int64_t num_rows, int64_t stride, const ind
     const int64_t last = starts[end];
     bool valid = true;
     for (int64_t b = begin; b < end; ++b) {
-      const BagSum bag = pool_bag<BITS>(table, num_rows, stride, idx, starts[b], starts[b + 1],
-                                        last, psw, dim, fmt, table_step, padding_idx,
-                                        acc.data());
+      const BagSum bag = pool_bag<BITS, FMT>(table, num_rows, stride, idx, starts[b],
+                                             starts[b + 1], last, psw, dim, table_step,
+                                             padding_idx, acc.data());
       valid = valid && !bag.bad_index;
       const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
       store_row(acc.data(), bag.shift, dim, factor, out + b * dim);
@@ -164,9 +174,16 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
     if (mode == POOL_NONE) check_indices_in_range(idx, n, num_rows);
     auto run = [&](auto* dst) {
       return QEMBED_DISPATCH_BITS(bits, [&] {
-        if (mode != POOL_NONE)
-          return pool_bags<BITS>(rows.data_ptr<uint8_t>(), num_rows, stride, idx, starts, psw,
-                                 dim, fmt, table_step, mode == POOL_MEAN, padding_idx, dst);
+        if (mode != POOL_NONE) {
+          auto pool = [&](auto fmt_constant) {
+            return pool_bags<BITS, decltype(fmt_constant)::value>(
+                rows.data_ptr<uint8_t>(), num_rows, stride, idx, starts, psw, dim, table_step,
+                mode == POOL_MEAN, padding_idx, dst);
+          };
+          if (fmt == SYM_ROW) return pool(std::integral_constant<int64_t, SYM_ROW>());
+          if (fmt == SYM_TABLE) return pool(std::integral_constant<int64_t, SYM_TABLE>());
+          return pool(std::integral_constant<int64_t, AFFINE>());
+        }
         lookup_rows<BITS>(rows.data_ptr<uint8_t>(), stride, idx, n, psw, dim, fmt, table_step,
                           padding_idx, dst);
         return true;
