@@ -92,10 +92,16 @@ def test_dequantize_equals_cpu(bits, fmt, dim):
     assert torch.equal(on_gpu.cpu(), t.dequantize())
 
 
+def gpu_embedding_bag(*args, **kwargs):
+    """The GPU lookup under test; tests/test_triton_cuda.py swaps in the Triton kernel to run
+    the lookup tests of this file on it too."""
+    return ops.embedding_bag(*args, **kwargs)
+
+
 def lookup_both(t, indices, offsets, **kwargs):
-    """(CUDA result, reference result on CPU) of the same lookup."""
+    """(GPU result, reference result on CPU) of the same lookup."""
     psw = kwargs.pop("per_sample_weights", None)
-    got = ops.embedding_bag(*cuda(t.rows, indices, offsets), t.bits, t.dim, t.fmt,
+    got = gpu_embedding_bag(*cuda(t.rows, indices, offsets), t.bits, t.dim, t.fmt,
                             *cuda(t.step), per_sample_weights=cuda(psw)[0], **kwargs)
     kwargs.pop("output_dtype", None)
     return got, t.lookup(indices, offsets, impl=reference, per_sample_weights=psw, **kwargs)
@@ -166,7 +172,7 @@ def test_embedding_bag_unaligned_view():
     flat[1:] = t.rows.flatten()
     view = flat.cuda()[1:].view(t.rows.shape)
     indices, offsets = random_bags(30, 10)
-    got = ops.embedding_bag(view, *cuda(indices, offsets), 6, 16, "affine")
+    got = gpu_embedding_bag(view, *cuda(indices, offsets), 6, 16, "affine")
     assert_close(got, t.lookup(indices, offsets, impl=reference))
 
 

@@ -5,9 +5,18 @@ import itertools
 import os
 
 import pytest
+import test_cuda
 import torch
 from conftest import BITS, FORMATS, MODES, random_bags, random_psw, random_table
-from test_cuda import assert_close, cuda
+from test_cuda import (  # noqa: F401 (the test_ functions are collected here too, on Triton)
+    assert_close,
+    cuda,
+    lookup_both,
+    test_embedding_bag_empty,
+    test_embedding_bag_options,
+    test_embedding_bag_unaligned_view,
+    test_embedding_bag_wide_rows,
+)
 from test_train_ops import STATE_WIDTH, make_batch, make_table, run_update, same
 
 from qembed import ops, reference
@@ -22,14 +31,13 @@ DIMS = [8, 64, 128, 136]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def lookup_both(t, indices, offsets, **kwargs):
-    """(Triton on CUDA, the reference on CPU) of the same lookup."""
-    psw = kwargs.pop("per_sample_weights", None)
-    with ops.use_triton():
-        got = ops.embedding_bag(*cuda(t.rows, indices, offsets), t.bits, t.dim, t.fmt,
-                                *cuda(t.step), per_sample_weights=cuda(psw)[0], **kwargs)
-    kwargs.pop("output_dtype", None)
-    return got, t.lookup(indices, offsets, impl=reference, per_sample_weights=psw, **kwargs)
+@pytest.fixture(autouse=True)
+def triton_lookup(monkeypatch):
+    """test_cuda's lookup tests, imported above, run here on the Triton kernel."""
+    def run(*args, **kwargs):
+        with ops.use_triton():
+            return ops.embedding_bag(*args, **kwargs)
+    monkeypatch.setattr(test_cuda, "gpu_embedding_bag", run)
 
 
 def check_lookup(t, mode, out_dtype):
@@ -58,57 +66,6 @@ def test_embedding_bag_matches_reference(bits, fmt, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_embedding_bag_dims_and_dtypes(mode, dim, out_dtype):
     check_lookup(random_table(300, dim, 4, "symmetric"), mode, out_dtype)
-
-
-@pytest.mark.parametrize("padding_idx", [None, 3])
-@pytest.mark.parametrize("include_last_offset", [False, True], ids=["no_last", "last"])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["idx32", "idx64"])
-@pytest.mark.parametrize("mode,with_psw", [("sum", True), ("mean", False), ("none", True)])
-@pytest.mark.parametrize("bits", [1, 3, 4, 8])
-def test_embedding_bag_options(bits, mode, with_psw, index_dtype, include_last_offset,
-                               padding_idx):
-    t = random_table(40, 24, bits, "affine")
-    indices, offsets = random_bags(40, 30, max_len=40, index_dtype=index_dtype,
-                                   offset_dtype=torch.int64 if index_dtype == torch.int32 else
-                                   torch.int32, include_last_offset=include_last_offset,
-                                   padding_idx=padding_idx)
-    psw = random_psw(indices.numel()) if with_psw else None
-    got, expected = lookup_both(t, indices, offsets, per_sample_weights=psw, mode=mode,
-                                include_last_offset=include_last_offset,
-                                padding_idx=padding_idx)
-    assert_close(got, expected)
-
-
-@pytest.mark.parametrize("bits", [2, 5, 8])
-def test_embedding_bag_wide_rows(bits):
-    t = random_table(50, 2056, bits, "symmetric")
-    indices, offsets = random_bags(50, 9, max_len=40)
-    got, expected = lookup_both(t, indices, offsets, mode="sum")
-    assert_close(got, expected)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_embedding_bag_empty(mode):
-    t = random_table(20, 64, 4, "symmetric")
-    offsets = torch.tensor([0, 0, 3, 3, 7, 7])
-    got, expected = lookup_both(t, torch.randint(0, 20, (7,)), offsets, mode=mode)
-    assert_close(got, expected)
-    empty = torch.zeros(0, dtype=torch.long)
-    got, _ = lookup_both(t, empty, torch.zeros(4, dtype=torch.long), mode=mode)
-    assert got.shape == ((0 if mode == "none" else 4), 64) and not got.any()
-    got, _ = lookup_both(t, empty, empty, mode=mode)
-    assert got.shape == (0, 64)
-
-
-def test_embedding_bag_unaligned_view():
-    t = random_table(30, 16, 6, "affine")
-    flat = torch.zeros(t.rows.numel() + 1, dtype=torch.uint8)
-    flat[1:] = t.rows.flatten()
-    view = flat.cuda()[1:].view(t.rows.shape)
-    indices, offsets = random_bags(30, 10)
-    with ops.use_triton():
-        got = ops.embedding_bag(view, *cuda(indices, offsets), 6, 16, "affine")
-    assert_close(got, t.lookup(indices, offsets, impl=reference))
 
 
 def test_bad_input_skipped_or_raised(monkeypatch):
