@@ -3,15 +3,22 @@
 # runs the GPU tests (under compute-sanitizer's memcheck too, where installed), the Triton
 # kernels' GPU tests (where triton is installed), the GPU lookup benchmark and the
 # training-step benchmark. Everything it prints and writes goes to OUT_DIR.
-#   bash benchmarks/gpu_run.sh OUT_DIR
+#   bash benchmarks/gpu_run.sh OUT_DIR [STEP ...]
+# STEPs (default: all, in this order): build tests triton_tests memcheck bench bench_train.
+# Naming some lets a machine that limits each command's time run them over several calls
+# (the build stays in place between them).
 # Exits non-zero if the build fails (at once) or any later step failed (after the rest ran).
 set -uo pipefail
-if [ $# -ne 1 ]; then
-  echo "usage: bash benchmarks/gpu_run.sh OUT_DIR" >&2
+if [ $# -lt 1 ]; then
+  echo "usage: bash benchmarks/gpu_run.sh OUT_DIR [build|tests|triton_tests|memcheck|bench|bench_train ...]" >&2
   exit 2
 fi
 mkdir -p "$1"
 out="$(cd "$1" && pwd)"
+arg1=$1
+shift
+steps=" ${*:-build tests triton_tests memcheck bench bench_train} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 die() { echo "gpu_run: $*" >&2; exit 1; }
@@ -31,23 +38,26 @@ export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}"
 export PATH="$CUDA_HOME/bin:$PATH"
 arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 {
-  echo "date: $(date -u +%FT%TZ)"; echo "command: bash benchmarks/gpu_run.sh $1"
+  echo "date: $(date -u +%FT%TZ)"; echo "command: bash benchmarks/gpu_run.sh $arg1$steps"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$nvcc" --version | tail -1
-} | tee "$out/environment.txt"
+} | tee -a "$out/environment.txt"
 
-echo "== build (sm_$arch)"
-start=$SECONDS
-QEMBED_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 ||
-  { tail -50 "$out/build.log"; die "build failed, see $out/build.log"; }
-echo "built in $((SECONDS - start)) s"
+if want build; then
+  echo "== build (sm_$arch)"
+  start=$SECONDS
+  QEMBED_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 ||
+    { tail -50 "$out/build.log"; die "build failed, see $out/build.log"; }
+  echo "built in $((SECONDS - start)) s"
+fi
 
 status=0
-step() {  # step NAME COMMAND...: runs it, logs to OUT_DIR/NAME.log, remembers a failure
+step() {  # step NAME COMMAND...: runs it if wanted, logs to OUT_DIR/NAME.log, remembers a failure
   local name=$1; shift
+  want "$name" || return 0
   echo "== $name"
   "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -57,7 +67,7 @@ step() {  # step NAME COMMAND...: runs it, logs to OUT_DIR/NAME.log, remembers a
 step tests "$py" -m pytest tests/test_cuda.py -m gpu -v -p no:cacheprovider
 if "$py" -c "import triton" 2>/dev/null; then
   step triton_tests "$py" -m pytest tests/test_triton_cuda.py -m gpu -v -p no:cacheprovider
-else
+elif want triton_tests; then
   echo "triton not installed: the Triton kernels' GPU tests skipped" | tee "$out/triton_tests.log"
 fi
 sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" 2>/dev/null)
@@ -66,7 +76,7 @@ if [ -n "$sanitizer" ]; then
   step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 \
     "$py" -m pytest tests/test_cuda.py -m gpu -q -x -p no:cacheprovider \
     -k "not compiled and not opcheck"
-else
+elif want memcheck; then
   echo "compute-sanitizer not found: memcheck skipped" | tee "$out/memcheck.log"
 fi
 step bench "$py" benchmarks/bench_lookup_gpu.py --out "$out"
