@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from common import make_indices, stamp, write_results
+    from common import make_indices, require_cuda_kernel, stamp, write_results
 except ImportError:  # run as a module from the repository root
-    from benchmarks.common import make_indices, stamp, write_results
+    from benchmarks.common import make_indices, require_cuda_kernel, stamp, write_results
 
 AO_OPS = {8: "embedding_bag_byte_rowwise_offsets", 4: "embedding_bag_4bit_rowwise_offsets"}
 
@@ -181,14 +181,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_lookup_gpu: no CUDA device visible to torch")
-    import qembed
-
-    if not (qembed.ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "qembed::embedding_bag", "CUDA")):
-        sys.exit("bench_lookup_gpu: qembed._C has no CUDA kernels; build with "
-                 "QEMBED_CUDA=1 python setup.py build_ext --inplace")
+    require_cuda_kernel("bench_lookup_gpu", "embedding_bag")
     print(stamp())
     results = run(args)
     notes = (f"R = {args.rows:,} rows, {args.bags:,} bags x {args.bag_len}, mode sum, int64 "

@@ -24,9 +24,13 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import qembed
+
+try:
+    from common import fp32_train_method
+except ImportError:  # run as a module from the repository root
+    from benchmarks.common import fp32_train_method
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,23 +61,6 @@ def make_batches(rows: int, bags: int, length: int, dist: str, count: int, gen):
             idx = torch.randint(0, rows, (n,), generator=gen)
         out.append((idx, offsets))
     return out
-
-
-def fp32_method(rows, dim, optimizer):
-    emb = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)
-    opt = (torch.optim.SparseAdam(emb.parameters(), lr=1e-3) if optimizer == "sparse_adam"
-           else torch.optim.Adagrad(emb.parameters(), lr=0.01))
-
-    def step(idx, off, grad):
-        emb(idx, off).backward(grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def nbytes():
-        state = sum(t.numel() * t.element_size() for s in opt.state.values()
-                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        return emb.weight.numel() * 4 + state
-    return step, nbytes
 
 
 def qembed_method(rows, dim, bits):
@@ -107,8 +94,8 @@ def fbgemm_method(rows, dim):
 
 
 def methods(rows, dim):
-    yield "fp32 + SparseAdam", lambda: fp32_method(rows, dim, "sparse_adam")
-    yield "fp32 + Adagrad", lambda: fp32_method(rows, dim, "adagrad")
+    yield "fp32 + SparseAdam", lambda: fp32_train_method(rows, dim, "sparse_adam")
+    yield "fp32 + Adagrad", lambda: fp32_train_method(rows, dim, "adagrad")
     yield "qembed int8 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 8)
     yield "qembed int4 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 4)
     try:

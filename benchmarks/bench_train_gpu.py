@@ -17,12 +17,11 @@ import statistics
 import sys
 
 import torch
-from torch import nn
 
 try:
-    from common import make_indices, stamp, write_results
+    from common import fp32_train_method, make_indices, require_cuda_kernel, stamp, write_results
 except ImportError:  # run as a module from the repository root
-    from benchmarks.common import make_indices, stamp, write_results
+    from benchmarks.common import fp32_train_method, make_indices, require_cuda_kernel, stamp, write_results
 
 
 def parse_args(argv=None):
@@ -57,23 +56,6 @@ def step_time(step, batches, grad, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def fp32_method(rows: int, dim: int, optimizer: str):
-    emb = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device="cuda")
-    opt = (torch.optim.SparseAdam(emb.parameters(), lr=1e-3) if optimizer == "sparse_adam"
-           else torch.optim.Adagrad(emb.parameters(), lr=0.01))
-
-    def step(idx, off, grad):
-        emb(idx, off).backward(grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def nbytes():
-        state = sum(t.numel() * t.element_size() for s in opt.state.values()
-                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        return emb.weight.numel() * 4 + state
-    return step, nbytes
-
-
 def qembed_method(rows: int, dim: int, bits: int):
     import qembed
 
@@ -86,8 +68,8 @@ def qembed_method(rows: int, dim: int, bits: int):
 
 
 METHODS = {
-    "fp32 + SparseAdam": lambda r, d: fp32_method(r, d, "sparse_adam"),
-    "fp32 + Adagrad (sparse)": lambda r, d: fp32_method(r, d, "adagrad"),
+    "fp32 + SparseAdam": lambda r, d: fp32_train_method(r, d, "sparse_adam", "cuda"),
+    "fp32 + Adagrad (sparse)": lambda r, d: fp32_train_method(r, d, "adagrad", "cuda"),
     "qembed int8 (rw-Adagrad, SR, ALPT)": lambda r, d: qembed_method(r, d, 8),
 }
 
@@ -123,14 +105,7 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_train_gpu: no CUDA device visible to torch")
-    import qembed
-
-    if not (qembed.ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "qembed::lowp_update", "CUDA")):
-        sys.exit("bench_train_gpu: qembed._C has no CUDA training kernels; build with "
-                 "QEMBED_CUDA=1 python setup.py build_ext --inplace")
+    require_cuda_kernel("bench_train_gpu", "lowp_update")
     print(stamp())
     results = run(args)
     notes = (f"R = {args.rows:,} rows, {args.bags:,} bags x {args.bag_len} (int64 indices), "

@@ -50,6 +50,38 @@ def make_indices(dist: str, n: int, num_rows: int, generator: torch.Generator) -
     raise ValueError(f"unknown index distribution {dist!r}")
 
 
+def fp32_train_method(rows: int, dim: int, optimizer: str, device: str = "cpu"):
+    """The fp32 baseline of the training-step benchmarks: nn.EmbeddingBag(sparse=True) with
+    torch.optim.SparseAdam ("sparse_adam") or Adagrad; (step(idx, off, grad), nbytes())."""
+    emb = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
+    opt = (torch.optim.SparseAdam(emb.parameters(), lr=1e-3) if optimizer == "sparse_adam"
+           else torch.optim.Adagrad(emb.parameters(), lr=0.01))
+
+    def step(idx, off, grad):
+        emb(idx, off).backward(grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def nbytes():
+        state = sum(t.numel() * t.element_size() for s in opt.state.values()
+                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        return emb.weight.numel() * 4 + state
+    return step, nbytes
+
+
+def require_cuda_kernel(script: str, op: str) -> None:
+    """Exits with a message unless a CUDA device is visible and qembed._C has a CUDA kernel for
+    qembed::<op> (the GPU benchmarks time the compiled kernels)."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: no CUDA device visible to torch")
+    import qembed
+
+    if not (qembed.ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"qembed::{op}", "CUDA")):
+        sys.exit(f"{script}: qembed._C has no CUDA kernel for {op}; build with "
+                 "QEMBED_CUDA=1 python setup.py build_ext --inplace")
+
+
 def interleaved_median_times(fns: dict, inputs: list, repeats: int, clock=time.perf_counter,
                              warmup: int = 2) -> dict:
     """Median seconds of each fn(*inputs[i]), timing the candidates in turn within every

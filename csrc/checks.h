@@ -250,10 +250,13 @@ inline void check_search_args(const char* op, const at::Tensor& weight,
 // steps [S] and beta [D] (D a multiple of 8), an int16 or int32 row map, all on beta's
 // device; the mode and output dtype of a lookup. The values (positive steps, map entries
 // inside the segments) each device checks its own way.
-inline void check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
-                                    const at::Tensor& steps, const at::Tensor& beta,
-                                    const at::Tensor& location, int64_t mode,
-                                    at::ScalarType out_dtype) {
+// mpe_embedding_bag's arguments; returns the number of output rows.
+inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
+                                       const at::Tensor& steps, const at::Tensor& beta,
+                                       const at::Tensor& location, const at::Tensor& indices,
+                                       const at::Tensor& offsets,
+                                       const c10::optional<at::Tensor>& psw, int64_t mode,
+                                       bool include_last_offset, at::ScalarType out_dtype) {
   const char* op = "qembed.mpe_embedding_bag: ";
   TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
                     "1 (mean) or 2 (none), got ", mode);
@@ -286,6 +289,23 @@ inline void check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bi
                       bits[s], " bits, got ", seg.sizes());
     check_same_device(seg, "a segment", beta, "beta");
   }
+  check_index_dtype(indices, "indices");
+  check_same_device(indices, "indices", beta, "beta");
+  const int64_t n = indices.numel();
+  if (psw.has_value()) {
+    TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+    TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == n,
+                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
+    check_same_device(*psw, "per_sample_weights", beta, "beta");
+  }
+  if (mode == POOL_NONE) return n;
+  check_index_dtype(offsets, "offsets");
+  check_same_device(offsets, "offsets", beta, "beta");
+  const int64_t num_out = offsets.numel() - (include_last_offset ? 1 : 0);
+  TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
+                    "one element");
+  return num_out;
 }
 
 }  // namespace qembed

@@ -7,11 +7,11 @@ import os
 import pytest
 import test_cuda
 import torch
-from conftest import BITS, FORMATS, MODES, random_bags, random_psw, random_table
+from conftest import BITS, FORMATS, MODES, random_bags, random_table
 from test_cuda import (  # noqa: F401 (the test_ functions are collected here too, on Triton)
     assert_close,
+    check_lookup,
     cuda,
-    lookup_both,
     test_embedding_bag_empty,
     test_embedding_bag_options,
     test_embedding_bag_unaligned_view,
@@ -38,17 +38,6 @@ def triton_lookup(monkeypatch):
         with ops.use_triton():
             return ops.embedding_bag(*args, **kwargs)
     monkeypatch.setattr(test_cuda, "gpu_embedding_bag", run)
-
-
-def check_lookup(t, mode, out_dtype):
-    indices, offsets = random_bags(300, 50, max_len=70)  # bags of several row tiles
-    psw = None if mode == "mean" else random_psw(indices.numel())
-    got, expected = lookup_both(t, indices, offsets, per_sample_weights=psw, mode=mode,
-                                output_dtype=out_dtype)
-    assert_close(got, expected, out_dtype)
-    if mode == "none" and out_dtype == torch.float32:  # no pooling: the CPU's exact values
-        assert torch.equal(got.cpu(), t.lookup(indices, offsets, per_sample_weights=psw,
-                                               mode=mode))
 
 
 # Every specialisation is a Triton compilation: widths, formats and modes in full, dims and

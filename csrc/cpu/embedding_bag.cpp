@@ -123,20 +123,26 @@ bool pool_bags(const uint8_t* table, int64_t num_rows, int64_t stride, const ind
 }
 
 // mode none: out[p] = psw_p * dequantize(row[idx[p]]), rounded exactly as dequantize does.
+// Like the pooled lookup, it checks each index as it reads it; returns false if one was out
+// of range (its output row is left as zeros).
 template <int BITS, typename index_t, typename out_t>
-void lookup_rows(const uint8_t* table, int64_t stride, const index_t* idx, int64_t n,
-                 const float* psw, int64_t dim, int64_t fmt, float table_step,
+bool lookup_rows(const uint8_t* table, int64_t num_rows, int64_t stride, const index_t* idx,
+                 int64_t n, const float* psw, int64_t dim, int64_t fmt, float table_step,
                  int64_t padding_idx, out_t* out) {
+  std::atomic<bool> all_valid{true};
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> value(dim);
     const bool tail = prefetch_needs_tail(stride);
+    bool valid = true;
     for (int64_t p = begin; p < end; ++p) {
-      if (p + kPrefetchDistance < end)
+      if (p + kPrefetchDistance < end)  // a wild index only prefetches, never faults
         prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
                      tail);
       std::fill(value.begin(), value.end(), 0.0f);
       const int64_t r = idx[p];
-      if (r != padding_idx) {
+      if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
+        valid = false;
+      } else if (r != padding_idx) {
         const uint8_t* row = table + r * stride;
         const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
         accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
@@ -144,7 +150,9 @@ void lookup_rows(const uint8_t* table, int64_t stride, const index_t* idx, int64
       const float w = psw ? psw[p] : 1.0f;
       for (int64_t d = 0; d < dim; ++d) out[p * dim + d] = static_cast<out_t>(value[d] * w);
     }
+    if (!valid) all_valid = false;
   });
+  return all_valid;
 }
 
 at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indices_in,
@@ -171,7 +179,6 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
       const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
       starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
     }
-    if (mode == POOL_NONE) check_indices_in_range(idx, n, num_rows);
     auto run = [&](auto* dst) {
       return QEMBED_DISPATCH_BITS(bits, [&] {
         if (mode != POOL_NONE) {
@@ -184,9 +191,8 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
           if (fmt == SYM_TABLE) return pool(std::integral_constant<int64_t, SYM_TABLE>());
           return pool(std::integral_constant<int64_t, AFFINE>());
         }
-        lookup_rows<BITS>(rows.data_ptr<uint8_t>(), stride, idx, n, psw, dim, fmt, table_step,
-                          padding_idx, dst);
-        return true;
+        return lookup_rows<BITS>(rows.data_ptr<uint8_t>(), num_rows, stride, idx, n, psw, dim,
+                                 fmt, table_step, padding_idx, dst);
       });
     };
     bool valid;
@@ -196,7 +202,7 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
     // Positions after the last bag are not read, but are checked all the same.
     for (int64_t p = starts.empty() ? n : starts.back(); p < n && valid; ++p)
       valid = idx[p] >= 0 && idx[p] < num_rows;
-    // The pooled lookup skipped the bad rows; find the first one for the message.
+    // The lookup skipped the bad rows; find the first one for the message.
     if (!valid) check_indices_in_range(idx, n, num_rows);
   });
   return out;

@@ -166,7 +166,9 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
                                  const c10::optional<at::Tensor>& psw_in, int64_t mode,
                                  bool include_last_offset, at::ScalarType out_dtype) {
   const char* op = "qembed.mpe_embedding_bag: ";
-  check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, mode, out_dtype);
+  const int64_t num_out =
+      check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, indices_in,
+                              offsets_in, psw_in, mode, include_last_offset, out_dtype);
   const int64_t num_segments = static_cast<int64_t>(segments.size());
   const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
   const at::Tensor location = location_in.contiguous();
@@ -184,28 +186,15 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
                     total + seg.size(0), step, prefetch_needs_tail(seg.size(1))});
     total += seg.size(0);
   }
-  check_index_dtype(indices_in, "indices");
-  check_same_device(indices_in, "indices", beta, "beta");
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel();
   const int64_t* idx = indices.data_ptr<int64_t>();
   at::Tensor psw_t;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
-    psw_t = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
   std::vector<int64_t> starts;
-  int64_t num_out = n;
   if (mode != POOL_NONE) {
-    check_index_dtype(offsets_in, "offsets");
     const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-    num_out = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
-                      "one element");
     starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
   }
   at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));

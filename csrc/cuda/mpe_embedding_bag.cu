@@ -128,7 +128,9 @@ at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits
                                   const c10::optional<at::Tensor>& psw_in, int64_t mode,
                                   bool include_last_offset, at::ScalarType out_dtype) {
   const char* op = "qembed.mpe_embedding_bag: ";
-  check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, mode, out_dtype);
+  const int64_t num_out =
+      check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, indices_in,
+                              offsets_in, psw_in, mode, include_last_offset, out_dtype);
   const int64_t num_segments = static_cast<int64_t>(segments.size());
   TORCH_CHECK_VALUE(num_segments <= kMaxSegments, op, "at most ", kMaxSegments,
                     " segments on CUDA, got ", num_segments);
@@ -154,29 +156,12 @@ at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits
   t.dim = dim;
   t.num_rows = location.numel();
 
-  check_index_dtype(indices_in, "indices");
-  check_same_device(indices_in, "indices", beta, "beta");
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel();
   at::Tensor psw;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
-    check_same_device(*psw_in, "per_sample_weights", beta, "beta");
-    psw = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
   at::Tensor offsets;
-  int64_t num_out = n;
-  if (mode != POOL_NONE) {
-    check_index_dtype(offsets_in, "offsets");
-    check_same_device(offsets_in, "offsets", beta, "beta");
-    offsets = offsets_in.to(at::kLong).contiguous();
-    num_out = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
-                      "one element");
-  }
+  if (mode != POOL_NONE) offsets = offsets_in.to(at::kLong).contiguous();
   at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
   if (num_out == 0) return out;
   const bool validate = validate_on_host();
