@@ -4,11 +4,13 @@ symmetric_table format) on CPU, per byte fetched.
   python benchmarks/bench_mpe_lookup.py            # R = 2M rows, D = 64
   python benchmarks/bench_mpe_lookup.py --quick
 
-The mixed table has rows at 1, 2, 4 and 8 bits (a quarter each) plus its row map (int32
-here); the single-width tables have every row at one width. A random lookup into a large
-table waits on memory, which moves whole 64-byte cache lines: bytes fetched per lookup are
-counted in lines, the row's (averaged over where rows start within a line) plus, for the
-mixed table, its map entry's. The row bytes themselves are listed too. Times are the
+The mixed tables have rows at 1, 2, 4 and 8 bits (a quarter each), located two ways: with a
+row map (int32 here; every row's width drawn at random, so that only a map can say where it
+is) or with row ranges (128 groups of consecutive ids, each at a random width, as when ids
+are numbered by frequency: about a hundred ranges, which stay in L1). The single-width
+tables have every row at one width. A random lookup into a large table waits on memory,
+which moves whole 64-byte cache lines: bytes fetched per lookup are counted in lines, the
+row's (averaged over where rows start within a line) plus, for the row map, its entry's. The row bytes themselves are listed too. Times are the
 lookup thread's CPU time (one thread), medians over repeats in which every table is timed
 in turn, rotating through several index sets.
 """
@@ -67,16 +69,25 @@ def main():
                 t, i, o, b, d, "symmetric_table", s, mode="sum"))
         fetch[f"int{bits} single width"] = (code_bytes(d, bits),
                                             lines_per_row(stride, code_bytes(d, bits)))
-    row_bits = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (r,), generator=gen)]
-    mixed = MixedPrecisionEmbeddingBag(r, d, row_bits, mode="sum", trainable=False)
-    mixed.load_float_weight(weight, torch.full((4,), 0.01), torch.zeros(d))
-    mixed.eval()
-    segs = {b: s.shape[1] for b, s in zip(mixed.widths, mixed.segments())}
-    map_bytes = mixed.location.element_size()
-    fns["mixed 1/2/4/8 bits"] = lambda i, o: mixed(i, o)
-    fetch["mixed 1/2/4/8 bits"] = (
-        sum(code_bytes(d, b) for b in (1, 2, 4, 8)) / 4 + map_bytes,
-        sum(lines_per_row(segs[b], code_bytes(d, b)) for b in (1, 2, 4, 8)) / 4 + 1)
+    widths = torch.tensor([1, 2, 4, 8])
+    groups = 128
+    layouts = {"row map": widths[torch.randint(0, 4, (r,), generator=gen)],
+               "row ranges": torch.repeat_interleave(
+                   widths[torch.randperm(groups, generator=gen) % 4],
+                   torch.full((groups,), r // groups)).tolist() + [8] * (r % groups)}
+    for layout, row_bits in layouts.items():
+        mixed = MixedPrecisionEmbeddingBag(r, d, torch.as_tensor(row_bits), mode="sum",
+                                           trainable=False)
+        assert (mixed.location.dim() == 2) == (layout == "row ranges")
+        mixed.load_float_weight(weight, torch.full((4,), 0.01), torch.zeros(d))
+        mixed.eval()
+        segs = {b: s.shape[1] for b, s in zip(mixed.widths, mixed.segments())}
+        map_entry = mixed.location.element_size() if layout == "row map" else 0
+        name = f"mixed 1/2/4/8 bits, {layout}"
+        fns[name] = lambda i, o, m=mixed: m(i, o)
+        fetch[name] = (sum(code_bytes(d, b) for b in (1, 2, 4, 8)) / 4 + map_entry,
+                       sum(lines_per_row(segs[b], code_bytes(d, b)) for b in (1, 2, 4, 8)) / 4
+                       + (1 if map_entry else 0))
     with torch.no_grad():
         times = interleaved_median_times(fns, inputs, repeats=40, clock=time.thread_time)
     rows = []
@@ -93,9 +104,9 @@ def main():
         "mpe_lookup_cpu", rows,
         f"Mixed-width vs single-width pooled lookup, CPU, R={r}, D={d}, {args.bags} bags x "
         f"{args.pooling}, {args.dist}",
-        "lines_per_lookup: 64-byte cache lines a lookup reads (its row's, + 1 for the mixed "
-        "table's map entry); ns_per_line_vs_single_mix: time per line against the mean of "
-        "the four single-width tables (the mixed table holds a quarter of each width).")
+        "lines_per_lookup: 64-byte cache lines a lookup reads (its row's, + 1 for a row "
+        "map's entry); ns_per_line_vs_single_mix: time per line against the mean of the four "
+        "single-width tables (the mixed tables hold a quarter of each width).")
     print(table)
 
 

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <vector>
 #include "layout.h"
 #include "optim.h"
 
@@ -246,10 +247,45 @@ inline void check_search_args(const char* op, const at::Tensor& weight,
     check_same_device(*t, "a quantizer tensor", weight, "weight");
 }
 
+// mpe_embedding_bag's row locations come in two layouts: a row map (int16 or int32 [R]: each
+// row's position in the concatenated segments, -1 for a pruned row) or row ranges (int32
+// [K + 1, 2]: range k holds rows [ranges[k][0], ranges[k + 1][0]) at consecutive positions
+// from ranges[k][1], or pruned if that is -1; the last entry's first column is R, its
+// second unused). Ranges cost 8 bytes per run of rows of equal width instead of a map entry
+// per row: a table whose ids are numbered by frequency has a few hundred runs at most.
+inline bool is_row_ranges(const at::Tensor& location) { return location.dim() == 2; }
+
+// Row ranges (host memory, `num_ranges` + 1 entries) that start at row 0, increase, and put
+// each range inside one segment (`segment_ends`: past each segment's last position).
+inline void check_row_ranges(const int32_t* ranges, int64_t num_ranges,
+                             const std::vector<int64_t>& segment_ends) {
+  const char* op = "qembed.mpe_embedding_bag: ";
+  TORCH_CHECK_VALUE(ranges[0] == 0 || num_ranges == 0, op, "row ranges must start at row 0, got ",
+                    ranges[0]);
+  const int64_t total = segment_ends.empty() ? 0 : segment_ends.back();
+  for (int64_t k = 0; k < num_ranges; ++k) {
+    const int64_t first = ranges[2 * k], next = ranges[2 * k + 2], pos = ranges[2 * k + 1];
+    TORCH_CHECK_VALUE(next > first, op, "row ranges must increase, but range ", k + 1,
+                      " starts at ", next, " after range ", k, " at ", first);
+    if (pos == -1) continue;
+    int64_t end = total, seg_start = 0;
+    for (const int64_t e : segment_ends) {
+      if (pos < e) {
+        end = e;
+        break;
+      }
+      seg_start = e;
+    }
+    TORCH_CHECK_VALUE(pos >= 0 && pos >= seg_start && pos + (next - first) <= end, op,
+                      "row range ", k, " (rows ", first, " to ", next - 1, " at position ", pos,
+                      ") is outside the segments (", total, " rows) or crosses one's end");
+  }
+}
+
 // mpe_embedding_bag's table: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
-// steps [S] and beta [D] (D a multiple of 8), an int16 or int32 row map, all on beta's
-// device; the mode and output dtype of a lookup. The values (positive steps, map entries
-// inside the segments) each device checks its own way.
+// steps [S] and beta [D] (D a multiple of 8), a row map or row ranges, all on beta's device;
+// the mode and output dtype of a lookup. The values (positive steps, locations inside the
+// segments) each device checks its own way.
 // mpe_embedding_bag's arguments; returns the number of output rows.
 inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
                                        const at::Tensor& steps, const at::Tensor& beta,
@@ -274,9 +310,17 @@ inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef
   TORCH_CHECK_VALUE(steps.dim() == 1 && steps.numel() == num_segments, op,
                     "steps must have one entry per segment (", num_segments, "), got ",
                     steps.sizes());
-  TORCH_CHECK_TYPE(location.scalar_type() == at::kInt || location.scalar_type() == at::kShort,
-                   op, "location must be int16 or int32, got ", location.scalar_type());
-  TORCH_CHECK_VALUE(location.dim() == 1, op, "location must be 1-D");
+  if (is_row_ranges(location)) {
+    TORCH_CHECK_TYPE(location.scalar_type() == at::kInt, op, "row ranges must be int32, got ",
+                     location.scalar_type());
+    TORCH_CHECK_VALUE(location.size(0) >= 1 && location.size(1) == 2, op, "row ranges must be ",
+                      "[K + 1, 2], got ", location.sizes());
+  } else {
+    TORCH_CHECK_TYPE(location.scalar_type() == at::kInt || location.scalar_type() == at::kShort,
+                     op, "a row map must be int16 or int32, got ", location.scalar_type());
+    TORCH_CHECK_VALUE(location.dim() == 1, op, "location must be a 1-D row map or [K + 1, 2] ",
+                      "row ranges, got ", location.sizes());
+  }
   check_same_device(location, "location", beta, "beta");
   check_same_device(steps, "steps", beta, "beta");
   const int64_t dim = beta.numel();

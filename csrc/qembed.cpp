@@ -69,8 +69,9 @@ TORCH_LIBRARY(qembed, m) {
       "Tensor row_group, Tensor probs, Tensor alpha, Tensor beta, int[] bits, int numel) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Lookup over a mixed-width table: segments[s] uint8 [n_s, >= D*bits[s]/8] of offset-binary
-  // codes with step steps[s]; location int32 [R] is each row's position in the concatenated
-  // segments or -1 (0-bit row: reads as zeros). A stored row reads steps[s] * q + beta [D].
+  // codes with step steps[s]; location gives each row's position in the concatenated
+  // segments or -1 (0-bit row: reads as zeros), as a row map int16/int32 [R] or as row
+  // ranges int32 [K + 1, 2] (checks.h). A stored row reads steps[s] * q + beta [D].
   m.def(
       "mpe_embedding_bag(Tensor[] segments, int[] bits, Tensor steps, Tensor beta, "
       "Tensor location, Tensor indices, Tensor offsets, Tensor? per_sample_weights, int mode, "

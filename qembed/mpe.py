@@ -3,6 +3,8 @@ size report, and the retrain flow.
 
 The whole flow on a CTR model (see :mod:`qembed.experiment`, method ``"mpe"``)::
 
+    counts = train.feature_counts()           # ids by training frequency within each field:
+    train, valid = train.renumbered(counts), valid.renumbered(counts)   # groups are id runs
     groups = frequency_groups(train.feature_counts(), num_groups=128)
     model = DNN(field_dims, embedding_factory=lambda r, d: MixedPrecisionSearchEmbedding(
         r, d, groups=groups, reg_lambda=1e-6))
@@ -88,9 +90,9 @@ def sample_bits(probs: torch.Tensor, candidate_bits) -> torch.Tensor:
 class MixedPrecisionReport:
     """What a sample costs: widths per group and per row, average bits per value (weighted
     by rows), and bytes against fp32. ``table_bytes`` counts the packed codes (rows padded
-    as the stored table pads them), the steps, beta and the int16/int32 row map; ``code_bytes``
-    leaves the map out (what it costs if features are numbered by frequency group, so that
-    the vocabulary already maps ids to storage)."""
+    as the stored table pads them), the steps, beta and the row locations (row ranges, or a
+    row map where ids are not numbered by frequency); ``code_bytes`` leaves the locations
+    out."""
 
     group_bits: list[int]
     group_sizes: list[int]

@@ -266,8 +266,10 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
                       include_last_offset: bool = False,
                       output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One fused lookup over a mixed-width table: ``segments[s]`` holds rows of ``bits[s]``
-    bits (offset-binary codes, value ``steps[s] * q + beta``); ``location`` int32 [R] gives
-    each row's position in the concatenated segments, -1 for a 0-bit row (reads as zeros)."""
+    bits (offset-binary codes, value ``steps[s] * q + beta``); ``location`` gives each row's
+    position in the concatenated segments, -1 for a 0-bit row (reads as zeros): a row map
+    (int16/int32 [R]) or row ranges (int32 [K + 1, 2], see :func:`qembed.reference.row_map`),
+    which cost 8 bytes per run of equal width instead of a map entry per row."""
     if offsets is None and mode != "none":
         raise ValueError(f"qembed.mpe_embedding_bag: offsets is required with mode {mode!r}")
     bits = [int(b) for b in bits]

@@ -469,6 +469,21 @@ def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
     return grad_w, grad_alpha, grad_beta, grad_probs
 
 
+def row_map(location: torch.Tensor) -> torch.Tensor:
+    """A mixed-width table's row locations as a map (int64 [R]: each row's position in the
+    concatenated segments, -1 if pruned). ``location`` is a map already, or row ranges
+    (int32 [K + 1, 2]: range k holds rows ``[location[k, 0], location[k + 1, 0])`` at
+    consecutive positions from ``location[k, 1]``, or pruned if that is -1)."""
+    if location.dim() == 1:
+        return location.long()
+    first, pos = location[:, 0].long(), location[:-1, 1].long()
+    lengths = first[1:] - first[:-1]
+    start = torch.repeat_interleave(pos, lengths)
+    within = torch.arange(int(first[-1]), device=location.device) - \
+        torch.repeat_interleave(first[:-1], lengths)
+    return torch.where(start < 0, -1, start + within)
+
+
 def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torch.Tensor,
                       beta: torch.Tensor, location: torch.Tensor, indices: torch.Tensor,
                       offsets: torch.Tensor | None,
@@ -476,10 +491,12 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
                       include_last_offset: bool = False,
                       output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Lookup over a mixed-width table: each segment dequantized on its own (steps[s] * q +
-    beta), pruned rows (location -1) zero, then pooled."""
+    beta), pruned rows (location -1) zero, then pooled. ``location`` is a row map [R] or
+    row ranges [K + 1, 2] (see :func:`row_map`)."""
     pooling_id(mode)
     if per_sample_weights is not None and mode == "mean":
         raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
+    location = row_map(location)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
         raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
     dim = beta.numel()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BITS, FORMATS, MODES, random_bags, random_psw, random_steps, random_table
 from test_mpe_ops import BITS as MPE_BITS
-from test_mpe_ops import mixed_table, search_inputs
+from test_mpe_ops import LAYOUTS, mixed_table, search_inputs
 from test_train_ops import STATE_WIDTH, make_table, run_update, same
 
 from qembed import LowPrecisionEmbeddingBag, QuantizedEmbeddingBag, formats, ops, reference
@@ -542,13 +542,13 @@ def test_search_validated_in_debug_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("map_dtype", [torch.int16, torch.int32], ids=["map16", "map32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode,with_psw", [("sum", False), ("sum", True), ("mean", False),
                                            ("none", True)])
 @pytest.mark.parametrize("dim", [24, 136])
-def test_mixed_lookup_matches_cpu(dim, mode, with_psw, map_dtype, out_dtype):
+def test_mixed_lookup_matches_cpu(dim, mode, with_psw, layout, out_dtype):
     segments, seg_bits, steps, beta, location, _ = mixed_table(200, dim, [0, 1, 3, 4, 5, 8],
-                                                               map_dtype)
+                                                               layout)
     indices, offsets = random_bags(200, 30, max_len=40)
     offsets = None if mode == "none" else offsets
     psw = random_psw(indices.numel()) if with_psw else None
@@ -580,9 +580,13 @@ def test_mixed_lookup_options(include_last_offset):
     assert got.shape == (0, 16)
 
 
-def test_mixed_lookup_validated_in_debug_mode(monkeypatch):
-    segments, seg_bits, steps, beta, location, _ = mixed_table(20, 8, [1, 2])
-    location[3] = 10_000
+@pytest.mark.parametrize("layout", ["map32", "ranges"])
+def test_mixed_lookup_validated_in_debug_mode(monkeypatch, layout):
+    segments, seg_bits, steps, beta, location, _ = mixed_table(20, 8, [1, 2], layout)
+    if layout == "ranges":  # the range holding row 3 placed past the segments
+        location[int(torch.searchsorted(location[:, 0], 3, right=True)) - 1, 1] = 10_000
+    else:
+        location[3] = 10_000
     table = (cuda(*segments), seg_bits, *cuda(steps, beta, location))
     got = ops.mpe_embedding_bag(*table, torch.tensor([3], device="cuda"), None, None, "none")
     assert not got.any()  # skipped

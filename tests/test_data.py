@@ -257,3 +257,44 @@ def test_real_avazu():
     assert d.x.shape == (9_999, 23) and d.y.sum().item() == 1_706
     assert d.field_names[:3] == ["hour_of_day", "weekday", "C1"]
     assert set(d.vocab[1]) == {"1"}  # the sample's rows are all from Tuesday 2014-10-21
+
+
+def test_renumbered_orders_each_field_by_the_given_counts():
+    full = D.synthetic(num_samples=3000, field_dims=(50, 20, 7), seed=3)
+    train, valid, _ = full.split(seed=1)
+    counts = train.feature_counts()
+    renumbered = train.renumbered(counts)
+    new_counts = renumbered.feature_counts()
+    start = 0
+    for f, dim in enumerate(full.field_dims):
+        old, new = counts[start:start + dim], new_counts[start:start + dim]
+        # id 0 stays; the others carry the same counts, non-increasing, ties in old-id order
+        assert new[0] == old[0]
+        assert new[1:].tolist() == sorted(old[1:].tolist(), reverse=True)
+        # a bijection per field: the same old id always gets the same new id
+        pairs = set(zip(train.x[:, f].tolist(), renumbered.x[:, f].tolist()))
+        assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs)
+        start += dim
+    assert torch.equal(renumbered.y, train.y)
+    # every split renumbered alike: valid's rows map through the same per-field bijection
+    again = valid.renumbered(counts)
+    mapping = {(f, a): b for f in range(3)
+               for a, b in zip(train.x[:, f].tolist(), renumbered.x[:, f].tolist())}
+    for f in range(3):
+        for a, b in zip(valid.x[:, f].tolist(), again.x[:, f].tolist()):
+            assert mapping.get((f, a), b) == b
+    with pytest.raises(ValueError, match="entries"):
+        train.renumbered(counts[:-1])
+
+
+def test_renumbered_keeps_the_vocabulary_consistent(tmp_path):
+    path = write(tmp_path / "d.libfm", ["1 0:1 3:1", "-1 1:1 3:1", "1 1:1 4:1", "1 2:1 4:1",
+                                        "-1 1:1 4:1"])
+    data = D.load_libfm(path)
+    counts = torch.tensor([0, 3, 1, 0, 0, 0, 1, 2, 0, 0])[: sum(data.field_dims)]
+    out = data.renumbered(counts)
+    for f, (old, new) in enumerate(zip(data.vocab, out.vocab)):
+        assert old.keys() == new.keys()
+        for value in old:
+            rows = data.x[:, f] == old[value]
+            assert bool((out.x[rows, f] == new[value]).all())

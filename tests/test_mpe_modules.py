@@ -81,8 +81,12 @@ def test_bit_loss_and_search_gradients_reach_logits():
     assert (table.logits.grad[:, -1] > 0).all()
 
 
-def searched(rows=300, dim=16, groups=8, bag=False):
+def searched(rows=300, dim=16, groups=8, bag=False, ordered=False):
+    """A search table moved away from its start; ``ordered``: ids numbered by decreasing
+    frequency, so that each group is a run of consecutive ids."""
     counts = torch.randint(0, 30, (rows,))
+    if ordered:
+        counts = counts.sort(descending=True).values
     cls = MixedPrecisionSearchEmbeddingBag if bag else MixedPrecisionSearchEmbedding
     table = cls(rows, dim, groups=counts, num_groups=groups, init_std=0.05)
     with torch.no_grad():
@@ -108,6 +112,31 @@ def test_from_search_resets_to_initial_table_at_sampled_widths(bag):
                                        search.beta.detach(), b)
     torch.testing.assert_close(table.dequantize(), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(table.export().dequantize(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_groups_of_consecutive_ids_are_located_by_row_ranges(bag):
+    search = searched(dim=24, bag=bag, ordered=True)
+    group_bits = torch.tensor([6, 5, 5, 3, 0, 1, 0, 1])  # runs: 6 | 5 5 | 3 | 0 | 1 | 0 | 1
+    table = from_search(search, group_bits)
+    sizes = search.groups.sizes.tolist()
+    firsts = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    assert table.location.dtype == torch.int32 and table.location.shape == (8, 2)
+    assert table.location[:, 0].tolist() == [firsts[g] for g in (0, 1, 3, 4, 5, 6, 7, 8)]
+    assert torch.equal(table.row_bits, group_bits[search.row_group])
+    exported = table.export()
+    codes = sum(s * 24 * int(b) // 8 for s, b in zip(sizes, group_bits))
+    assert exported.nbytes == codes + 8 * 8 + 4 * 4 + 24 * 4  # codes, ranges, 4 steps, beta
+    assert mpe.report(exported).code_bytes == codes + 4 * 4 + 24 * 4
+    ids = torch.randint(0, 300, (40, 3))
+    want = table.dequantize()[ids]
+    got = table(ids.flatten(), torch.arange(0, 120, 3)) if bag else table(ids)
+    torch.testing.assert_close(got, want.mean(1) if bag else want)
+    # the same widths with ids in random order need the row map, and read the same
+    perm = torch.randperm(300)
+    cls = MixedPrecisionEmbeddingBag if bag else MixedPrecisionEmbedding
+    shuffled = cls(300, 24, table.row_bits[perm], trainable=False)
+    assert shuffled.location.dim() == 1 and torch.equal(shuffled.row_bits, table.row_bits[perm])
 
 
 def test_memory_is_sum_of_packed_groups():
@@ -139,8 +168,9 @@ def test_row_map_is_as_narrow_as_the_table_allows(rows, map_dtype):
     assert bool((table.location[~stored] == -1).all())
 
 
-def test_retrain_step_updates_each_segment_with_lowp_update():
-    search = searched()
+@pytest.mark.parametrize("ordered", [False, True], ids=["row_map", "row_ranges"])
+def test_retrain_step_updates_each_segment_with_lowp_update(ordered):
+    search = searched(ordered=ordered)
     table = from_search(search, torch.tensor([6, 4, 4, 2, 1, 0, 0, 3]), optimizer="sgd",
                         lr=0.05, rounding="nearest")
     before = table.dequantize()
@@ -161,10 +191,12 @@ def test_retrain_step_updates_each_segment_with_lowp_update():
         want[sel] = step * torch.round(w / step).clamp(-(2 ** (b - 1)), 2 ** (b - 1) - 1) + table.beta
     torch.testing.assert_close(table.dequantize(), want, rtol=0, atol=1e-5)
     assert (table.dequantize()[row_bits == 0] == 0).all()
+    assert table.location.dim() == (2 if ordered else 1)
 
 
-def test_state_dict_round_trip():
-    search = searched()
+@pytest.mark.parametrize("ordered", [False, True], ids=["row_map", "row_ranges"])
+def test_state_dict_round_trip(ordered):
+    search = searched(ordered=ordered)
     table = from_search(search, torch.tensor([6, 4, 4, 2, 1, 0, 0, 3]), optimizer="adam",
                         lr=0.01)
     table.train()

@@ -99,31 +99,57 @@ def test_search_backward_independent_of_threads():
         assert torch.equal(a, b)
 
 
-def mixed_table(rows, dim, widths, map_dtype=torch.int32):
-    """Random segments (padded rows for some widths), steps, beta and a random row map."""
-    perm = torch.randperm(rows)
-    row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,))]
-    segments, steps, location, start = [], [], torch.full((rows,), -1, dtype=map_dtype), 0
+LAYOUTS = ["map16", "map32", "ranges"]
+
+
+def mixed_table(rows, dim, widths, layout="map32"):
+    """Random segments (padded rows for some widths), steps, beta and the rows' locations:
+    a row map with rows at random positions, or row ranges (random runs of one width, each
+    run at a random place in its width's segment). Also returns the positions (int64 [R],
+    -1 pruned) that the locations describe."""
+    if layout == "ranges":
+        cuts = torch.randperm(rows - 1)[: max(rows // 6, 1)].add(1).sort().values.tolist()
+        runs = list(zip([0] + cuts, cuts + [rows]))
+        run_bits = torch.tensor(widths)[torch.randint(0, len(widths), (len(runs),))].tolist()
+    else:
+        row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,))]
+        perm = torch.randperm(rows)
+    segments, steps, positions, start = [], [], torch.full((rows,), -1), 0
     seg_bits = sorted(set(widths) - {0})
+    ranges = []
     for b in seg_bits:
-        members = perm[row_bits[perm] == b]
-        location[members] = torch.arange(start, start + members.numel(), dtype=map_dtype)
-        start += members.numel()
+        if layout == "ranges":
+            mine = [runs[i] for i in torch.randperm(len(runs)).tolist() if run_bits[i] == b]
+            for first, next_ in mine:
+                positions[first:next_] = torch.arange(start, start + next_ - first)
+                ranges.append((first, start))
+                start += next_ - first
+            n = sum(next_ - first for first, next_ in mine)
+        else:
+            members = perm[row_bits[perm] == b]
+            positions[members] = torch.arange(start, start + members.numel())
+            start += members.numel()
+            n = members.numel()
         width = formats.code_bytes(dim, b) + int(torch.randint(0, 3, ()))
-        segments.append(torch.randint(0, 256, (members.numel(), width), dtype=torch.uint8))
+        segments.append(torch.randint(0, 256, (n, width), dtype=torch.uint8))
         steps.append(float(torch.rand(())) + 0.1)
-    return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, row_bits
+    if layout == "ranges":
+        ranges += [(first, -1) for (first, _), b in zip(runs, run_bits) if b == 0]
+        location = torch.tensor(sorted(ranges) + [(rows, -1)], dtype=torch.int32)
+    else:
+        location = positions.to(torch.int16 if layout == "map16" else torch.int32)
+    return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, positions
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "none"])
 @pytest.mark.parametrize("psw", [False, True])
-@pytest.mark.parametrize("map_dtype", [torch.int16, torch.int32])
-def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, map_dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, layout):
     if psw and mode == "mean":
         pytest.skip("mean takes no per-sample weights")
     rows, dim = 80, 24
-    segments, seg_bits, steps, beta, location, row_bits = mixed_table(rows, dim, [0, 1, 3, 4, 8],
-                                                                      map_dtype)
+    segments, seg_bits, steps, beta, location, positions = mixed_table(rows, dim,
+                                                                       [0, 1, 3, 4, 8], layout)
     indices, offsets = bags(rows, mode)
     weights = torch.randn(indices.numel()) if psw else None
     got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
@@ -131,7 +157,7 @@ def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, map_dtype):
     # Every row's value from its own segment: unpacked codes, offset-binary, step, beta.
     table = torch.zeros(rows, dim)
     for r in range(rows):
-        loc = int(location[r])
+        loc = int(positions[r])
         if loc < 0:
             continue
         for seg, b, s in zip(segments, seg_bits, steps):
@@ -153,6 +179,38 @@ def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, map_dtype):
         ref = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
                                     weights, mode)
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_ranges_expand_to_their_map():
+    _, _, _, _, location, positions = mixed_table(500, 8, [0, 1, 2, 8], "ranges")
+    assert torch.equal(reference.row_map(location), positions)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.__setitem__((0, 0), 1), "start at row 0"),
+    (lambda r: r.__setitem__((2, 0), int(r[1, 0])), "must increase"),
+    (lambda r: r.__setitem__((-1, 0), int(r[-2, 0])), "must increase"),
+    (lambda r: r.__setitem__((int((r[:-1, 1] >= 0).nonzero()[0]), 1), 100_000), "outside"),
+    (lambda r: r.__setitem__((int((r[:-1, 1] >= 0).nonzero()[-1]), 1), 490), "crosses"),
+])
+def test_bad_row_ranges_raise(change, message):
+    segments, seg_bits, steps, beta, location, _ = mixed_table(500, 8, [0, 1, 2, 8], "ranges")
+    change(location)
+    with pytest.raises(ValueError, match=message):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, torch.tensor([3]), None,
+                              None, "none")
+    with pytest.raises(TypeError, match="int32"):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location.long(),
+                              torch.tensor([3]), None, None, "none")
+
+
+def test_index_past_row_ranges_raises():
+    segments, seg_bits, steps, beta, location, _ = mixed_table(300, 16, [0, 2, 8], "ranges")
+    indices = torch.randint(0, 300, (3000,))
+    indices[2222] = 300
+    with pytest.raises(IndexError, match="index 300 at position 2222 "):
+        ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices,
+                              torch.arange(0, 3000, 6), None, "sum")
 
 
 def test_bad_inputs_raise():

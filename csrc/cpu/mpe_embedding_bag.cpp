@@ -1,8 +1,8 @@
 // mpe_embedding_bag: one lookup over a mixed-width table. Rows live in segments, one per bit
 // width, each a uint8 [n_s, stride_s >= D*b_s/8] of offset-binary codes with one step
-// alpha_s; location[r] is row r's position in the concatenation of the segments, or -1 for
-// a pruned (0-bit) row. A stored row reads as alpha_s * q + beta, a pruned row as zeros
-// (it still counts in a mean). Rows of any width mix freely within a bag.
+// alpha_s; a row map or row ranges (checks.h) give row r's position in the concatenation of
+// the segments, or -1 for a pruned (0-bit) row. A stored row reads as alpha_s * q + beta, a
+// pruned row as zeros (it still counts in a mean). Rows of any width mix freely within a bag.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -32,23 +32,44 @@ struct RowRef {
   const uint8_t* codes;
   int64_t bits;
   float step;
-  bool valid;  // false for an index or map entry out of range: the lookup skips it
+  bool valid;  // false for an index or location out of range: the lookup skips it
 };
 
-template <typename map_t>  // int16 for tables under 2^15 rows, else int32
+// Positions from a row map (int16 for tables under 2^15 rows, else int32): one more random
+// read per row, prefetched ahead.
+template <typename map_t>
+struct RowMap {
+  const map_t* location;
+  int64_t num_rows;
+  QEMBED_INLINE int64_t position(int64_t r) const { return location[r]; }
+  void prefetch(int64_t r) const {  // a wild index only prefetches, never faults
+    __builtin_prefetch(location + r, 0, 3);
+  }
+};
+
+// Positions from row ranges (checked before the lookup): a binary search over the ranges'
+// first rows, which stay in L1.
+struct RowRanges {
+  const int32_t* ranges;  // [num_ranges + 1][2]
+  int64_t num_ranges, num_rows;
+  QEMBED_INLINE int64_t position(int64_t r) const { return range_position(ranges, num_ranges, r); }
+  void prefetch(int64_t) const {}
+};
+
+template <typename Locator>
 struct MixedTable {
   std::vector<Segment> segments;
-  const map_t* location;
-  int64_t num_rows;  // entries of location
-  int64_t total;     // stored rows, over all segments
+  Locator locator;
+  int64_t total;  // stored rows, over all segments
   const float* beta;
   int64_t dim;
 
-  // Row r found through the map; with `prefetch`, its cache lines are requested too. The
-  // segment is counted without a data-dependent branch.
+  // Row r's codes; with `prefetch`, its cache lines are requested too. The segment is
+  // counted without a data-dependent branch.
   QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return {nullptr, 0, 0, false};
-    const int64_t loc = location[r];
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(locator.num_rows))
+      return {nullptr, 0, 0, false};
+    const int64_t loc = locator.position(r);
     if (loc < 0 || loc >= total) return {nullptr, 0, 0, loc == -1};
     size_t k = 0;
     for (size_t j = 0; j + 1 < segments.size(); ++j) k += loc >= segments[j].end;
@@ -59,15 +80,15 @@ struct MixedTable {
   }
 };
 
-// Each row costs two dependent reads, its map entry and then its codes. Rows are found
-// kLookahead positions ahead of their use (their codes prefetched then, and kept in a ring),
-// map entries twice as far ahead. Half the single-width lookups' distance: with 32 the
+// With a row map each row costs two dependent reads, its map entry and then its codes. Rows
+// are found kLookahead positions ahead of their use (their codes prefetched then, and kept
+// in a ring), map entries twice as far ahead. Half the single-width lookups' distance: with 32 the
 // mixed lookup took ~1.3x as long per line fetched (bench_mpe_lookup.py).
 constexpr int64_t kLookahead = 16;
-template <typename map_t>
+template <typename Locator>
 class RowPipeline {
  public:
-  RowPipeline(const MixedTable<map_t>& t, const int64_t* idx, int64_t first, int64_t last)
+  RowPipeline(const MixedTable<Locator>& t, const int64_t* idx, int64_t first, int64_t last)
       : t_(t), idx_(idx), last_(last) {
     for (int64_t q = first; q < std::min(first + kLookahead, last); ++q)
       ring_[q % kLookahead] = t.row(idx[q], true);
@@ -85,10 +106,8 @@ class RowPipeline {
   }
 
  private:
-  void prefetch_entry(int64_t q) const {  // a wild index only prefetches, never faults
-    __builtin_prefetch(t_.location + idx_[q], 0, 3);
-  }
-  const MixedTable<map_t>& t_;
+  void prefetch_entry(int64_t q) const { t_.locator.prefetch(idx_[q]); }
+  const MixedTable<Locator>& t_;
   const int64_t* idx_;
   int64_t last_;
   RowRef ring_[kLookahead];
@@ -97,9 +116,9 @@ class RowPipeline {
 // One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
 // registers, each row decoded at its own width. The first block takes its rows from the
 // pipeline, later ones (D > kLanes) find them again, in cache by then. Returns false if it
-// met (and skipped) an invalid index or map entry.
-template <typename map_t, typename out_t>
-bool pool(const MixedTable<map_t>& t, RowPipeline<map_t>& rows, const int64_t* idx, int64_t p0,
+// met (and skipped) an invalid index or location.
+template <typename Locator, typename out_t>
+bool pool(const MixedTable<Locator>& t, RowPipeline<Locator>& rows, const int64_t* idx, int64_t p0,
           int64_t p1, const float* psw, bool mean, float* acc, out_t* out) {
   const int64_t dim = t.dim;
   float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
@@ -136,9 +155,9 @@ bool pool(const MixedTable<map_t>& t, RowPipeline<map_t>& rows, const int64_t* i
   return ok;
 }
 
-// Returns false if an index or map entry was invalid.
-template <typename map_t, typename out_t>
-bool lookup(const MixedTable<map_t>& t, const int64_t* idx, int64_t n, const float* psw,
+// Returns false if an index or location was invalid.
+template <typename Locator, typename out_t>
+bool lookup(const MixedTable<Locator>& t, const int64_t* idx, int64_t n, const float* psw,
             const std::vector<int64_t>* starts, bool mean, out_t* out) {
   const bool pooled = starts != nullptr;
   const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
@@ -146,7 +165,7 @@ bool lookup(const MixedTable<map_t>& t, const int64_t* idx, int64_t n, const flo
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, num_out, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(t.dim);
-    RowPipeline<map_t> rows(t, idx, start(begin), start(end));
+    RowPipeline<Locator> rows(t, idx, start(begin), start(end));
     bool ok = true;
     for (int64_t o = begin; o < end; ++o)
       ok = pool(t, rows, idx, start(o), start(o + 1), psw, mean, acc.data(), out + o * t.dim) &&
@@ -200,14 +219,27 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
   const std::vector<int64_t>* bags = mode == POOL_NONE ? nullptr : &starts;
   const bool mean = mode == POOL_MEAN;
-  auto run = [&](const auto* map) {
-    const MixedTable<std::remove_const_t<std::remove_pointer_t<decltype(map)>>> t{
-        segs, map, location.numel(), total, beta.data_ptr<float>(), dim};
-    bool ok;
-    if (out_dtype == at::kFloat) ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
-    else if (out_dtype == at::kHalf) ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
-    else ok = lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
-    if (ok) return;
+  auto run = [&](const auto& locator) {
+    const MixedTable<std::decay_t<decltype(locator)>> t{segs, locator, total,
+                                                         beta.data_ptr<float>(), dim};
+    if (out_dtype == at::kFloat) return lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
+    if (out_dtype == at::kHalf) return lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
+    return lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+  };
+  if (is_row_ranges(location)) {
+    const int32_t* ranges = location.data_ptr<int32_t>();
+    const int64_t num_ranges = location.size(0) - 1, num_rows = ranges[2 * num_ranges];
+    std::vector<int64_t> ends;
+    for (const Segment& seg : segs) ends.push_back(seg.end);
+    check_row_ranges(ranges, num_ranges, ends);
+    // The lookup skipped what was invalid, which can only be an index; name the first.
+    if (!run(RowRanges{ranges, num_ranges, num_rows})) check_indices_in_range(idx, n, num_rows);
+    return out;
+  }
+  auto run_map = [&](const auto* map) {
+    if (run(RowMap<std::remove_const_t<std::remove_pointer_t<decltype(map)>>>{
+            map, location.numel()}))
+      return;
     // The lookup skipped what was invalid; name the first offender.
     check_indices_in_range(idx, n, location.numel());
     for (int64_t p = 0; p < n; ++p) {
@@ -216,8 +248,8 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
                         " is outside the segments (", total, " rows)");
     }
   };
-  if (location.scalar_type() == at::kShort) run(location.data_ptr<int16_t>());
-  else run(location.data_ptr<int32_t>());
+  if (location.scalar_type() == at::kShort) run_map(location.data_ptr<int16_t>());
+  else run_map(location.data_ptr<int32_t>());
   return out;
 }
 

@@ -2,9 +2,9 @@
 // one warp per output row, one lane per column. A stored row of segment s adds
 // w * step_s * (code + Qn_s) + w * beta, accumulated as the CPU does: a fused multiply-add on
 // the raw code per row, the rows' constant terms summed apart and added once. Pruned rows
-// (location -1) add nothing and still count in a mean. Indices or map entries out of range
+// (location -1) add nothing and still count in a mean. Indices or locations out of range
 // are skipped without a synchronisation; QEMBED_CUDA_VALIDATE=1 waits and raises for them,
-// bad offsets and non-positive steps, as the CPU does.
+// bad offsets, non-positive steps and malformed row ranges, as the CPU does.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -30,18 +30,38 @@ struct MixedTable {
   int64_t total;  // rows in all segments
   const float* steps;
   const float* beta;
-  int64_t dim, num_rows;
+  int64_t dim;
+};
+
+// Rows' positions from a row map (int16 or int32 [R]).
+template <typename map_t>
+struct RowMap {
+  const map_t* location;
+  int64_t num_rows;
+  __device__ __forceinline__ int64_t rows() const { return num_rows; }
+  __device__ __forceinline__ int64_t position(int64_t r) const { return location[r]; }
+};
+
+// Rows' positions from row ranges (int32 [num_ranges + 1][2]); the row count is their last
+// entry, read on the device. Malformed ranges give positions that are checked like a map's.
+struct RowRanges {
+  const int32_t* ranges;
+  int64_t num_ranges;
+  __device__ __forceinline__ int64_t rows() const { return ranges[2 * num_ranges]; }
+  __device__ __forceinline__ int64_t position(int64_t r) const {
+    return range_position(ranges, num_ranges, r);
+  }
 };
 
 // Row r's codes and segment, or false for a pruned row or one out of range (flagged).
-template <typename map_t>
-__device__ __forceinline__ bool locate(const MixedTable& t, const map_t* location, int64_t r,
+template <typename Locator>
+__device__ __forceinline__ bool locate(const MixedTable& t, const Locator& locator, int64_t r,
                                        int* error, const uint8_t*& row, int& seg) {
-  if (r < 0 || r >= t.num_rows) {
+  if (r < 0 || r >= locator.rows()) {
     if (error != nullptr) atomicOr(error, kBadIndex);
     return false;
   }
-  const int64_t loc = static_cast<int64_t>(location[r]);
+  const int64_t loc = locator.position(r);
   if (loc == -1) return false;
   if (loc < -1 || loc >= t.total) {
     if (error != nullptr) atomicOr(error, kBadParam);
@@ -65,8 +85,8 @@ __device__ __forceinline__ uint32_t code_at(const uint8_t* row, int64_t d, int b
   return v & ((1u << bits) - 1u);
 }
 
-template <typename map_t, typename out_t>
-__global__ void mixed_lookup_kernel(MixedTable t, const map_t* __restrict__ location,
+template <typename Locator, typename out_t>
+__global__ void mixed_lookup_kernel(MixedTable t, Locator locator,
                                     const int64_t* __restrict__ idx, int64_t n,
                                     const int64_t* __restrict__ offsets, int64_t num_offsets,
                                     int64_t num_out, const float* __restrict__ psw, bool mean,
@@ -86,7 +106,7 @@ __global__ void mixed_lookup_kernel(MixedTable t, const map_t* __restrict__ loca
     for (int64_t p = start; p < end; ++p) {
       const uint8_t* row;
       int s;
-      if (!locate(t, location, idx[p], d == lane ? error : nullptr, row, s)) continue;
+      if (!locate(t, locator, idx[p], d == lane ? error : nullptr, row, s)) continue;
       const float w = psw != nullptr ? psw[p] : 1.0f, a = w * t.steps[s];
       acc = fmaf(a, static_cast<float>(code_at(row, d, t.bits[s])), acc);
       shift += a * static_cast<float>(qmin(t.bits[s]));
@@ -97,28 +117,28 @@ __global__ void mixed_lookup_kernel(MixedTable t, const map_t* __restrict__ loca
   }
 }
 
-template <typename map_t, typename out_t>
-void launch(const MixedTable& t, const at::Tensor& location, const at::Tensor& indices,
+template <typename Locator, typename out_t>
+void launch(const MixedTable& t, const Locator& locator, const at::Tensor& indices,
             const at::Tensor& offsets, int64_t num_out, const float* psw, bool mean, int* error,
             at::Tensor& out) {
-  mixed_lookup_kernel<map_t, out_t><<<blocks_for(num_out * kWarp), kBlock, 0, current_stream()>>>(
-      t, location.data_ptr<map_t>(), indices.data_ptr<int64_t>(), indices.numel(),
+  mixed_lookup_kernel<Locator, out_t><<<blocks_for(num_out * kWarp), kBlock, 0, current_stream()>>>(
+      t, locator, indices.data_ptr<int64_t>(), indices.numel(),
       offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr,
       offsets.defined() ? offsets.numel() : 0, num_out, psw, mean, error,
       static_cast<out_t*>(out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename map_t>
-void launch_for_output(const MixedTable& t, const at::Tensor& location,
-                       const at::Tensor& indices, const at::Tensor& offsets, int64_t num_out,
-                       const float* psw, bool mean, int* error, at::Tensor& out) {
+template <typename Locator>
+void launch_for_output(const MixedTable& t, const Locator& locator, const at::Tensor& indices,
+                       const at::Tensor& offsets, int64_t num_out, const float* psw, bool mean,
+                       int* error, at::Tensor& out) {
   if (out.scalar_type() == at::kFloat)
-    launch<map_t, float>(t, location, indices, offsets, num_out, psw, mean, error, out);
+    launch<Locator, float>(t, locator, indices, offsets, num_out, psw, mean, error, out);
   else if (out.scalar_type() == at::kHalf)
-    launch<map_t, at::Half>(t, location, indices, offsets, num_out, psw, mean, error, out);
+    launch<Locator, at::Half>(t, locator, indices, offsets, num_out, psw, mean, error, out);
   else
-    launch<map_t, at::BFloat16>(t, location, indices, offsets, num_out, psw, mean, error, out);
+    launch<Locator, at::BFloat16>(t, locator, indices, offsets, num_out, psw, mean, error, out);
 }
 
 at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits,
@@ -154,7 +174,6 @@ at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits
   t.steps = steps.data_ptr<float>();
   t.beta = beta.data_ptr<float>();
   t.dim = dim;
-  t.num_rows = location.numel();
 
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel();
@@ -170,14 +189,24 @@ at::Tensor mpe_embedding_bag_cuda(at::TensorList segments, c10::IntArrayRef bits
   int* err = validate ? error.data_ptr<int>() : nullptr;
   const float* w = psw.defined() ? psw.data_ptr<float>() : nullptr;
   const bool mean = mode == POOL_MEAN;
-  if (location.scalar_type() == at::kShort)
-    launch_for_output<int16_t>(t, location, indices, offsets, num_out, w, mean, err, out);
+  const bool ranged = is_row_ranges(location);
+  if (ranged && validate) {  // the CPU's checks of the ranges, on a copy
+    std::vector<int64_t> ends(t.end, t.end + num_segments);
+    const at::Tensor host = location.cpu();
+    check_row_ranges(host.data_ptr<int32_t>(), host.size(0) - 1, ends);
+  }
+  if (ranged)
+    launch_for_output(t, RowRanges{location.data_ptr<int32_t>(), location.size(0) - 1}, indices,
+                      offsets, num_out, w, mean, err, out);
+  else if (location.scalar_type() == at::kShort)
+    launch_for_output(t, RowMap<int16_t>{location.data_ptr<int16_t>(), location.numel()},
+                      indices, offsets, num_out, w, mean, err, out);
   else
-    launch_for_output<int32_t>(t, location, indices, offsets, num_out, w, mean, err, out);
+    launch_for_output(t, RowMap<int32_t>{location.data_ptr<int32_t>(), location.numel()},
+                      indices, offsets, num_out, w, mean, err, out);
   if (validate) {
     const int flags = error.item<int>();
-    TORCH_CHECK_INDEX(!(flags & kBadIndex), op, "an index is out of range for a table of ",
-                      location.numel(), " rows");
+    TORCH_CHECK_INDEX(!(flags & kBadIndex), op, "an index is out of range for the table");
     TORCH_CHECK_VALUE(!(flags & kBadParam), op, "a location is outside the segments (", total,
                       " rows)");
     TORCH_CHECK_VALUE(!(flags & kBadStep), op, "steps must be positive and finite");

@@ -12,8 +12,11 @@ the search trains an fp32 table anyway, with the model's dense optimizer.
 Mixed-width table (:class:`MixedPrecisionEmbeddingBag`, :class:`MixedPrecisionEmbedding`):
 rows are stored by width, one segment of offset-binary codes per width (groups of equal
 width share a segment: they share alpha_b and beta), read as ``alpha_b * q + beta``; 0-bit
-rows store nothing and read as zeros. ``location`` (int16 [R] up to 2^15 rows, else int32) maps a feature id to its
-position in the concatenated segments (-1: pruned). One kernel (``mpe_embedding_bag``)
+rows store nothing and read as zeros. ``location`` maps a feature id to its position in the
+concatenated segments (-1: pruned), in whichever of two layouts is smaller: row ranges
+(int32 [K + 1, 2], one per run of ids of equal width: a few hundred when ids are numbered by
+frequency, as :meth:`qembed.data.CTRDataset.renumbered` does) or a row map (int16 [R] up to
+2^15 rows, else int32). One kernel (``mpe_embedding_bag``)
 serves a batch mixing widths. Retraining updates each segment in place with ``lowp_update``
 (per-table step alpha_b, stochastic rounding by default): there is no fp32 table.
 """
@@ -165,21 +168,19 @@ class _MixedTable(nn.Module):
             raise ValueError("qembed: row widths must be in 0..8")
         if num_embeddings >= 2**31:
             raise ValueError("qembed: the row map is int32: at most 2^31 - 1 rows")
-        # The map costs a row index per feature: 2 bytes while positions fit in int16.
-        map_dtype = torch.int16 if num_embeddings <= 2**15 else torch.int32
         check_bits_dim(8, embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.trainable, self.train_options = trainable, train
         self.output_dtype = dtype or torch.float32
         self.group_bits = self.group_sizes = None  # set by from_search, for reports
         self.widths = sorted({int(b) for b in row_bits.tolist()} - {0})
-        location = torch.full((num_embeddings,), -1, dtype=map_dtype)
+        positions = torch.full((num_embeddings,), -1, dtype=torch.long)
         start = 0
         state_width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[train["optimizer"]]
         step_width = 2 if train["learn_step"] and train["step_optimizer"] == "adam" else 0
         for b in self.widths:
             rows = torch.nonzero(row_bits == b).flatten()  # ascending: slots follow ids
-            location[rows] = torch.arange(start, start + rows.numel(), dtype=map_dtype)
+            positions[rows] = torch.arange(start, start + rows.numel())
             start += rows.numel()
             # Trainable segments keep lowp_update's row layout (codes padded to 4 bytes);
             # inference segments hold the codes only.
@@ -190,16 +191,28 @@ class _MixedTable(nn.Module):
                 self.register_buffer(f"state{b}", torch.zeros(rows.numel(), state_width,
                                                               device=device))
                 self.register_buffer(f"step_state{b}", torch.zeros(1, step_width, device=device))
-        self.register_buffer("location", location.to(device))
+        self.register_buffer("location", _compact_location(positions, row_bits).to(device))
         self.register_buffer("steps", torch.ones(len(self.widths), device=device))
         self.register_buffer("beta", torch.zeros(embedding_dim, device=device))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """Storage positions of ``rows`` (ids, int64) in the concatenated segments, -1 for
+        pruned rows; int64."""
+        loc = self.location
+        if loc.dim() == 1:
+            return loc[rows].long()
+        first = loc[:, 0].long()
+        k = torch.searchsorted(first[:-1], rows, right=True) - 1
+        start = loc[k, 1].long()
+        return torch.where(start < 0, -1, start + rows - first[k])
 
     @property
     def row_bits(self) -> torch.Tensor:
         """Width of every row, int64 [R] (0: pruned)."""
         out = torch.zeros(self.num_embeddings, dtype=torch.long, device=self.location.device)
-        loc, start = self.location.long(), 0
+        loc = self.positions(torch.arange(self.num_embeddings, device=self.location.device))
+        start = 0
         for b in self.widths:
             n = getattr(self, f"codes{b}").shape[0]
             out[(loc >= start) & (loc < start + n)] = b
@@ -211,8 +224,8 @@ class _MixedTable(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the table as stored: every segment's packed rows, the row map, the steps
-        and beta (optimizer state excluded, see :attr:`state_nbytes`)."""
+        """Bytes of the table as stored: every segment's packed rows, the row locations, the
+        steps and beta (optimizer state excluded, see :attr:`state_nbytes`)."""
         return sum(t.numel() * t.element_size()
                    for t in self.segments() + [self.location, self.steps, self.beta])
 
@@ -283,7 +296,7 @@ class _MixedTable(nn.Module):
         # Storage positions of the touched rows, sorted: each segment's rows are then one
         # slice, still in increasing order (slots follow ids within a width), found with one
         # host read of the slice bounds instead of a masked selection per segment.
-        loc, order = torch.sort(self.location[rows].long())
+        loc, order = torch.sort(self.positions(rows))
         grad = grad[order]
         starts = list(itertools.accumulate(
             [0] + [getattr(self, f"codes{b}").shape[0] for b in self.widths]))
@@ -321,6 +334,21 @@ class _MixedTable(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, widths={self.widths}, "
                 f"trainable={self.trainable}")
+
+
+def _compact_location(positions: torch.Tensor, row_bits: torch.Tensor) -> torch.Tensor:
+    """The smaller layout of the rows' ``positions`` (int64 [R], consecutive within a run of
+    equal ``row_bits``): row ranges int32 [K + 1, 2] (first row and its position per run, then
+    [R, -1]) or a row map, int16 while positions fit, else int32."""
+    rows = positions.numel()
+    change = torch.ones(rows, dtype=torch.bool)
+    change[1:] = row_bits[1:] != row_bits[:-1]
+    first = torch.nonzero(change).flatten()
+    ranges = torch.cat([torch.stack([first, positions[first]], 1),
+                        torch.tensor([[rows, -1]])]).to(torch.int32)
+    map_dtype = torch.int16 if rows <= 2**15 else torch.int32
+    map_bytes = rows * torch.tensor([], dtype=map_dtype).element_size()
+    return ranges if ranges.numel() * 4 < map_bytes else positions.to(map_dtype)
 
 
 class MixedPrecisionEmbeddingBag(_MixedTable):
