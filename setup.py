@@ -39,7 +39,9 @@ def extension():
     sources = ["csrc/qembed.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: no fused multiply-adds, so kernels round exactly as the reference.
     # No -std: torch's build adds the standard its headers need (C++20 from torch 2.14 on).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -fno-tree-loop-distribute-patterns: GCC turned the accumulators' zeroing and storing
+    # loops into memset/memcpy calls, made once per bag.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-tree-loop-distribute-patterns"]
     if os.environ.get("QEMBED_NATIVE", "1") == "1":
         cxx += ["-march=native", "-mprefer-vector-width=512"]
     args = {"cxx": cxx}

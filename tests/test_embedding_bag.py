@@ -50,6 +50,20 @@ def test_matches_reference(bits, fmt, mode, dim):
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("dim", [192, 256, 264])
+@pytest.mark.parametrize("bits", BITS)
+def test_wide_rows_in_several_column_blocks(bits, dim):
+    """Rows wider than one accumulator block (64 columns with AVX2, 128 with AVX-512): later
+    blocks re-read the rows; full and partial blocks."""
+    t = random_table(40, dim, bits, "affine")
+    indices, offsets = random_bags(40, 15)
+    psw = random_psw(indices.numel())
+    for mode, w in (("sum", psw), ("mean", None)):
+        out = t.lookup(indices, offsets, per_sample_weights=w, mode=mode)
+        assert_close(out, t.lookup(indices, offsets, impl=reference, per_sample_weights=w,
+                                   mode=mode))
+
+
 @pytest.mark.parametrize("padding_idx", [None, 3])
 @pytest.mark.parametrize("include_last_offset", [False, True], ids=["no_last", "last"])
 @pytest.mark.parametrize("offset_dtype", INDEX_DTYPES, ids=["off32", "off64"])

@@ -75,8 +75,8 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
 }
 
 // Pools positions [p0, p1) into acc[0, dim) (overwritten). Columns go in blocks of kLanes
-// whose accumulators stay in registers; rows are re-read from cache for later blocks (D > 128
-// only, with the generic accumulator).
+// whose accumulators stay in registers; rows are re-read from cache for later blocks (D >
+// kLanes only).
 template <int BITS, int64_t FMT, typename index_t>
 inline BagSum pool_bag(const uint8_t* table, int64_t num_rows, int64_t stride,
                        const index_t* idx, int64_t p0, int64_t p1, int64_t last,
@@ -89,10 +89,11 @@ inline BagSum pool_bag(const uint8_t* table, int64_t num_rows, int64_t stride,
     accum.store(acc);
   });
   for (int64_t d0 = kLanes; d0 < dim; d0 += kLanes) {
-    Accumulator accum(std::min<int64_t>(kLanes, dim - d0));
-    pool_block<BITS, FMT, false>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
-                                 table_step, padding_idx, d0, bag);
-    accum.store(acc + d0);
+    with_accumulator(std::min<int64_t>(kLanes, dim - d0), [&](auto&& accum) {
+      pool_block<BITS, FMT, false>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
+                                   table_step, padding_idx, d0, bag);
+      accum.store(acc + d0);
+    });
   }
   return bag;
 }

@@ -4,7 +4,7 @@
 #include "../layout.h"
 #include "../philox.h"
 #include "../rounding.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <algorithm>
@@ -70,10 +70,19 @@ inline void accumulate_row(const uint8_t* codes, int64_t dim, float a, float c, 
 
 // The lookup's accumulator over a block of up to kLanes columns: acc[d] += a * u_d on the
 // raw codes u, one fused multiply-add per value. A row's constant part a * offset + c is
-// the same for every column, so the caller sums it once per bag instead.
-constexpr int64_t kLanes = 128;
-
+// the same for every column, so the caller sums it once per bag instead. kLanes columns'
+// sums fill half the vector registers: 8 of 32 zmm with AVX-512, 8 of 16 ymm with AVX2.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define QEMBED_ACCUMULATOR_AVX512 1
+constexpr int64_t kLanes = 128;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QEMBED_ACCUMULATOR_AVX2 1
+constexpr int64_t kLanes = 64;  // 16 sums for 128 columns ran no faster than two passes of 8
+#else
+constexpr int64_t kLanes = 128;
+#endif
+
+#if defined(QEMBED_ACCUMULATOR_AVX512)
 // 16 codes (2*bits bytes) per vector. A byte permute gives 32-bit lane i the two bytes
 // holding code i, a variable shift aligns it, a mask cuts it out. One table per width.
 struct DecodeTables {
@@ -196,6 +205,101 @@ class FixedAccumulator {
  private:
   __m512 sum_[VECS];
 };
+#elif defined(QEMBED_ACCUMULATOR_AVX2)
+// 8 codes (exactly `bits` bytes, read as one group) per vector. A byte shuffle gives 32-bit
+// lane i the two bytes holding code i, a variable shift aligns it, a mask cuts it out; 8-bit
+// codes need only a widening. Widths come as template parameters: without AVX-512's masked
+// byte loads a group cannot be read at a run-time width without reading past it, so mixed
+// rows dispatch on their width.
+struct DecodeTables8 {
+  alignas(32) uint8_t byte_index[9][32];
+  alignas(32) uint32_t shift[9][8];
+  constexpr DecodeTables8() : byte_index{}, shift{} {
+    for (int b = 1; b <= 8; ++b)
+      for (int i = 0; i < 8; ++i) {
+        const int first = (i * b) / 8;  // the same in both 128-bit halves (shuffles stay in one)
+        byte_index[b][4 * i] = static_cast<uint8_t>(first);
+        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);
+        byte_index[b][4 * i + 2] = byte_index[b][4 * i + 3] = 0x80;  // zero
+        shift[b][i] = static_cast<uint32_t>((i * b) % 8);
+      }
+  }
+};
+inline constexpr DecodeTables8 kDecodeTables8{};
+
+template <int BITS>
+QEMBED_INLINE __m256 decode8(const uint8_t* codes) {
+  if constexpr (BITS == 8) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(raw));
+  } else {
+    const __m256i group = _mm256_set1_epi64x(static_cast<int64_t>(load_group<BITS>(codes)));
+    const __m256i bytes = _mm256_shuffle_epi8(
+        group, _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecodeTables8.byte_index[BITS])));
+    const __m256i lanes = _mm256_and_si256(
+        _mm256_srlv_epi32(bytes, _mm256_load_si256(
+                                     reinterpret_cast<const __m256i*>(kDecodeTables8.shift[BITS]))),
+        _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(lanes);
+  }
+}
+
+// A block of exactly 8 * VECS columns, VECS <= 8: loop fully unrolled, sums in registers.
+template <int VECS>
+class VectorSums {
+ public:
+  VectorSums() {
+    for (int k = 0; k < VECS; ++k) sum_[k] = _mm256_setzero_ps();
+  }
+  template <int BITS>
+  QEMBED_INLINE void add(const uint8_t* codes, float a) {
+    const __m256 av = _mm256_set1_ps(a);
+#pragma GCC unroll 8
+    for (int k = 0; k < VECS; ++k)
+      sum_[k] = _mm256_fmadd_ps(av, decode8<BITS>(codes + k * BITS), sum_[k]);
+  }
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
+    QEMBED_DISPATCH_BITS(bits, [&] { add<BITS>(codes, a); });
+  }
+  QEMBED_INLINE void store(float* out) const {
+    for (int k = 0; k < VECS; ++k) _mm256_storeu_ps(out + 8 * k, sum_[k]);
+  }
+
+ private:
+  __m256 sum_[VECS];
+};
+
+// 16 * VECS columns, as the AVX-512 accumulator counts them.
+template <int VECS>
+struct FixedAccumulator : VectorSums<2 * VECS> {};
+
+// Any multiple of 8 up to kLanes columns (blocks of other widths than the fixed ones).
+class Accumulator {
+ public:
+  explicit Accumulator(int64_t width) : vectors_(static_cast<int>(width / 8)) {
+    for (int k = 0; k < kVectors; ++k) sum_[k] = _mm256_setzero_ps();
+  }
+  template <int BITS>
+  QEMBED_INLINE void add(const uint8_t* codes, float a) {
+    const __m256 av = _mm256_set1_ps(a);
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) {
+      if (k >= vectors_) break;
+      sum_[k] = _mm256_fmadd_ps(av, decode8<BITS>(codes + k * BITS), sum_[k]);
+    }
+  }
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
+    QEMBED_DISPATCH_BITS(bits, [&] { add<BITS>(codes, a); });
+  }
+  QEMBED_INLINE void store(float* out) const {
+    for (int k = 0; k < vectors_; ++k) _mm256_storeu_ps(out + 8 * k, sum_[k]);
+  }
+
+ private:
+  static constexpr int kVectors = kLanes / 8;
+  __m256 sum_[kVectors];
+  int vectors_;
+};
 #else
 class Accumulator {
  public:
@@ -228,8 +332,10 @@ struct FixedAccumulator : Accumulator {
 // usual widths get a fully unrolled one.
 template <typename F>
 inline void with_accumulator(int64_t width, F&& f) {
+  if constexpr (kLanes >= 128) {
+    if (width == 128) return f(FixedAccumulator<8>());
+  }
   switch (width) {
-    case 128: f(FixedAccumulator<8>()); break;
     case 64: f(FixedAccumulator<4>()); break;
     case 32: f(FixedAccumulator<2>()); break;
     case 16: f(FixedAccumulator<1>()); break;
