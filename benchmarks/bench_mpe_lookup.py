@@ -48,6 +48,7 @@ def main():
     parser.add_argument("--pooling", type=int, default=32)
     parser.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default="mpe_lookup_cpu", help="results file name")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.bags = 100_000, 256
@@ -101,7 +102,7 @@ def main():
     for x in rows:
         x["ns_per_line_vs_single_mix"] = x["ns_per_line"] / single
     table = write_results(
-        "mpe_lookup_cpu", rows,
+        args.name, rows,
         f"Mixed-width vs single-width pooled lookup, CPU, R={r}, D={d}, {args.bags} bags x "
         f"{args.pooling}, {args.dist}",
         "lines_per_lookup: 64-byte cache lines a lookup reads (its row's, + 1 for a row "

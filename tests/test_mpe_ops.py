@@ -181,6 +181,40 @@ def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, layout):
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1000, 100_000, 300_000])
+def test_row_ranges_of_very_uneven_lengths(rows):
+    """Runs of one row beside one long run: the lookup's buckets must find each (the largest
+    table has more single-row runs per bucket than the buckets allow, and searches)."""
+    firsts = list(range(12)) + [rows // 2, rows // 2 + 1]
+    bits = [1, 8, 2, 0, 4, 8, 1, 2, 8, 0, 4, 1, 2, 8]
+    starts = {b: 0 for b in (1, 2, 4, 8)}
+    lengths = [n - f for f, n in zip(firsts, firsts[1:] + [rows])]
+    ranges, sizes = [], {b: 0 for b in starts}
+    for b, length in zip(bits, lengths):
+        if b:
+            sizes[b] += length
+    offset, seg_start = 0, {}
+    for b in (1, 2, 4, 8):
+        seg_start[b] = offset
+        offset += sizes[b]
+    for f, b, length in zip(firsts, bits, lengths):
+        ranges.append((f, seg_start[b] + starts[b] if b else -1))
+        if b:
+            starts[b] += length
+    location = torch.tensor(ranges + [(rows, -1)], dtype=torch.int32)
+    dim = 8
+    segments = [torch.randint(0, 256, (sizes[b], dim * b // 8), dtype=torch.uint8)
+                for b in (1, 2, 4, 8)]
+    steps, beta = torch.rand(4) + 0.1, torch.randn(dim)
+    indices = torch.cat([torch.arange(14), torch.tensor(firsts), torch.randint(0, rows, (500,))])
+    got = ops.mpe_embedding_bag(segments, [1, 2, 4, 8], steps, beta, location, indices, None,
+                                None, "none")
+    with ops.use_reference():
+        want = ops.mpe_embedding_bag(segments, [1, 2, 4, 8], steps, beta, location, indices,
+                                     None, None, "none")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_row_ranges_expand_to_their_map():
     _, _, _, _, location, positions = mixed_table(500, 8, [0, 1, 2, 8], "ranges")
     assert torch.equal(reference.row_map(location), positions)
