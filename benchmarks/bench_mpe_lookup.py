@@ -10,9 +10,10 @@ is) or with row ranges (128 groups of consecutive ids, each at a random width, a
 are numbered by frequency: about a hundred ranges, which stay in L1). The single-width
 tables have every row at one width. A random lookup into a large table waits on memory,
 which moves whole 64-byte cache lines: bytes fetched per lookup are counted in lines, the
-row's (averaged over where rows start within a line) plus, for the row map, its entry's. The row bytes themselves are listed too. Times are the
-lookup thread's CPU time (one thread), medians over repeats in which every table is timed
-in turn, rotating through several index sets.
+row's (averaged over where rows start within a line) plus, for the row map, its entry's.
+The row bytes themselves are listed too. Times are the lookup thread's CPU time (one
+thread), medians over repeats in which every table is timed in turn, rotating through
+several index sets.
 """
 from __future__ import annotations
 
