@@ -260,8 +260,8 @@ inline bool is_row_ranges(const at::Tensor& location) { return location.dim() ==
 inline void check_row_ranges(const int32_t* ranges, int64_t num_ranges,
                              const std::vector<int64_t>& segment_ends) {
   const char* op = "qembed.mpe_embedding_bag: ";
-  TORCH_CHECK_VALUE(ranges[0] == 0 || num_ranges == 0, op, "row ranges must start at row 0, got ",
-                    ranges[0]);
+  // (with no ranges, the table must have no rows: ranges[0] is then R)
+  TORCH_CHECK_VALUE(ranges[0] == 0, op, "row ranges must start at row 0, got ", ranges[0]);
   const int64_t total = segment_ends.empty() ? 0 : segment_ends.back();
   for (int64_t k = 0; k < num_ranges; ++k) {
     const int64_t first = ranges[2 * k], next = ranges[2 * k + 2], pos = ranges[2 * k + 1];

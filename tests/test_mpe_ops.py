@@ -238,6 +238,17 @@ def test_bad_row_ranges_raise(change, message):
                               torch.tensor([3]), None, None, "none")
 
 
+def test_rows_without_ranges_raise():
+    beta = torch.randn(8)
+    with pytest.raises(ValueError, match="start at row 0"):  # 5 rows, no range for them
+        ops.mpe_embedding_bag([], [], torch.zeros(0), beta, torch.tensor([[5, -1]], dtype=torch.int32),
+                              torch.tensor([1]), None, None, "none")
+    empty = ops.mpe_embedding_bag([], [], torch.zeros(0), beta,
+                                  torch.tensor([[0, -1]], dtype=torch.int32),
+                                  torch.zeros(0, dtype=torch.long), None, None, "none")
+    assert empty.shape == (0, 8)
+
+
 def test_index_past_row_ranges_raises():
     segments, seg_bits, steps, beta, location, _ = mixed_table(300, 16, [0, 2, 8], "ranges")
     indices = torch.randint(0, 300, (3000,))

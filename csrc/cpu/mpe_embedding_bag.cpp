@@ -82,8 +82,8 @@ struct MixedTable {
 
 // With a row map each row costs two dependent reads, its map entry and then its codes. Rows
 // are found kLookahead positions ahead of their use (their codes prefetched then, and kept
-// in a ring), map entries twice as far ahead. Half the single-width lookups' distance: with 32 the
-// mixed lookup took ~1.3x as long per line fetched (bench_mpe_lookup.py).
+// in a ring), map entries twice as far ahead. Half the single-width lookups' distance: with
+// 32 the mixed lookup took ~1.3x as long per line fetched (bench_mpe_lookup.py).
 constexpr int64_t kLookahead = 16;
 template <typename Locator>
 class RowPipeline {

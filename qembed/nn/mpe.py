@@ -167,7 +167,7 @@ class _MixedTable(nn.Module):
         if row_bits.numel() and (int(row_bits.min()) < 0 or int(row_bits.max()) > 8):
             raise ValueError("qembed: row widths must be in 0..8")
         if num_embeddings >= 2**31:
-            raise ValueError("qembed: the row map is int32: at most 2^31 - 1 rows")
+            raise ValueError("qembed: row locations are int32: at most 2^31 - 1 rows")
         check_bits_dim(8, embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.trainable, self.train_options = trainable, train
@@ -346,9 +346,11 @@ def _compact_location(positions: torch.Tensor, row_bits: torch.Tensor) -> torch.
     first = torch.nonzero(change).flatten()
     ranges = torch.cat([torch.stack([first, positions[first]], 1),
                         torch.tensor([[rows, -1]])]).to(torch.int32)
-    map_dtype = torch.int16 if rows <= 2**15 else torch.int32
-    map_bytes = rows * torch.tensor([], dtype=map_dtype).element_size()
-    return ranges if ranges.numel() * 4 < map_bytes else positions.to(map_dtype)
+    narrow = rows <= 2**15
+    map_bytes = rows * (2 if narrow else 4)
+    if ranges.numel() * 4 < map_bytes:
+        return ranges
+    return positions.to(torch.int16 if narrow else torch.int32)
 
 
 class MixedPrecisionEmbeddingBag(_MixedTable):
