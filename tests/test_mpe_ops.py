@@ -215,6 +215,26 @@ def test_row_ranges_of_very_uneven_lengths(rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_row_ranges_outnumbering_the_buckets():
+    """More ranges than the CPU lookup's bucket index holds buckets (at most 2^16): every
+    bucket holds several range starts, searched within the bucket."""
+    rows, dim = 1_200_000, 8
+    segments, seg_bits, steps, beta, location, _ = mixed_table(rows, dim, [0, 1, 2, 4, 8],
+                                                               "ranges")
+    assert location.shape[0] > 3 * 2 ** 16
+    indices = torch.cat([location[:-1, 0].long(), location[1:-1, 0].long() - 1,
+                         torch.randint(0, rows, (5000,))])
+    indices = indices[torch.randperm(indices.numel())]
+    offsets = torch.arange(0, indices.numel(), 7)
+    got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
+                                None, "sum")
+    with ops.use_reference():
+        want = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices,
+                                     offsets, None, "sum")
+    # sums of up to ~10^3 (8-bit codes): the kernel and the reference round differently
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
 def test_row_ranges_expand_to_their_map():
     _, _, _, _, location, positions = mixed_table(500, 8, [0, 1, 2, 8], "ranges")
     assert torch.equal(reference.row_map(location), positions)

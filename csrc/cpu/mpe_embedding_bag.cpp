@@ -35,41 +35,23 @@ struct RowRef {
   bool valid;  // false for an index or location out of range: the lookup skips it
 };
 
-// Positions from a row map (int16 for tables under 2^15 rows, else int32): one more random
-// read per row, prefetched ahead.
+// Rows found through a row map (int16 for tables under 2^15 rows, else int32): one more
+// random read per row. Rows are found kLookahead positions ahead of their use (their codes
+// prefetched then), map entries twice as far ahead: with the single-width distance (32) for
+// the rows the lookup took ~1.3x as long per line fetched (AVX-512 Xeon).
 template <typename map_t>
-struct RowMap {
+struct MapTable {
+  static constexpr int64_t kLookahead = kPrefetchDistance / 2;
+  const std::vector<Segment>& segments;
   const map_t* location;
   int64_t num_rows;
-  QEMBED_INLINE int64_t position(int64_t r) const { return location[r]; }
-  void prefetch(int64_t r) const {  // a wild index only prefetches, never faults
-    __builtin_prefetch(location + r, 0, 3);
-  }
-};
-
-// Positions from row ranges (checked before the lookup): a binary search over the ranges'
-// first rows, which stay in L1.
-struct RowRanges {
-  const int32_t* ranges;  // [num_ranges + 1][2]
-  int64_t num_ranges, num_rows;
-  QEMBED_INLINE int64_t position(int64_t r) const { return range_position(ranges, num_ranges, r); }
-  void prefetch(int64_t) const {}
-};
-
-template <typename Locator>
-struct MixedTable {
-  std::vector<Segment> segments;
-  Locator locator;
   int64_t total;  // stored rows, over all segments
-  const float* beta;
-  int64_t dim;
 
   // Row r's codes; with `prefetch`, its cache lines are requested too. The segment is
   // counted without a data-dependent branch.
   QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(locator.num_rows))
-      return {nullptr, 0, 0, false};
-    const int64_t loc = locator.position(r);
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return {nullptr, 0, 0, false};
+    const int64_t loc = location[r];
     if (loc < 0 || loc >= total) return {nullptr, 0, 0, loc == -1};
     size_t k = 0;
     for (size_t j = 0; j + 1 < segments.size(); ++j) k += loc >= segments[j].end;
@@ -78,49 +60,114 @@ struct MixedTable {
     if (prefetch) prefetch_row(codes, s.stride, s.prefetch_tail);
     return {codes, s.bits, s.step, true};
   }
+  void prefetch_entry(int64_t r) const {  // a wild index only prefetches, never faults
+    __builtin_prefetch(location + r, 0, 3);
+  }
 };
 
-// With a row map each row costs two dependent reads, its map entry and then its codes. Rows
-// are found kLookahead positions ahead of their use (their codes prefetched then, and kept
-// in a ring), map entries twice as far ahead. Half the single-width lookups' distance: with
-// 32 the mixed lookup took ~1.3x as long per line fetched (bench_mpe_lookup.py).
-constexpr int64_t kLookahead = 16;
-template <typename Locator>
-class RowPipeline {
+// Rows found through row ranges (checked before the lookup). A range lies in one segment,
+// so it carries that segment's fields, its row r at data + offset + r * stride. Not a binary
+// search per row (range_position): its chain of dependent reads took half the lookup's time
+// with rows in cache. A bucket index gives the ranges holding each bucket's first row, and
+// only the few buckets in which a range starts need a (short) search. Nothing to wait for, so rows are
+// prefetched as far ahead as in single-width lookups: at half that, too few were in flight.
+class RangeTable {
  public:
-  RowPipeline(const MixedTable<Locator>& t, const int64_t* idx, int64_t first, int64_t last)
+  static constexpr int64_t kLookahead = kPrefetchDistance;
+
+  RangeTable(const int32_t* rr, int64_t num_ranges, const std::vector<Segment>& segments)
+      : num_rows_(rr[2 * num_ranges]) {
+    for (int64_t k = 0; k <= num_ranges; ++k) {  // the last entry only ends the last range
+      Range g{rr[2 * k], nullptr, 0, 0, 0, 0.0f, false};
+      const int64_t pos = k < num_ranges ? rr[2 * k + 1] : -1;
+      if (pos >= 0) {
+        const Segment& s = *std::find_if(segments.begin(), segments.end(),
+                                         [&](const Segment& x) { return pos < x.end; });
+        g = {g.first, s.data, (pos - s.start - g.first) * s.stride, s.stride, s.bits, s.step,
+             s.prefetch_tail};
+      }
+      ranges_.push_back(g);
+    }
+    // About four buckets per range (at most 2^16), so that few hold a range's start.
+    while ((num_rows_ >> shift_) > std::min<int64_t>(4 * num_ranges, 1 << 16)) ++shift_;
+    const int64_t num_buckets = num_rows_ > 0 ? ((num_rows_ - 1) >> shift_) + 1 : 0;
+    int32_t k = 0;
+    for (int64_t b = 0; b < num_buckets; ++b) {
+      while (ranges_[k + 1].first <= (b << shift_)) ++k;
+      bucket_.push_back(k);
+    }
+    bucket_.push_back(static_cast<int32_t>(num_ranges - 1));  // bounds the last bucket
+  }
+  QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows_)) return {nullptr, 0, 0, false};
+    // Row r's range lies between those of its bucket's first row and the next bucket's;
+    // mostly they are one and the same.
+    const int64_t b = r >> shift_;
+    int64_t k = bucket_[b];
+    for (int64_t n = bucket_[b + 1] - k + 1; n > 1;) {
+      const int64_t half = n / 2;
+      k = ranges_[k + half].first <= r ? k + half : k;
+      n -= half;
+    }
+    const Range& g = ranges_[k];
+    if (!g.data) return {nullptr, 0, 0, true};
+    const uint8_t* codes = g.data + (g.offset + r * g.stride);
+    if (prefetch) prefetch_row(codes, g.stride, g.prefetch_tail);
+    return {codes, g.bits, g.step, true};
+  }
+  void prefetch_entry(int64_t) const {}
+
+ private:
+  struct Range {
+    int64_t first;        // its first row
+    const uint8_t* data;  // its segment's codes; null for a pruned range
+    int64_t offset, stride, bits;
+    float step;
+    bool prefetch_tail;
+  };
+  std::vector<Range> ranges_;    // num_ranges + 1, the last with first = num_rows
+  std::vector<int32_t> bucket_;  // bucket_[b]: the range holding row b << shift_, + 1 entry
+  int shift_ = 0;
+  int64_t num_rows_;
+};
+
+// Rows found Table::kLookahead positions ahead of their use, their codes prefetched then and
+// kept in a ring; a table's own reads (map entries) prefetched twice as far ahead.
+template <typename Table>
+class RowPipeline {
+  static constexpr int64_t kLookahead = Table::kLookahead;
+
+ public:
+  RowPipeline(const Table& t, const int64_t* idx, int64_t first, int64_t last)
       : t_(t), idx_(idx), last_(last) {
     for (int64_t q = first; q < std::min(first + kLookahead, last); ++q)
       ring_[q % kLookahead] = t.row(idx[q], true);
-    for (int64_t q = first + kLookahead; q < std::min(first + 2 * kLookahead, last);
-         ++q)
-      prefetch_entry(q);
+    for (int64_t q = first + kLookahead; q < std::min(first + 2 * kLookahead, last); ++q)
+      t_.prefetch_entry(idx_[q]);
   }
   // The row at position p; positions are taken in increasing order, each once.
   QEMBED_INLINE RowRef take(int64_t p) {
     RowRef& slot = ring_[p % kLookahead];
     const RowRef r = slot;
     if (p + kLookahead < last_) slot = t_.row(idx_[p + kLookahead], true);
-    if (p + 2 * kLookahead < last_) prefetch_entry(p + 2 * kLookahead);
+    if (p + 2 * kLookahead < last_) t_.prefetch_entry(idx_[p + 2 * kLookahead]);
     return r;
   }
 
  private:
-  void prefetch_entry(int64_t q) const { t_.locator.prefetch(idx_[q]); }
-  const MixedTable<Locator>& t_;
+  const Table& t_;
   const int64_t* idx_;
   int64_t last_;
   RowRef ring_[kLookahead];
 };
 
 // One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
-// registers, each row decoded at its own width. The first block takes its rows from the
-// pipeline, later ones (D > kLanes) find them again, in cache by then. Returns false if it
-// met (and skipped) an invalid index or location.
-template <typename Locator, typename out_t>
-bool pool(const MixedTable<Locator>& t, RowPipeline<Locator>& rows, const int64_t* idx, int64_t p0,
-          int64_t p1, const float* psw, bool mean, float* acc, out_t* out) {
-  const int64_t dim = t.dim;
+// registers, each row decoded at its own width, then + beta (per column). The first block
+// takes its rows from the pipeline, later ones (D > kLanes) find them again, in cache by
+// then. Returns false if it met (and skipped) an invalid index or location.
+template <typename Table, typename out_t>
+bool pool(const Table& t, RowPipeline<Table>& rows, const int64_t* idx, int64_t p0, int64_t p1,
+          const float* psw, bool mean, const float* beta, int64_t dim, float* acc, out_t* out) {
   float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
   bool ok = true;
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
@@ -151,24 +198,26 @@ bool pool(const MixedTable<Locator>& t, RowPipeline<Locator>& rows, const int64_
   }
   const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
   for (int64_t d = 0; d < dim; ++d)
-    out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * t.beta[d]) * factor);
+    out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * beta[d]) * factor);
   return ok;
 }
 
 // Returns false if an index or location was invalid.
-template <typename Locator, typename out_t>
-bool lookup(const MixedTable<Locator>& t, const int64_t* idx, int64_t n, const float* psw,
-            const std::vector<int64_t>* starts, bool mean, out_t* out) {
+template <typename Table, typename out_t>
+bool lookup(const Table& t, const int64_t* idx, int64_t n, const float* psw,
+            const std::vector<int64_t>* starts, bool mean, const float* beta, int64_t dim,
+            out_t* out) {
   const bool pooled = starts != nullptr;
   const int64_t num_out = pooled ? static_cast<int64_t>(starts->size()) - 1 : n;
   auto start = [&](int64_t o) { return pooled ? (*starts)[o] : o; };
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, num_out, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(t.dim);
-    RowPipeline<Locator> rows(t, idx, start(begin), start(end));
+    std::vector<float> acc(dim);
+    RowPipeline<Table> rows(t, idx, start(begin), start(end));
     bool ok = true;
     for (int64_t o = begin; o < end; ++o)
-      ok = pool(t, rows, idx, start(o), start(o + 1), psw, mean, acc.data(), out + o * t.dim) &&
+      ok = pool(t, rows, idx, start(o), start(o + 1), psw, mean, beta, dim, acc.data(),
+                out + o * dim) &&
            ok;
     if (!ok) all_ok = false;
   });
@@ -219,27 +268,28 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
   const std::vector<int64_t>* bags = mode == POOL_NONE ? nullptr : &starts;
   const bool mean = mode == POOL_MEAN;
-  auto run = [&](const auto& locator) {
-    const MixedTable<std::decay_t<decltype(locator)>> t{segs, locator, total,
-                                                         beta.data_ptr<float>(), dim};
-    if (out_dtype == at::kFloat) return lookup(t, idx, n, psw, bags, mean, out.data_ptr<float>());
-    if (out_dtype == at::kHalf) return lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::Half>());
-    return lookup(t, idx, n, psw, bags, mean, out.data_ptr<at::BFloat16>());
+  const float* beta_p = beta.data_ptr<float>();
+  auto run = [&](const auto& t) {
+    if (out_dtype == at::kFloat)
+      return lookup(t, idx, n, psw, bags, mean, beta_p, dim, out.data_ptr<float>());
+    if (out_dtype == at::kHalf)
+      return lookup(t, idx, n, psw, bags, mean, beta_p, dim, out.data_ptr<at::Half>());
+    return lookup(t, idx, n, psw, bags, mean, beta_p, dim, out.data_ptr<at::BFloat16>());
   };
   if (is_row_ranges(location)) {
     const int32_t* ranges = location.data_ptr<int32_t>();
-    const int64_t num_ranges = location.size(0) - 1, num_rows = ranges[2 * num_ranges];
+    const int64_t num_ranges = location.size(0) - 1;
     std::vector<int64_t> ends;
     for (const Segment& seg : segs) ends.push_back(seg.end);
     check_row_ranges(ranges, num_ranges, ends);
     // The lookup skipped what was invalid, which can only be an index; name the first.
-    if (!run(RowRanges{ranges, num_ranges, num_rows})) check_indices_in_range(idx, n, num_rows);
+    if (!run(RangeTable(ranges, num_ranges, segs)))
+      check_indices_in_range(idx, n, ranges[2 * num_ranges]);
     return out;
   }
   auto run_map = [&](const auto* map) {
-    if (run(RowMap<std::remove_const_t<std::remove_pointer_t<decltype(map)>>>{
-            map, location.numel()}))
-      return;
+    using map_t = std::remove_const_t<std::remove_pointer_t<decltype(map)>>;
+    if (run(MapTable<map_t>{segs, map, location.numel(), total})) return;
     // The lookup skipped what was invalid; name the first offender.
     check_indices_in_range(idx, n, location.numel());
     for (int64_t p = 0; p < n; ++p) {
