@@ -181,6 +181,24 @@ def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, layout):
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [8, 16, 32, 64, 128, 136, 200])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mixed_lookup_across_widths_of_rows(dim, layout):
+    """Every column-block shape of the CPU kernel (the fixed 16/32/64/128-column ones, other
+    multiples of 8, and rows of several blocks), all widths, against the reference."""
+    rows = 300
+    segments, seg_bits, steps, beta, location, _ = mixed_table(
+        rows, dim, [0, 1, 2, 3, 4, 5, 6, 7, 8], layout)
+    indices, offsets = bags(rows, "sum")
+    weights = torch.randn(indices.numel())
+    got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
+                                weights, "sum")
+    with ops.use_reference():
+        want = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices,
+                                     offsets, weights, "sum")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("rows", [1000, 100_000, 300_000])
 def test_row_ranges_of_very_uneven_lengths(rows):
     """Runs of one row beside one long run: the lookup's buckets must find each (the largest
