@@ -84,16 +84,22 @@ QEMBED_HD RowParams row_params(const uint8_t* row, int64_t dim, int64_t bits, in
   return {step, 0.0f, qmin(bits)};
 }
 
-// Mixed-width tables' row ranges (int32 [num_ranges + 1][2], see checks.h): the position of
-// row r in the concatenated segments, or -1 if its range is pruned. A branchless binary
-// search for the last range starting at or before r (r inside [0, rows), ranges checked).
-QEMBED_HD int64_t range_position(const int32_t* ranges, int64_t num_ranges, int64_t r) {
-  int64_t k = 0;
-  for (int64_t n = num_ranges; n > 1;) {
+// Mixed-width tables' row ranges (int32 [num_ranges + 1][2], see checks.h). The last of the
+// n ranges from range k on that starts at or before row r (range k does): a branchless
+// binary search.
+QEMBED_HD int64_t last_range_from(const int32_t* ranges, int64_t k, int64_t n, int64_t r) {
+  for (; n > 1;) {
     const int64_t half = n / 2;
     k = ranges[2 * (k + half)] <= r ? k + half : k;
     n -= half;
   }
+  return k;
+}
+
+// The position of row r in the concatenated segments, or -1 if its range is pruned (r inside
+// [0, rows), ranges checked).
+QEMBED_HD int64_t range_position(const int32_t* ranges, int64_t num_ranges, int64_t r) {
+  const int64_t k = last_range_from(ranges, 0, num_ranges, r);
   const int64_t pos = ranges[2 * k + 1];
   return pos < 0 ? -1 : pos + (r - ranges[2 * k]);
 }

@@ -181,6 +181,13 @@ def test_mixed_lookup_matches_per_segment_dequantization(mode, psw, layout):
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
 
 
+def lookup_and_reference(*args):
+    """mpe_embedding_bag(*args) from the kernel and from the reference."""
+    got = ops.mpe_embedding_bag(*args)
+    with ops.use_reference():
+        return got, ops.mpe_embedding_bag(*args)
+
+
 @pytest.mark.parametrize("dim", [8, 16, 32, 64, 128, 136, 200])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_mixed_lookup_across_widths_of_rows(dim, layout):
@@ -191,10 +198,7 @@ def test_mixed_lookup_across_widths_of_rows(dim, layout):
         rows, dim, [0, 1, 2, 3, 4, 5, 6, 7, 8], layout)
     indices, offsets = bags(rows, "sum")
     weights = torch.randn(indices.numel())
-    got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
-                                weights, "sum")
-    with ops.use_reference():
-        want = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices,
+    got, want = lookup_and_reference(segments, seg_bits, steps, beta, location, indices,
                                      offsets, weights, "sum")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
@@ -225,10 +229,7 @@ def test_row_ranges_of_very_uneven_lengths(rows):
                 for b in (1, 2, 4, 8)]
     steps, beta = torch.rand(4) + 0.1, torch.randn(dim)
     indices = torch.cat([torch.arange(14), torch.tensor(firsts), torch.randint(0, rows, (500,))])
-    got = ops.mpe_embedding_bag(segments, [1, 2, 4, 8], steps, beta, location, indices, None,
-                                None, "none")
-    with ops.use_reference():
-        want = ops.mpe_embedding_bag(segments, [1, 2, 4, 8], steps, beta, location, indices,
+    got, want = lookup_and_reference(segments, [1, 2, 4, 8], steps, beta, location, indices,
                                      None, None, "none")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -244,10 +245,7 @@ def test_row_ranges_outnumbering_the_buckets():
                          torch.randint(0, rows, (5000,))])
     indices = indices[torch.randperm(indices.numel())]
     offsets = torch.arange(0, indices.numel(), 7)
-    got = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices, offsets,
-                                None, "sum")
-    with ops.use_reference():
-        want = ops.mpe_embedding_bag(segments, seg_bits, steps, beta, location, indices,
+    got, want = lookup_and_reference(segments, seg_bits, steps, beta, location, indices,
                                      offsets, None, "sum")
     # sums of up to ~10^3 (8-bit codes): the kernel and the reference round differently
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)

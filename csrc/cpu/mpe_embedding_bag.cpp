@@ -67,33 +67,34 @@ struct MapTable {
 
 // Rows found through row ranges (checked before the lookup). A range lies in one segment,
 // so it carries that segment's fields, its row r at data + offset + r * stride. Not a binary
-// search per row (range_position): its chain of dependent reads took half the lookup's time
-// with rows in cache. A bucket index gives the ranges holding each bucket's first row, and
-// only the few buckets in which a range starts need a (short) search. Nothing to wait for, so rows are
-// prefetched as far ahead as in single-width lookups: at half that, too few were in flight.
+// search over all ranges per row (range_position): its chain of dependent reads took half
+// the lookup's time with rows in cache. A bucket index gives the ranges holding each
+// bucket's first row; only the few buckets in which a range starts need a short search.
+// Nothing to wait for, so rows are prefetched as far ahead as in single-width lookups: at
+// half that, too few were in flight.
 class RangeTable {
  public:
   static constexpr int64_t kLookahead = kPrefetchDistance;
 
-  RangeTable(const int32_t* rr, int64_t num_ranges, const std::vector<Segment>& segments)
-      : num_rows_(rr[2 * num_ranges]) {
-    for (int64_t k = 0; k <= num_ranges; ++k) {  // the last entry only ends the last range
-      Range g{rr[2 * k], nullptr, 0, 0, 0, 0.0f, false};
-      const int64_t pos = k < num_ranges ? rr[2 * k + 1] : -1;
+  RangeTable(const int32_t* ranges, int64_t num_ranges, const std::vector<Segment>& segments)
+      : ranges_(ranges), num_rows_(ranges[2 * num_ranges]) {
+    for (int64_t k = 0; k < num_ranges; ++k) {
+      const int64_t first = ranges[2 * k], pos = ranges[2 * k + 1];
+      Range g{nullptr, 0, 0, 0, 0.0f, false};
       if (pos >= 0) {
         const Segment& s = *std::find_if(segments.begin(), segments.end(),
                                          [&](const Segment& x) { return pos < x.end; });
-        g = {g.first, s.data, (pos - s.start - g.first) * s.stride, s.stride, s.bits, s.step,
+        g = {s.data, (pos - s.start - first) * s.stride, s.stride, s.bits, s.step,
              s.prefetch_tail};
       }
-      ranges_.push_back(g);
+      fields_.push_back(g);
     }
     // About four buckets per range (at most 2^16), so that few hold a range's start.
     while ((num_rows_ >> shift_) > std::min<int64_t>(4 * num_ranges, 1 << 16)) ++shift_;
     const int64_t num_buckets = num_rows_ > 0 ? ((num_rows_ - 1) >> shift_) + 1 : 0;
     int32_t k = 0;
     for (int64_t b = 0; b < num_buckets; ++b) {
-      while (ranges_[k + 1].first <= (b << shift_)) ++k;
+      while (ranges[2 * (k + 1)] <= (b << shift_)) ++k;  // ranges[2 * num_ranges] = rows
       bucket_.push_back(k);
     }
     bucket_.push_back(static_cast<int32_t>(num_ranges - 1));  // bounds the last bucket
@@ -102,14 +103,8 @@ class RangeTable {
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows_)) return {nullptr, 0, 0, false};
     // Row r's range lies between those of its bucket's first row and the next bucket's;
     // mostly they are one and the same.
-    const int64_t b = r >> shift_;
-    int64_t k = bucket_[b];
-    for (int64_t n = bucket_[b + 1] - k + 1; n > 1;) {
-      const int64_t half = n / 2;
-      k = ranges_[k + half].first <= r ? k + half : k;
-      n -= half;
-    }
-    const Range& g = ranges_[k];
+    const int64_t b = r >> shift_, lo = bucket_[b];
+    const Range& g = fields_[last_range_from(ranges_, lo, bucket_[b + 1] - lo + 1, r)];
     if (!g.data) return {nullptr, 0, 0, true};
     const uint8_t* codes = g.data + (g.offset + r * g.stride);
     if (prefetch) prefetch_row(codes, g.stride, g.prefetch_tail);
@@ -119,13 +114,13 @@ class RangeTable {
 
  private:
   struct Range {
-    int64_t first;        // its first row
     const uint8_t* data;  // its segment's codes; null for a pruned range
     int64_t offset, stride, bits;
     float step;
     bool prefetch_tail;
   };
-  std::vector<Range> ranges_;    // num_ranges + 1, the last with first = num_rows
+  const int32_t* ranges_;
+  std::vector<Range> fields_;    // per range
   std::vector<int32_t> bucket_;  // bucket_[b]: the range holding row b << shift_, + 1 entry
   int shift_ = 0;
   int64_t num_rows_;
