@@ -21,7 +21,10 @@ inline bool prefetch_needs_tail(int64_t stride) {  // stride > 0
   return (stride - 1) % 64 >= std::min<int64_t>(stride & -stride, 64);
 }
 
-inline void prefetch_row(const uint8_t* row, int64_t stride, bool tail) {
+// Always inlined: GCC finds a prefetch free of side effects, so where it left this function
+// out of line it dropped the calls as dead code (the mixed-width lookup lost its prefetches).
+__attribute__((always_inline)) inline void prefetch_row(const uint8_t* row, int64_t stride,
+                                                       bool tail) {
   for (int64_t off = 0; off < stride; off += 64) __builtin_prefetch(row + off, 0, 3);
   if (tail) __builtin_prefetch(row + stride - 1, 0, 3);
 }

@@ -27,13 +27,16 @@ struct Segment {
   bool prefetch_tail;
 };
 
-// A row as the lookup needs it: its codes (null for a pruned row), width and step.
+// A row as the lookup needs it, 16 bytes (the pipeline keeps a ring of them): its codes, step
+// and width; width 0 for a pruned row (no codes), -1 for an index or location out of range,
+// which the lookup skips.
 struct RowRef {
   const uint8_t* codes;
-  int64_t bits;
   float step;
-  bool valid;  // false for an index or location out of range: the lookup skips it
+  int32_t bits;
 };
+constexpr RowRef kInvalidRow{nullptr, 0.0f, -1};
+constexpr RowRef kPrunedRow{nullptr, 0.0f, 0};
 
 // Rows found through a row map (int16 for tables under 2^15 rows, else int32): one more
 // random read per row. Rows are found kLookahead positions ahead of their use (their codes
@@ -50,17 +53,17 @@ struct MapTable {
   // Row r's codes; with `prefetch`, its cache lines are requested too. The segment is
   // counted without a data-dependent branch.
   QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return {nullptr, 0, 0, false};
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return kInvalidRow;
     const int64_t loc = location[r];
-    if (loc < 0 || loc >= total) return {nullptr, 0, 0, loc == -1};
+    if (loc < 0 || loc >= total) return loc == -1 ? kPrunedRow : kInvalidRow;
     size_t k = 0;
     for (size_t j = 0; j + 1 < segments.size(); ++j) k += loc >= segments[j].end;
     const Segment& s = segments[k];
     const uint8_t* codes = s.data + (loc - s.start) * s.stride;
     if (prefetch) prefetch_row(codes, s.stride, s.prefetch_tail);
-    return {codes, s.bits, s.step, true};
+    return {codes, s.step, static_cast<int32_t>(s.bits)};
   }
-  void prefetch_entry(int64_t r) const {  // a wild index only prefetches, never faults
+  QEMBED_INLINE void prefetch_entry(int64_t r) const {  // a wild index only prefetches
     __builtin_prefetch(location + r, 0, 3);
   }
 };
@@ -80,12 +83,12 @@ class RangeTable {
       : ranges_(ranges), num_rows_(ranges[2 * num_ranges]) {
     for (int64_t k = 0; k < num_ranges; ++k) {
       const int64_t first = ranges[2 * k], pos = ranges[2 * k + 1];
-      Range g{nullptr, 0, 0, 0, 0.0f, false};
+      Range g{nullptr, 0, 0, 0.0f, 0, false};
       if (pos >= 0) {
         const Segment& s = *std::find_if(segments.begin(), segments.end(),
                                          [&](const Segment& x) { return pos < x.end; });
-        g = {s.data, (pos - s.start - first) * s.stride, s.stride, s.bits, s.step,
-             s.prefetch_tail};
+        g = {s.data, (pos - s.start - first) * s.stride, s.stride, s.step,
+             static_cast<int32_t>(s.bits), s.prefetch_tail};
       }
       fields_.push_back(g);
     }
@@ -100,23 +103,24 @@ class RangeTable {
     bucket_.push_back(static_cast<int32_t>(num_ranges - 1));  // bounds the last bucket
   }
   QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows_)) return {nullptr, 0, 0, false};
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows_)) return kInvalidRow;
     // Row r's range lies between those of its bucket's first row and the next bucket's;
     // mostly they are one and the same.
     const int64_t b = r >> shift_, lo = bucket_[b];
     const Range& g = fields_[last_range_from(ranges_, lo, bucket_[b + 1] - lo + 1, r)];
-    if (!g.data) return {nullptr, 0, 0, true};
+    if (!g.data) return kPrunedRow;
     const uint8_t* codes = g.data + (g.offset + r * g.stride);
     if (prefetch) prefetch_row(codes, g.stride, g.prefetch_tail);
-    return {codes, g.bits, g.step, true};
+    return {codes, g.step, g.bits};
   }
-  void prefetch_entry(int64_t) const {}
+  QEMBED_INLINE void prefetch_entry(int64_t) const {}
 
  private:
   struct Range {
     const uint8_t* data;  // its segment's codes; null for a pruned range
-    int64_t offset, stride, bits;
+    int64_t offset, stride;
     float step;
+    int32_t bits;
     bool prefetch_tail;
   };
   const int32_t* ranges_;
@@ -131,18 +135,20 @@ class RangeTable {
 template <typename Table>
 class RowPipeline {
   static constexpr int64_t kLookahead = Table::kLookahead;
+  static_assert((kLookahead & (kLookahead - 1)) == 0, "the ring is indexed with a mask");
+  static QEMBED_INLINE int64_t slot_of(int64_t p) { return p & (kLookahead - 1); }
 
  public:
   RowPipeline(const Table& t, const int64_t* idx, int64_t first, int64_t last)
       : t_(t), idx_(idx), last_(last) {
     for (int64_t q = first; q < std::min(first + kLookahead, last); ++q)
-      ring_[q % kLookahead] = t.row(idx[q], true);
+      ring_[slot_of(q)] = t.row(idx[q], true);
     for (int64_t q = first + kLookahead; q < std::min(first + 2 * kLookahead, last); ++q)
       t_.prefetch_entry(idx_[q]);
   }
   // The row at position p; positions are taken in increasing order, each once.
   QEMBED_INLINE RowRef take(int64_t p) {
-    RowRef& slot = ring_[p % kLookahead];
+    RowRef& slot = ring_[slot_of(p)];
     const RowRef r = slot;
     if (p + kLookahead < last_) slot = t_.row(idx_[p + kLookahead], true);
     if (p + 2 * kLookahead < last_) t_.prefetch_entry(idx_[p + 2 * kLookahead]);
@@ -156,45 +162,64 @@ class RowPipeline {
   RowRef ring_[kLookahead];
 };
 
+// What the first column block sums besides the columns: w * step * Qn and w over the stored
+// rows, and whether every row was valid.
+struct BagTerms {
+  float shift = 0.0f;
+  float beta_weight = 0.0f;
+  bool ok = true;
+};
+
+// Adds the columns [8 * col8, ...) of the rows at positions [p0, p1), each decoded at its own
+// width, into `accum`. The FIRST block takes its rows from the pipeline (prefetching those
+// ahead) and sums the bag's terms; later ones (D > kLanes) find the rows again, in cache by
+// then. FIRST is compile-time so that the first block's column offset folds away.
+template <bool FIRST, typename Table, typename Acc>
+QEMBED_INLINE void pool_block(Acc& accum, const Table& t, RowPipeline<Table>& rows,
+                              const int64_t* idx, int64_t p0, int64_t p1, const float* psw,
+                              int64_t col8, BagTerms& terms) {
+  // Locals, not terms' fields: through the reference each row would wait on the previous
+  // row's store.
+  float shift = 0.0f, beta_weight = 0.0f;
+  bool ok = true;
+  for (int64_t p = p0; p < p1; ++p) {
+    const RowRef r = FIRST ? rows.take(p) : t.row(idx[p], false);
+    if (r.bits <= 0) {
+      ok = ok & (r.bits == 0);
+      continue;
+    }
+    const float w = psw ? psw[p] : 1.0f, a = w * r.step;
+    accum.add_any(FIRST ? r.codes : r.codes + col8 * r.bits, r.bits, a);
+    if (FIRST) {
+      shift += a * static_cast<float>(qmin(r.bits));
+      beta_weight += w;
+    }
+  }
+  if (FIRST) terms = {shift, beta_weight, ok};
+}
+
 // One output row: positions [p0, p1) pooled in column blocks whose accumulators stay in
-// registers, each row decoded at its own width, then + beta (per column). The first block
-// takes its rows from the pipeline, later ones (D > kLanes) find them again, in cache by
-// then. Returns false if it met (and skipped) an invalid index or location.
+// registers, then + beta (per column). Returns false if it met (and skipped) an invalid
+// index or location.
 template <typename Table, typename out_t>
 bool pool(const Table& t, RowPipeline<Table>& rows, const int64_t* idx, int64_t p0, int64_t p1,
           const float* psw, bool mean, const float* beta, int64_t dim, float* acc, out_t* out) {
-  float shift = 0.0f, beta_weight = 0.0f;  // sum of w * step * Qn, and of w over stored rows
-  bool ok = true;
-  for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+  BagTerms terms;
+  with_accumulator(std::min<int64_t>(kLanes, dim), [&](auto&& accum) {
+    pool_block<true>(accum, t, rows, idx, p0, p1, psw, 0, terms);
+    accum.store(acc);
+  });
+  for (int64_t d0 = kLanes; d0 < dim; d0 += kLanes) {
     with_accumulator(std::min<int64_t>(kLanes, dim - d0), [&](auto&& accum) {
-      // Locals, not the captured sums: through the closure each row would wait on the
-      // previous row's store.
-      float block_shift = 0.0f, block_weight = 0.0f;
-      bool block_ok = true;
-      for (int64_t p = p0; p < p1; ++p) {
-        const RowRef r = d0 == 0 ? rows.take(p) : t.row(idx[p], false);
-        if (!r.valid) {
-          block_ok = false;
-          continue;
-        }
-        if (!r.codes) continue;
-        const float w = psw ? psw[p] : 1.0f, a = w * r.step;
-        accum.add_any(r.codes + d0 * r.bits / 8, static_cast<int>(r.bits), a);
-        block_shift += a * static_cast<float>(qmin(r.bits));
-        block_weight += w;
-      }
+      BagTerms unused;
+      pool_block<false>(accum, t, rows, idx, p0, p1, psw, d0 / 8, unused);
       accum.store(acc + d0);
-      if (d0 == 0) {
-        shift = block_shift;
-        beta_weight = block_weight;
-        ok = block_ok;
-      }
     });
   }
   const float factor = (mean && p1 > p0) ? 1.0f / static_cast<float>(p1 - p0) : 1.0f;
   for (int64_t d = 0; d < dim; ++d)
-    out[d] = static_cast<out_t>((acc[d] + shift + beta_weight * beta[d]) * factor);
-  return ok;
+    out[d] = static_cast<out_t>((acc[d] + terms.shift + terms.beta_weight * beta[d]) * factor);
+  return terms.ok;
 }
 
 // Returns false if an index or location was invalid.
@@ -218,7 +243,7 @@ bool lookup(const Table& t, const int64_t* idx, int64_t n, const float* psw,
   });
   // Positions after the last bag are not read, but are checked all the same.
   bool ok = all_ok;
-  for (int64_t p = start(num_out); p < n && ok; ++p) ok = t.row(idx[p], false).valid;
+  for (int64_t p = start(num_out); p < n && ok; ++p) ok = t.row(idx[p], false).bits >= 0;
   return ok;
 }
 
