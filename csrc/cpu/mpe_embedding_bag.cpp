@@ -24,7 +24,6 @@ struct Segment {
   const uint8_t* data;
   int64_t stride, bits, start, end;  // [start, end): its positions in the concatenation
   float step;
-  bool prefetch_tail;
 };
 
 // A row as the lookup needs it, 16 bytes (the pipeline keeps a ring of them): its codes, step
@@ -33,15 +32,27 @@ struct Segment {
 struct RowRef {
   const uint8_t* codes;
   float step;
-  int32_t bits;
+  int16_t bits;
+  int16_t lines;  // 64-byte cache lines the row touches (0 without codes)
 };
-constexpr RowRef kInvalidRow{nullptr, 0.0f, -1};
-constexpr RowRef kPrunedRow{nullptr, 0.0f, 0};
+constexpr RowRef kInvalidRow{nullptr, 0.0f, -1, 0};
+constexpr RowRef kPrunedRow{nullptr, 0.0f, 0, 0};
+
+QEMBED_INLINE RowRef stored_row(const uint8_t* codes, float step, int64_t bits, int64_t stride) {
+  const int64_t lines = ((reinterpret_cast<uintptr_t>(codes) & 63) + stride - 1) / 64 + 1;
+  return {codes, step, static_cast<int16_t>(bits), static_cast<int16_t>(lines)};
+}
+
+// Requests the lines of a row found earlier (none for a pruned or invalid one).
+QEMBED_INLINE void prefetch_lines(const RowRef& r) {
+  const uint8_t* line = r.codes - (reinterpret_cast<uintptr_t>(r.codes) & 63);
+  for (int16_t k = 0; k < r.lines; ++k) __builtin_prefetch(line + 64 * k, 0, 3);
+}
 
 // Rows found through a row map (int16 for tables under 2^15 rows, else int32): one more
-// random read per row. Rows are found kLookahead positions ahead of their use (their codes
-// prefetched then), map entries twice as far ahead: with the single-width distance (32) for
-// the rows the lookup took ~1.3x as long per line fetched (AVX-512 Xeon).
+// random read per row. Rows are prefetched kLookahead positions ahead of their use: with
+// the single-width distance (32) the lookup took ~1.3x as long per line fetched (AVX-512
+// Xeon).
 template <typename map_t>
 struct MapTable {
   static constexpr int64_t kLookahead = kPrefetchDistance / 2;
@@ -50,18 +61,15 @@ struct MapTable {
   int64_t num_rows;
   int64_t total;  // stored rows, over all segments
 
-  // Row r's codes; with `prefetch`, its cache lines are requested too. The segment is
-  // counted without a data-dependent branch.
-  QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
+  // Row r's codes. The segment is counted without a data-dependent branch.
+  QEMBED_INLINE RowRef row(int64_t r) const {
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) return kInvalidRow;
     const int64_t loc = location[r];
     if (loc < 0 || loc >= total) return loc == -1 ? kPrunedRow : kInvalidRow;
     size_t k = 0;
     for (size_t j = 0; j + 1 < segments.size(); ++j) k += loc >= segments[j].end;
     const Segment& s = segments[k];
-    const uint8_t* codes = s.data + (loc - s.start) * s.stride;
-    if (prefetch) prefetch_row(codes, s.stride, s.prefetch_tail);
-    return {codes, s.step, static_cast<int32_t>(s.bits)};
+    return stored_row(s.data + (loc - s.start) * s.stride, s.step, s.bits, s.stride);
   }
   QEMBED_INLINE void prefetch_entry(int64_t r) const {  // a wild index only prefetches
     __builtin_prefetch(location + r, 0, 3);
@@ -83,12 +91,11 @@ class RangeTable {
       : ranges_(ranges), num_rows_(ranges[2 * num_ranges]) {
     for (int64_t k = 0; k < num_ranges; ++k) {
       const int64_t first = ranges[2 * k], pos = ranges[2 * k + 1];
-      Range g{nullptr, 0, 0, 0.0f, 0, false};
+      Range g{nullptr, 0, 0, 0.0f, 0};
       if (pos >= 0) {
         const Segment& s = *std::find_if(segments.begin(), segments.end(),
                                          [&](const Segment& x) { return pos < x.end; });
-        g = {s.data, (pos - s.start - first) * s.stride, s.stride, s.step,
-             static_cast<int32_t>(s.bits), s.prefetch_tail};
+        g = {s.data, (pos - s.start - first) * s.stride, s.stride, s.step, s.bits};
       }
       fields_.push_back(g);
     }
@@ -102,16 +109,14 @@ class RangeTable {
     }
     bucket_.push_back(static_cast<int32_t>(num_ranges - 1));  // bounds the last bucket
   }
-  QEMBED_INLINE RowRef row(int64_t r, bool prefetch) const {
+  QEMBED_INLINE RowRef row(int64_t r) const {
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows_)) return kInvalidRow;
     // Row r's range lies between those of its bucket's first row and the next bucket's;
     // mostly they are one and the same.
     const int64_t b = r >> shift_, lo = bucket_[b];
     const Range& g = fields_[last_range_from(ranges_, lo, bucket_[b + 1] - lo + 1, r)];
     if (!g.data) return kPrunedRow;
-    const uint8_t* codes = g.data + (g.offset + r * g.stride);
-    if (prefetch) prefetch_row(codes, g.stride, g.prefetch_tail);
-    return {codes, g.step, g.bits};
+    return stored_row(g.data + (g.offset + r * g.stride), g.step, g.bits, g.stride);
   }
   QEMBED_INLINE void prefetch_entry(int64_t) const {}
 
@@ -120,8 +125,7 @@ class RangeTable {
     const uint8_t* data;  // its segment's codes; null for a pruned range
     int64_t offset, stride;
     float step;
-    int32_t bits;
-    bool prefetch_tail;
+    int64_t bits;
   };
   const int32_t* ranges_;
   std::vector<Range> fields_;    // per range
@@ -130,28 +134,32 @@ class RangeTable {
   int64_t num_rows_;
 };
 
-// Rows found Table::kLookahead positions ahead of their use, their codes prefetched then and
-// kept in a ring; a table's own reads (map entries) prefetched twice as far ahead.
+// Rows found twice Table::kLookahead positions ahead of their use and kept in a ring, their
+// lines prefetched from the ring kLookahead ahead; a table's own reads (map entries)
+// prefetched before their rows are found. Finding a row is a chain of dependent reads:
+// issued right before its prefetch, it delayed the prefetches, and fewer lines were in
+// flight than in a single-width lookup.
 template <typename Table>
 class RowPipeline {
-  static constexpr int64_t kLookahead = Table::kLookahead;
-  static_assert((kLookahead & (kLookahead - 1)) == 0, "the ring is indexed with a mask");
-  static QEMBED_INLINE int64_t slot_of(int64_t p) { return p & (kLookahead - 1); }
+  static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead;
+  static_assert((kRing & (kRing - 1)) == 0, "the ring is indexed with a mask");
+  static QEMBED_INLINE int64_t slot_of(int64_t p) { return p & (kRing - 1); }
 
  public:
   RowPipeline(const Table& t, const int64_t* idx, int64_t first, int64_t last)
       : t_(t), idx_(idx), last_(last) {
-    for (int64_t q = first; q < std::min(first + kLookahead, last); ++q)
-      ring_[slot_of(q)] = t.row(idx[q], true);
-    for (int64_t q = first + kLookahead; q < std::min(first + 2 * kLookahead, last); ++q)
+    for (int64_t q = first; q < std::min(first + kRing, last); ++q) ring_[slot_of(q)] = t.row(idx[q]);
+    for (int64_t q = first; q < std::min(first + kAhead, last); ++q) prefetch_lines(ring_[slot_of(q)]);
+    for (int64_t q = first + kRing; q < std::min(first + kRing + kAhead, last); ++q)
       t_.prefetch_entry(idx_[q]);
   }
   // The row at position p; positions are taken in increasing order, each once.
   QEMBED_INLINE RowRef take(int64_t p) {
     RowRef& slot = ring_[slot_of(p)];
     const RowRef r = slot;
-    if (p + kLookahead < last_) slot = t_.row(idx_[p + kLookahead], true);
-    if (p + 2 * kLookahead < last_) t_.prefetch_entry(idx_[p + 2 * kLookahead]);
+    if (p + kRing < last_) slot = t_.row(idx_[p + kRing]);
+    if (p + kAhead < last_) prefetch_lines(ring_[slot_of(p + kAhead)]);
+    if (p + kRing + kAhead < last_) t_.prefetch_entry(idx_[p + kRing + kAhead]);
     return r;
   }
 
@@ -159,7 +167,7 @@ class RowPipeline {
   const Table& t_;
   const int64_t* idx_;
   int64_t last_;
-  RowRef ring_[kLookahead];
+  RowRef ring_[kRing];
 };
 
 // What the first column block sums besides the columns: w * step * Qn and w over the stored
@@ -183,7 +191,7 @@ QEMBED_INLINE void pool_block(Acc& accum, const Table& t, RowPipeline<Table>& ro
   float shift = 0.0f, beta_weight = 0.0f;
   bool ok = true;
   for (int64_t p = p0; p < p1; ++p) {
-    const RowRef r = FIRST ? rows.take(p) : t.row(idx[p], false);
+    const RowRef r = FIRST ? rows.take(p) : t.row(idx[p]);
     if (r.bits <= 0) {
       ok = ok & (r.bits == 0);
       continue;
@@ -243,7 +251,7 @@ bool lookup(const Table& t, const int64_t* idx, int64_t n, const float* psw,
   });
   // Positions after the last bag are not read, but are checked all the same.
   bool ok = all_ok;
-  for (int64_t p = start(num_out); p < n && ok; ++p) ok = t.row(idx[p], false).bits >= 0;
+  for (int64_t p = start(num_out); p < n && ok; ++p) ok = t.row(idx[p]).bits >= 0;
   return ok;
 }
 
@@ -271,7 +279,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
     const float step = steps.data_ptr<float>()[s];
     TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, op, "steps must be positive and finite");
     segs.push_back({keep.back().data_ptr<uint8_t>(), seg.size(1), bits[s], total,
-                    total + seg.size(0), step, prefetch_needs_tail(seg.size(1))});
+                    total + seg.size(0), step});
     total += seg.size(0);
   }
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
