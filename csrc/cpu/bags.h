@@ -29,6 +29,17 @@ __attribute__((always_inline)) inline void prefetch_row(const uint8_t* row, int6
   if (tail) __builtin_prefetch(row + stride - 1, 0, 3);
 }
 
+// For rows located long before they are prefetched (mixed-width lookups): the 64-byte lines
+// the row at `row` touches, counted from its address, and their prefetch. Always inlined, as
+// prefetch_row.
+inline int64_t lines_touched(const uint8_t* row, int64_t stride) {  // stride > 0
+  return static_cast<int64_t>(((reinterpret_cast<uintptr_t>(row) & 63) + stride - 1) / 64 + 1);
+}
+__attribute__((always_inline)) inline void prefetch_lines(const uint8_t* row, int64_t lines) {
+  const uint8_t* line = row - (reinterpret_cast<uintptr_t>(row) & 63);
+  for (int64_t k = 0; k < lines; ++k) __builtin_prefetch(line + 64 * k, 0, 3);
+}
+
 template <typename index_t>
 void check_indices_in_range(const index_t* idx, int64_t n, int64_t num_rows) {
   for (int64_t i = 0; i < n; ++i)

@@ -39,14 +39,8 @@ constexpr RowRef kInvalidRow{nullptr, 0.0f, -1, 0};
 constexpr RowRef kPrunedRow{nullptr, 0.0f, 0, 0};
 
 QEMBED_INLINE RowRef stored_row(const uint8_t* codes, float step, int64_t bits, int64_t stride) {
-  const int64_t lines = ((reinterpret_cast<uintptr_t>(codes) & 63) + stride - 1) / 64 + 1;
-  return {codes, step, static_cast<int16_t>(bits), static_cast<int16_t>(lines)};
-}
-
-// Requests the lines of a row found earlier (none for a pruned or invalid one).
-QEMBED_INLINE void prefetch_lines(const RowRef& r) {
-  const uint8_t* line = r.codes - (reinterpret_cast<uintptr_t>(r.codes) & 63);
-  for (int16_t k = 0; k < r.lines; ++k) __builtin_prefetch(line + 64 * k, 0, 3);
+  return {codes, step, static_cast<int16_t>(bits),
+          static_cast<int16_t>(lines_touched(codes, stride))};
 }
 
 // Rows found through a row map (int16 for tables under 2^15 rows, else int32): one more
@@ -148,8 +142,9 @@ class RowPipeline {
  public:
   RowPipeline(const Table& t, const int64_t* idx, int64_t first, int64_t last)
       : t_(t), idx_(idx), last_(last) {
-    for (int64_t q = first; q < std::min(first + kRing, last); ++q) ring_[slot_of(q)] = t.row(idx[q]);
-    for (int64_t q = first; q < std::min(first + kAhead, last); ++q) prefetch_lines(ring_[slot_of(q)]);
+    for (int64_t q = first; q < std::min(first + kRing, last); ++q)
+      ring_[slot_of(q)] = t.row(idx[q]);
+    for (int64_t q = first; q < std::min(first + kAhead, last); ++q) prefetch(ring_[slot_of(q)]);
     for (int64_t q = first + kRing; q < std::min(first + kRing + kAhead, last); ++q)
       t_.prefetch_entry(idx_[q]);
   }
@@ -158,12 +153,14 @@ class RowPipeline {
     RowRef& slot = ring_[slot_of(p)];
     const RowRef r = slot;
     if (p + kRing < last_) slot = t_.row(idx_[p + kRing]);
-    if (p + kAhead < last_) prefetch_lines(ring_[slot_of(p + kAhead)]);
+    if (p + kAhead < last_) prefetch(ring_[slot_of(p + kAhead)]);
     if (p + kRing + kAhead < last_) t_.prefetch_entry(idx_[p + kRing + kAhead]);
     return r;
   }
 
  private:
+  // A pruned or invalid row has no lines.
+  static QEMBED_INLINE void prefetch(const RowRef& r) { prefetch_lines(r.codes, r.lines); }
   const Table& t_;
   const int64_t* idx_;
   int64_t last_;
