@@ -40,7 +40,7 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
                        const index_t* idx, int64_t p0, int64_t p1, int64_t last,
                        const float* psw, int64_t dim, float table_step, int64_t padding_idx,
                        int64_t d0, BagSum& bag) {
-  const bool tail = prefetch_needs_tail(stride);
+  const RowPrefetch prefetch(stride);
   const int64_t col = FIRST ? 0 : d0 * BITS / 8;
   // Locals, not `bag`'s fields: through the reference each row would wait on the previous
   // row's store of the running sum.
@@ -49,8 +49,7 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
   bool bad_index = false;
   for (int64_t p = p0; p < p1; ++p) {
     if (FIRST && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
-      prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
-                   tail);
+      prefetch(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride);
     const int64_t r = idx[p];
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
       bad_index = true;
@@ -133,12 +132,11 @@ bool lookup_rows(const uint8_t* table, int64_t num_rows, int64_t stride, const i
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> value(dim);
-    const bool tail = prefetch_needs_tail(stride);
+    const RowPrefetch prefetch(stride);
     bool valid = true;
     for (int64_t p = begin; p < end; ++p) {
       if (p + kPrefetchDistance < end)  // a wild index only prefetches, never faults
-        prefetch_row(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride, stride,
-                     tail);
+        prefetch(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride);
       std::fill(value.begin(), value.end(), 0.0f);
       const int64_t r = idx[p];
       if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {

@@ -23,7 +23,7 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 8;
 
-// Always inlined, as prefetch_row (bags.h): out of line, GCC drops its calls.
+// Always inlined, as RowPrefetch (bags.h): out of line, GCC drops its calls.
 QEMBED_INLINE void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 1);
