@@ -132,16 +132,20 @@ class RangeTable {
 // lines prefetched from the ring kLookahead ahead; a table's own reads (map entries)
 // prefetched before their rows are found. Finding a row is a chain of dependent reads:
 // issued right before its prefetch, it delayed the prefetches, and fewer lines were in
-// flight than in a single-width lookup.
+// flight than in a single-width lookup. The prefetches go in bursts of kBurst rows: out of
+// cache a prefetch waits for a free miss buffer, and one per row, ~100 instructions apart,
+// left too few of them in the out-of-order window to take the buffers as they freed (ranges
+// ran ~20% faster in bursts of 8 on Zen 3; 16 was no better).
 template <typename Table>
 class RowPipeline {
-  static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead;
+  static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead, kBurst = 8;
   static_assert((kRing & (kRing - 1)) == 0, "the ring is indexed with a mask");
+  static_assert(kBurst <= kAhead, "a burst prefetches rows found at least one take() before");
   static QEMBED_INLINE int64_t slot_of(int64_t p) { return p & (kRing - 1); }
 
  public:
   RowPipeline(const Table& t, const int64_t* idx, int64_t first, int64_t last)
-      : t_(t), idx_(idx), last_(last) {
+      : t_(t), idx_(idx), first_(first), last_(last) {
     for (int64_t q = first; q < std::min(first + kRing, last); ++q)
       ring_[slot_of(q)] = t.row(idx[q]);
     for (int64_t q = first; q < std::min(first + kAhead, last); ++q) prefetch(ring_[slot_of(q)]);
@@ -153,7 +157,10 @@ class RowPipeline {
     RowRef& slot = ring_[slot_of(p)];
     const RowRef r = slot;
     if (p + kRing < last_) slot = t_.row(idx_[p + kRing]);
-    if (p + kAhead < last_) prefetch(ring_[slot_of(p + kAhead)]);
+    if (((p - first_) & (kBurst - 1)) == 0) {
+      const int64_t q0 = p + kAhead, q1 = std::min(q0 + kBurst, last_);
+      for (int64_t q = q0; q < q1; ++q) prefetch(ring_[slot_of(q)]);
+    }
     if (p + kRing + kAhead < last_) t_.prefetch_entry(idx_[p + kRing + kAhead]);
     return r;
   }
@@ -163,7 +170,7 @@ class RowPipeline {
   static QEMBED_INLINE void prefetch(const RowRef& r) { prefetch_lines(r.codes, r.lines); }
   const Table& t_;
   const int64_t* idx_;
-  int64_t last_;
+  int64_t first_, last_;
   RowRef ring_[kRing];
 };
 
