@@ -48,15 +48,14 @@ inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64
   int64_t count = 0;
   bool bad_index = false;
   for (int64_t p = p0; p < p1; ++p) {
-    // Rows prefetched kPrefetchDistance ahead in bursts of 8: out of cache each prefetch
-    // waits for a free miss buffer, and one per row left too few in the out-of-order window
-    // to take them as they freed (int8 ran 10-20% faster on Zen 3). A wild index only
-    // prefetches, never faults.
-    if (FIRST && (p & 7) == 0) {
+    // Rows prefetched kPrefetchDistance ahead, kPrefetchBurst at a time (bags.h); unrolled
+    // but near the end. A wild index only prefetches, never faults.
+    if (FIRST && (p & (kPrefetchBurst - 1)) == 0) {
       const int64_t q0 = p + kPrefetchDistance;
-      if (q0 + 8 <= last) {
+      if (q0 + kPrefetchBurst <= last) {
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; ++k) prefetch(table + static_cast<int64_t>(idx[q0 + k]) * stride);
+        for (int64_t k = 0; k < kPrefetchBurst; ++k)
+          prefetch(table + static_cast<int64_t>(idx[q0 + k]) * stride);
       } else {
         for (int64_t q = q0; q < last; ++q) prefetch(table + static_cast<int64_t>(idx[q]) * stride);
       }

@@ -132,13 +132,12 @@ class RangeTable {
 // lines prefetched from the ring kLookahead ahead; a table's own reads (map entries)
 // prefetched before their rows are found. Finding a row is a chain of dependent reads:
 // issued right before its prefetch, it delayed the prefetches, and fewer lines were in
-// flight than in a single-width lookup. The prefetches go in bursts of kBurst rows: out of
-// cache a prefetch waits for a free miss buffer, and one per row, ~100 instructions apart,
-// left too few of them in the out-of-order window to take the buffers as they freed (ranges
-// ran ~20% faster in bursts of 8 on Zen 3; 16 was no better).
+// flight than in a single-width lookup. The prefetches go in bursts of kPrefetchBurst rows
+// (bags.h), all the more needed with ~100 instructions per row.
 template <typename Table>
 class RowPipeline {
-  static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead, kBurst = 8;
+  static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead;
+  static constexpr int64_t kBurst = kPrefetchBurst;
   static_assert((kRing & (kRing - 1)) == 0, "the ring is indexed with a mask");
   static_assert(kBurst <= kAhead, "a burst prefetches rows found at least one take() before");
   static QEMBED_INLINE int64_t slot_of(int64_t p) { return p & (kRing - 1); }
