@@ -11,11 +11,17 @@ namespace qembed {
 // memory, not on arithmetic. 32 rather than 16: int8 Zipf lookups into 4M rows ran ~10%
 // faster relative to torch.ops.quantized's (8 was slower, 48 no better).
 constexpr int64_t kPrefetchDistance = 32;
-// ... and in bursts of this many rows: out of cache each prefetch waits for a free miss
-// buffer, and one per row left too few in the out-of-order window to take the buffers as
-// they freed (on Zen 3, int8 lookups ran 10-20% and mixed-width ones ~20% faster in bursts
-// of 8; 16 was no better).
+// ... and in bursts of this many rows. Machines disagree. On Zen 3 (AVX2) out of cache each
+// prefetch waited for a free miss buffer, and one per row left too few in the out-of-order
+// window to take the buffers as they freed: int8 lookups ran 10-20% and mixed-width ones
+// ~20% faster in bursts of 8 (16 no better). On Zen 4 (AVX-512) bursts of 8 made the int8
+// and int4 lookups 15-25% slower than one prefetch per row (4M rows, 1 thread). The build
+// targets its own CPU (-march=native), so the vector width stands in for the machine.
+#if defined(__AVX512F__)
+constexpr int64_t kPrefetchBurst = 1;
+#else
 constexpr int64_t kPrefetchBurst = 8;
+#endif
 
 // Prefetches every cache line a row touches: its first, its last and, for rows of more than
 // two lines, those between. Rows start at multiples of gcd(stride, 64) within a line (tables
