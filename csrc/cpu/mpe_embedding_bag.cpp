@@ -133,7 +133,7 @@ class RangeTable {
 // prefetched before their rows are found. Finding a row is a chain of dependent reads:
 // issued right before its prefetch, it delayed the prefetches, and fewer lines were in
 // flight than in a single-width lookup. The prefetches go in bursts of kPrefetchBurst rows
-// (bags.h), all the more needed with ~100 instructions per row.
+// (bags.h): on Zen 3 they mattered all the more with ~100 instructions per row.
 template <typename Table>
 class RowPipeline {
   static constexpr int64_t kAhead = Table::kLookahead, kRing = 2 * kAhead;
