@@ -76,4 +76,7 @@ TORCH_LIBRARY(qembed, m) {
       "mpe_embedding_bag(Tensor[] segments, int[] bits, Tensor steps, Tensor beta, "
       "Tensor location, Tensor indices, Tensor offsets, Tensor? per_sample_weights, int mode, "
       "bool include_last_offset, ScalarType output_dtype) -> Tensor");
+  // A memory hint, values unchanged: back the CPU tensor t (contiguous, not yet written)
+  // with transparent huge pages where the system allows it (cpu/huge_pages.h).
+  m.def("advise_huge_pages(Tensor t) -> ()");
 }

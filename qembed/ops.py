@@ -285,6 +285,17 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
                                               output_dtype)
 
 
+def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> torch.Tensor:
+    """``torch.zeros`` for a table's storage. On CPU the memory is advised for transparent
+    huge pages before it is first written (where the system allows it): random row reads
+    across a large table then walk far fewer page tables. Values and layout are those of
+    ``torch.zeros``."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    if t.device.type == "cpu" and HAS_EXTENSION:
+        torch.ops.qembed.advise_huge_pages(t)
+    return t.zero_()
+
+
 def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
     # The fake implementations below also serve the Meta key, which the dispatcher picks
     # when any argument is a meta tensor: the C++ device checks never run then.
@@ -381,6 +392,10 @@ if HAS_EXTENSION:
                                   bits, numel):
         return (grad_rows.new_empty(grad_rows.shape), alpha.new_empty(alpha.shape),
                 beta.new_empty(beta.shape), probs.new_empty(probs.shape))
+
+    @torch.library.register_fake("qembed::advise_huge_pages")
+    def _advise_huge_pages_fake(t):
+        return None
 
     @torch.library.register_fake("qembed::mpe_embedding_bag")
     def _mpe_embedding_bag_fake(segments, bits, steps, beta, location, indices, offsets, psw,

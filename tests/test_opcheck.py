@@ -51,6 +51,8 @@ CASES = {
                                    torch.int64),
         lambda: embedding_bag_args(8, "affine", 0, False, True, -1, torch.bfloat16, torch.int32),
     ],
+    "advise_huge_pages": [lambda: (torch.empty(3 << 20, dtype=torch.uint8),),
+                          lambda: (torch.empty(5, 16),)],
 }
 
 

@@ -1,10 +1,10 @@
 // quantize: fp32 rows -> packed rows with their parameters inline (layout.h).
 #include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
 #include "../checks.h"
+#include "huge_pages.h"
 #include "row_codec.h"
 
 namespace qembed {
@@ -43,7 +43,7 @@ at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
   }
 
   const int64_t stride = row_bytes(dim, bits, fmt);
-  at::Tensor out = at::zeros({n, stride}, weight.options().dtype(at::kByte));
+  at::Tensor out = zeros_for_table({n, stride}, weight.options().dtype(at::kByte));
   uint8_t* dst = out.data_ptr<uint8_t>();
   QEMBED_DISPATCH_BITS(bits, [&] {
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {

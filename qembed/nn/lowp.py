@@ -101,12 +101,12 @@ class _LowPrecisionTable(nn.Module):
         width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[optimizer]
         num_steps = num_embeddings if step_per == "row" else 1
         step_width = 2 if learn_step and step_optimizer == "adam" else 0
-        self.register_buffer("qweight", torch.zeros(
-            num_embeddings, row_bytes(embedding_dim, bits, self.format), dtype=torch.uint8,
-            device=device))
+        self.register_buffer("qweight", ops.table_zeros(
+            num_embeddings, row_bytes(embedding_dim, bits, self.format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if step_per == "table" else None)
-        self.register_buffer("state", torch.zeros(num_embeddings, width, device=device))
+        self.register_buffer("state", ops.table_zeros(num_embeddings, width,
+                                                       dtype=torch.float32, device=device))
         self.register_buffer("step_state", torch.zeros(num_steps, step_width, device=device))
         # The update counter keys stochastic rounding and drives Adam's bias correction.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))

@@ -185,11 +185,10 @@ class _MixedTable(nn.Module):
             # Trainable segments keep lowp_update's row layout (codes padded to 4 bytes);
             # inference segments hold the codes only.
             width = row_bytes(embedding_dim, b, "symmetric_table") if trainable else code_bytes(embedding_dim, b)
-            self.register_buffer(f"codes{b}", torch.zeros(rows.numel(), width, dtype=torch.uint8,
-                                                          device=device))
+            self.register_buffer(f"codes{b}", ops.table_zeros(rows.numel(), width, device=device))
             if trainable:
-                self.register_buffer(f"state{b}", torch.zeros(rows.numel(), state_width,
-                                                              device=device))
+                self.register_buffer(f"state{b}", ops.table_zeros(
+                    rows.numel(), state_width, dtype=torch.float32, device=device))
                 self.register_buffer(f"step_state{b}", torch.zeros(1, step_width, device=device))
         self.register_buffer("location", _compact_location(positions, row_bits).to(device))
         self.register_buffer("steps", torch.ones(len(self.widths), device=device))

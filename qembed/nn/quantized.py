@@ -68,9 +68,8 @@ class _QuantizedTable(nn.Module):
         self.bits, self.format = bits, format
         self.padding_idx = _normalize_padding_idx(padding_idx, num_embeddings)
         self.output_dtype = dtype or torch.float32
-        self.register_buffer("qweight", torch.zeros(
-            num_embeddings, row_bytes(embedding_dim, bits, format), dtype=torch.uint8,
-            device=device))
+        self.register_buffer("qweight", ops.table_zeros(
+            num_embeddings, row_bytes(embedding_dim, bits, format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if format == "symmetric_table" else None)
         if weight is None:

@@ -1,0 +1,38 @@
+// Tables on transparent huge pages. A lookup reads rows at random from the whole table:
+// with 4 KiB pages nearly every row read from a table of hundreds of MB misses the TLB and
+// waits on a page walk before its cache lines can even be requested; 2 MiB pages leave the
+// walks to a few hundred entries. Only a hint: where the kernel's THP mode is `never` (or
+// on other systems) the table keeps ordinary pages.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+namespace qembed {
+
+// Advises the whole pages inside [data, data + bytes). Takes effect for pages not yet
+// touched, so call it on fresh memory, before writing the table.
+inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(page - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// at::zeros for a table: the same, with the memory advised before it is first written.
+inline at::Tensor zeros_for_table(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t.zero_();
+}
+
+}  // namespace qembed
