@@ -110,7 +110,7 @@ struct DecodeTables {
       for (int i = 0; i < 16; ++i) {
         const int first = (i * b) / 8;
         byte_index[b][4 * i] = static_cast<uint8_t>(first);
-        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);  // past 2*bits: loads 0
+        byte_index[b][4 * i + 1] = static_cast<uint8_t>(first + 1);  // past the codes: masked off
         byte_index[b][4 * i + 2] = byte_index[b][4 * i + 3] = 15;  // masked off below
         shift[b][i] = static_cast<uint32_t>((i * b) % 8);
       }
@@ -118,33 +118,42 @@ struct DecodeTables {
 };
 inline constexpr DecodeTables kDecodeTables{};
 
-// The 16 codes at `codes` (bytes outside byte_mask read as 0) as floats, for any width
-// without a branch on it (mixed-width rows come in random order).
-QEMBED_INLINE __m512 decode16_any(const uint8_t* codes, int bits, __mmask16 byte_mask) {
-  const __m128i raw = _mm_maskz_loadu_epi8(byte_mask, codes);
-  const __m512i bytes = _mm512_permutexvar_epi8(
-      _mm512_load_si512(kDecodeTables.byte_index[bits]), _mm512_zextsi128_si512(raw));
+// Vector k (codes 16k .. 16k + 15) of a block whose codes take `total` bytes, as floats; a
+// final half vector (8 codes) leaves lanes 8-15 undefined. Reads never reach past the
+// block: a load that spans into a cache line the row does not touch waits for that line
+// from memory even where a mask discards its bytes (Zen 4, 2M rows of 4-bit codes: masked
+// 16-byte loads of 8 bytes made the lookup 3-4x slower). So the 16 (or 8) bytes are read
+// from a window inside the block, moved back from the vector's first byte near the end,
+// and the byte permute is shifted to match. Blocks under 8 bytes (or under 16 at widths
+// above 4) fall back to loads of exactly the vector's bytes under a mask. Branch-free in
+// the width for mixed-width rows; with compile-time bits and k it folds to constants.
+QEMBED_INLINE __m512 decode16(const uint8_t* block, int bits, int k, int total, bool half) {
+  const int first = 2 * bits * k;
+  const int need = half ? bits : 2 * bits;
+  __m128i raw;
+  int shift = 0;
+  if (total >= 16) {
+    const int at = std::min(first, total - 16);
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + at));
+    shift = first - at;
+  } else if (total >= 8 && 2 * bits <= 8) {
+    const int at = std::min(first, total - 8);
+    raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + at));
+    shift = first - at;
+  } else {
+    raw = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << need) - 1u), block + first);
+  }
+  if (bits == 8) {  // whole bytes: only a widening; the window moves by a half vector at most
+    if (shift != 0) raw = _mm_srli_si128(raw, 8);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  }
+  __m512i index = _mm512_load_si512(kDecodeTables.byte_index[bits]);
+  if (shift != 0) index = _mm512_add_epi8(index, _mm512_set1_epi8(static_cast<char>(shift)));
+  const __m512i bytes = _mm512_permutexvar_epi8(index, _mm512_zextsi128_si512(raw));
   const __m512i lanes = _mm512_and_si512(
       _mm512_srlv_epi32(bytes, _mm512_load_si512(kDecodeTables.shift[bits])),
       _mm512_set1_epi32((1 << bits) - 1));
   return _mm512_cvtepi32_ps(lanes);
-}
-
-// The same for a width known at compile time: the table loads fold into constants, and
-// 8-bit codes need only a widening (a whole 16-byte load, no mask, where `full`).
-template <int BITS, bool full = false>
-QEMBED_INLINE __m512 decode16(const uint8_t* codes, __mmask16 byte_mask) {
-  if constexpr (BITS == 8) {
-    const __m128i raw = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))
-                             : _mm_maskz_loadu_epi8(byte_mask, codes);
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
-  } else {
-    return decode16_any(codes, BITS, byte_mask);
-  }
-}
-
-QEMBED_INLINE __mmask16 full_mask(int bits) {
-  return static_cast<__mmask16>((1u << (2 * bits)) - 1u);
 }
 
 // The width of the codes is a parameter of add(), not of the class, so rows of different
@@ -152,26 +161,24 @@ QEMBED_INLINE __mmask16 full_mask(int bits) {
 class Accumulator {
  public:
   // width: a multiple of 8 up to kLanes.
-  explicit Accumulator(int64_t width) : vectors_((width + 15) / 16), half_tail_(width % 16 != 0) {
+  explicit Accumulator(int64_t width)
+      : vectors_(static_cast<int>((width + 15) / 16)), half_tail_(width % 16 != 0),
+        width_(static_cast<int>(width)) {
     for (int k = 0; k < 8; ++k) sum_[k] = _mm512_setzero_ps();
   }
   // codes: the block's first code.
   template <int BITS>
   QEMBED_INLINE void add(const uint8_t* codes, float a) {
-    const __m512 av = _mm512_set1_ps(a);
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      if (k >= vectors_) break;
-      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes + k * 2 * BITS, mask(k, BITS)), sum_[k]);
-    }
+    add_any(codes, BITS, a);
   }
   QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
     const __m512 av = _mm512_set1_ps(a);
+    const int total = width_ * bits / 8;
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       if (k >= vectors_) break;
-      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes + k * 2 * bits, bits, mask(k, bits)),
-                                sum_[k]);
+      const bool half = half_tail_ && k == vectors_ - 1;
+      sum_[k] = _mm512_fmadd_ps(av, decode16(codes, bits, k, total, half), sum_[k]);
     }
   }
   QEMBED_INLINE void store(float* out) const {
@@ -182,15 +189,10 @@ class Accumulator {
   }
 
  private:
-  // The bytes of vector k: all 2*bits, or half of them for a final half vector.
-  QEMBED_INLINE __mmask16 mask(int k, int bits) const {
-    return (half_tail_ && k == vectors_ - 1) ? static_cast<__mmask16>((1u << bits) - 1u)
-                                             : full_mask(bits);
-  }
-
   __m512 sum_[8];
   int vectors_;
   bool half_tail_;
+  int width_;
 };
 
 // A block of exactly 16 * VECS columns: no tail, loop fully unrolled.
@@ -202,18 +204,13 @@ class FixedAccumulator {
   }
   template <int BITS>
   QEMBED_INLINE void add(const uint8_t* codes, float a) {
-    const __m512 av = _mm512_set1_ps(a);
-#pragma GCC unroll 8
-    for (int k = 0; k < VECS; ++k)
-      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS, true>(codes + k * 2 * BITS, full_mask(BITS)),
-                                sum_[k]);
+    add_any(codes, BITS, a);
   }
   QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
     const __m512 av = _mm512_set1_ps(a);
-    const __mmask16 m = full_mask(bits);
 #pragma GCC unroll 8
     for (int k = 0; k < VECS; ++k)
-      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes + k * 2 * bits, bits, m), sum_[k]);
+      sum_[k] = _mm512_fmadd_ps(av, decode16(codes, bits, k, 2 * bits * VECS, false), sum_[k]);
   }
   QEMBED_INLINE void store(float* out) const {
     for (int k = 0; k < VECS; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
