@@ -119,41 +119,45 @@ struct DecodeTables {
 inline constexpr DecodeTables kDecodeTables{};
 
 // Vector k (codes 16k .. 16k + 15) of a block whose codes take `total` bytes, as floats; a
-// final half vector (8 codes) leaves lanes 8-15 undefined. Reads never reach past the
-// block: a load that spans into a cache line the row does not touch waits for that line
-// from memory even where a mask discards its bytes (Zen 4, 2M rows of 4-bit codes: masked
-// 16-byte loads of 8 bytes made the lookup 3-4x slower). So the 16 (or 8) bytes are read
-// from a window inside the block, moved back from the vector's first byte near the end,
-// and the byte permute is shifted to match. Blocks under 8 bytes (or under 16 at widths
-// above 4) fall back to loads of exactly the vector's bytes under a mask. Branch-free in
-// the width for mixed-width rows; with compile-time bits and k it folds to constants.
-QEMBED_INLINE __m512 decode16(const uint8_t* block, int bits, int k, int total, bool half) {
-  const int first = 2 * bits * k;
-  const int need = half ? bits : 2 * bits;
-  __m128i raw;
-  int shift = 0;
-  if (total >= 16) {
-    const int at = std::min(first, total - 16);
-    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + at));
-    shift = first - at;
-  } else if (total >= 8 && 2 * bits <= 8) {
-    const int at = std::min(first, total - 8);
-    raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + at));
-    shift = first - at;
-  } else {
-    raw = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << need) - 1u), block + first);
-  }
-  if (bits == 8) {  // whole bytes: only a widening; the window moves by a half vector at most
-    if (shift != 0) raw = _mm_srli_si128(raw, 8);
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
-  }
-  __m512i index = _mm512_load_si512(kDecodeTables.byte_index[bits]);
-  if (shift != 0) index = _mm512_add_epi8(index, _mm512_set1_epi8(static_cast<char>(shift)));
+// final half vector (8 codes) leaves lanes 8-15 undefined. No load reaches into a cache
+// line that holds none of the vector's bytes: such a load waits for that line from memory
+// even where a mask discards its bytes (Zen 4, 2M rows of 4-bit codes: masked 16-byte
+// loads of 8 bytes made the lookup 3-4x slower). The 16-byte window is moved back to end
+// at the vector's last byte where it would cross into the next line, and the byte permute
+// is shifted to match. For rows of any width (mixed-width tables, rows in random order),
+// so without a branch on it.
+QEMBED_INLINE __m512i decode_bytes(__m128i raw, int bits, int shift) {
+  const __m512i index = _mm512_add_epi8(_mm512_load_si512(kDecodeTables.byte_index[bits]),
+                                        _mm512_set1_epi8(static_cast<char>(shift)));
   const __m512i bytes = _mm512_permutexvar_epi8(index, _mm512_zextsi128_si512(raw));
-  const __m512i lanes = _mm512_and_si512(
-      _mm512_srlv_epi32(bytes, _mm512_load_si512(kDecodeTables.shift[bits])),
-      _mm512_set1_epi32((1 << bits) - 1));
-  return _mm512_cvtepi32_ps(lanes);
+  return _mm512_and_si512(_mm512_srlv_epi32(bytes, _mm512_load_si512(kDecodeTables.shift[bits])),
+                          _mm512_set1_epi32((1 << bits) - 1));
+}
+
+QEMBED_INLINE __m512 decode16_any(const uint8_t* block, int bits, int k, bool half) {
+  const uint8_t* first = block + 2 * bits * k;
+  const int need = half ? bits : 2 * bits;
+  const int shift = (reinterpret_cast<uintptr_t>(first) & 63) > 48 ? 16 - need : 0;
+  const __mmask16 m = static_cast<__mmask16>(((1u << need) - 1u) << shift);
+  const __m128i raw = _mm_maskz_loadu_epi8(m, first - shift);
+  return _mm512_cvtepi32_ps(decode_bytes(raw, bits, shift));
+}
+
+// The same for a width known at compile time, where the block's codes (`total` bytes) are
+// read through a 16-byte window inside the block (8 bytes for blocks of 8 to 15 at up to 4
+// bits), moved back near its end: no address arithmetic per row. 8-bit codes need only a
+// widening. Branches fold or, the block's size being fixed for a whole lookup, predict.
+template <int BITS>
+QEMBED_INLINE __m512 decode16(const uint8_t* block, int k, int total, bool half) {
+  const int first = 2 * BITS * k;
+  if (total < 16 && !(total >= 8 && BITS <= 4)) return decode16_any(block, BITS, k, half);
+  const int size = total >= 16 ? 16 : 8;
+  const int at = std::min(first, total - size);
+  const __m128i raw = size == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + at))
+                                 : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + at));
+  if constexpr (BITS == 8)  // the window moves back by a half vector at most
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first != at ? _mm_srli_si128(raw, 8) : raw));
+  return _mm512_cvtepi32_ps(decode_bytes(raw, BITS, first - at));
 }
 
 // The width of the codes is a parameter of add(), not of the class, so rows of different
@@ -169,16 +173,22 @@ class Accumulator {
   // codes: the block's first code.
   template <int BITS>
   QEMBED_INLINE void add(const uint8_t* codes, float a) {
-    add_any(codes, BITS, a);
-  }
-  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
     const __m512 av = _mm512_set1_ps(a);
-    const int total = width_ * bits / 8;
+    const int total = width_ * BITS / 8;
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       if (k >= vectors_) break;
       const bool half = half_tail_ && k == vectors_ - 1;
-      sum_[k] = _mm512_fmadd_ps(av, decode16(codes, bits, k, total, half), sum_[k]);
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes, k, total, half), sum_[k]);
+    }
+  }
+  QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k >= vectors_) break;
+      const bool half = half_tail_ && k == vectors_ - 1;
+      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes, bits, k, half), sum_[k]);
     }
   }
   QEMBED_INLINE void store(float* out) const {
@@ -204,13 +214,16 @@ class FixedAccumulator {
   }
   template <int BITS>
   QEMBED_INLINE void add(const uint8_t* codes, float a) {
-    add_any(codes, BITS, a);
+    const __m512 av = _mm512_set1_ps(a);
+#pragma GCC unroll 8
+    for (int k = 0; k < VECS; ++k)
+      sum_[k] = _mm512_fmadd_ps(av, decode16<BITS>(codes, k, 2 * BITS * VECS, false), sum_[k]);
   }
   QEMBED_INLINE void add_any(const uint8_t* codes, int bits, float a) {
     const __m512 av = _mm512_set1_ps(a);
 #pragma GCC unroll 8
     for (int k = 0; k < VECS; ++k)
-      sum_[k] = _mm512_fmadd_ps(av, decode16(codes, bits, k, 2 * bits * VECS, false), sum_[k]);
+      sum_[k] = _mm512_fmadd_ps(av, decode16_any(codes, bits, k, false), sum_[k]);
   }
   QEMBED_INLINE void store(float* out) const {
     for (int k = 0; k < VECS; ++k) _mm512_storeu_ps(out + 16 * k, sum_[k]);
