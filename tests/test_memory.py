@@ -1,5 +1,4 @@
 """Tables on transparent huge pages: values as torch.zeros, memory advised (Linux)."""
-import os
 import sys
 
 import pytest

@@ -19,8 +19,8 @@ constexpr int64_t kPrefetchDistance = 32;
 // (AVX-512) bursts of 8 made the int8 and int4 lookups 15-25% slower than one prefetch per
 // row (4M rows, 1 thread), and prefetching into L2 instead of L1 made int8 lookups 1.1x
 // (D = 128) to 1.6x (D = 64) and int4 ones 1.5x faster (4M rows on huge pages, 2 threads).
-// L2 prefetches are not measured on AVX2 machines. The build targets its own CPU (-march=native), so the vector
-// width stands in for the machine.
+// L2 prefetches are not measured on AVX2 machines. The build targets its own CPU
+// (-march=native), so the vector width stands in for the machine.
 #if defined(__AVX512F__)
 constexpr int64_t kPrefetchBurst = 1;
 constexpr int kPrefetchLocality = 2;
@@ -49,7 +49,8 @@ class RowPrefetch {
   __attribute__((always_inline)) void operator()(const uint8_t* row) const {
     __builtin_prefetch(row, 0, kPrefetchLocality);
     if (last_ > 0) __builtin_prefetch(row + last_, 0, kPrefetchLocality);
-    for (int64_t off = 64; off < last_; off += 64) __builtin_prefetch(row + off, 0, kPrefetchLocality);
+    for (int64_t off = 64; off < last_; off += 64)
+      __builtin_prefetch(row + off, 0, kPrefetchLocality);
   }
 
  private:

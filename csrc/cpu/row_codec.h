@@ -118,14 +118,7 @@ struct DecodeTables {
 };
 inline constexpr DecodeTables kDecodeTables{};
 
-// Vector k (codes 16k .. 16k + 15) of a block whose codes take `total` bytes, as floats; a
-// final half vector (8 codes) leaves lanes 8-15 undefined. No load reaches into a cache
-// line that holds none of the vector's bytes: such a load waits for that line from memory
-// even where a mask discards its bytes (Zen 4, 2M rows of 4-bit codes: masked 16-byte
-// loads of 8 bytes made the lookup 3-4x slower). The 16-byte window is moved back to end
-// at the vector's last byte where it would cross into the next line, and the byte permute
-// is shifted to match. For rows of any width (mixed-width tables, rows in random order),
-// so without a branch on it.
+// The 16 codes that start at byte `shift` of raw, as integers.
 QEMBED_INLINE __m512i decode_bytes(__m128i raw, int bits, int shift) {
   const __m512i index = _mm512_add_epi8(_mm512_load_si512(kDecodeTables.byte_index[bits]),
                                         _mm512_set1_epi8(static_cast<char>(shift)));
@@ -134,6 +127,13 @@ QEMBED_INLINE __m512i decode_bytes(__m128i raw, int bits, int shift) {
                           _mm512_set1_epi32((1 << bits) - 1));
 }
 
+// Vector k (codes 16k .. 16k + 15) of a block of codes, as floats; a final half vector (8
+// codes) leaves lanes 8-15 undefined. No load reaches into a cache line that holds none of
+// the vector's bytes: such a load waits for that line from memory even where a mask
+// discards its bytes (Zen 4, 2M rows of 4-bit codes: masked 16-byte loads of 8 bytes made
+// the lookup 3-4x slower). Where the 16-byte window would cross into the next line it is
+// moved back to end at the vector's last byte, and the byte permute shifted to match. For
+// rows of any width (mixed-width tables, rows in random order), so without a branch on it.
 QEMBED_INLINE __m512 decode16_any(const uint8_t* block, int bits, int k, bool half) {
   const uint8_t* first = block + 2 * bits * k;
   const int need = half ? bits : 2 * bits;
