@@ -85,14 +85,19 @@ def require_cuda_kernel(script: str, op: str) -> None:
 def interleaved_median_times(fns: dict, inputs: list, repeats: int, clock=time.perf_counter,
                              warmup: int = 2) -> dict:
     """Median seconds of each fn(*inputs[i]), timing the candidates in turn within every
-    repeat, so that a change in the machine's load reaches all of them alike. With one
+    repeat, so that a change in the machine's load reaches all of them alike. The turn's
+    order rotates from repeat to repeat: in a fixed order each candidate always ran after the
+    same one, and one that followed a small-footprint candidate found its hot rows still in
+    L3 while one that followed fp32 (32 MB of rows per call) found them evicted. With one
     thread, clock=time.thread_time counts only the time the lookup itself ran."""
-    times = {name: [] for name in fns}
+    names = list(fns)
+    times = {name: [] for name in names}
     for i in range(warmup + repeats):
         args = inputs[i % len(inputs)]
-        for name, fn in fns.items():
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
             t0 = clock()
-            fn(*args)
+            fns[name](*args)
             if i >= warmup:
                 times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
