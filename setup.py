@@ -1,18 +1,44 @@
 """Builds qembed._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
 
+The build is portable: it runs on any CPU of its architecture. On x86-64 the CPU kernels in
+csrc/cpu/isa/ are compiled three times, for the scalar baseline, AVX2 and AVX-512, and the
+library picks the best the CPU supports when it loads (csrc/cpu/dispatch.h).
+
 Environment switches:
   QEMBED_CUDA=0|1   force the CUDA kernels off or on (default: auto-detect)
-  QEMBED_NATIVE=0   do not compile for the build machine's CPU (-march=native); for wheels
-                    that must run on other machines
+  QEMBED_NATIVE=1   compile everything, kernel variants included, for the build machine's CPU
+                    (-march=native): the library then runs only on CPUs with its instruction
+                    sets. For comparing against the portable build.
 """
 import glob
+import json
 import os
+import platform
 import shutil
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+NATIVE = os.environ.get("QEMBED_NATIVE", "0") == "1"
+# Where the kernel variants are compiled; elsewhere (other architectures, MSVC) the scalar
+# one alone.
+X86 = platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+
+
+def kernel_variants():
+    """Name -> compiler flags of each CPU kernel variant (csrc/cpu/dispatch.h)."""
+    if NATIVE:
+        native = ["-march=native", "-mprefer-vector-width=512"]
+        return {name: native for name in (("scalar", "avx2", "avx512") if X86 else ("scalar",))}
+    variants = {"scalar": []}
+    if X86:
+        variants["avx2"] = ["-march=x86-64-v3"]
+        # 512-bit vectors wherever GCC vectorizes: its generic tuning prefers 256. GCC 12
+        # warns about its own AVX-512 intrinsics (_mm512_undefined_*), thousands of lines.
+        variants["avx512"] = ["-march=x86-64-v4", "-mavx512vbmi", "-mprefer-vector-width=512",
+                              "-Wno-maybe-uninitialized"]
+    return variants
 
 
 def want_cuda():
@@ -42,10 +68,11 @@ def extension():
     # -fno-tree-loop-distribute-patterns: GCC turned the accumulators' zeroing and storing
     # loops into memset/memcpy calls, made once per bag.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-tree-loop-distribute-patterns"]
-    if os.environ.get("QEMBED_NATIVE", "1") == "1":
+    if NATIVE:
         cxx += ["-march=native", "-mprefer-vector-width=512"]
     args = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
+    macros = [("QEMBED_X86_KERNELS", "1")] if X86 else []
     cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if want_cuda() and cuda_sources:
@@ -59,10 +86,42 @@ def extension():
         extra_compile_args=args,
         extra_link_args=["-fopenmp"],
         include_dirs=include_dirs,
+        define_macros=macros,
     )
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build, plus the CPU kernel variants: setuptools compiles an extension's sources
+    with one set of flags, so each variant's objects are compiled here, each with its own
+    flags and QEMBED_ISA naming its namespace (csrc/isa_namespace.h), and linked in as extra
+    objects. Also records the torch release the library is built against, which
+    qembed/_extension.py compares with the one it is loaded into."""
+
+    def build_extension(self, ext):
+        kernels = sorted(glob.glob(os.path.join("csrc", "cpu", "isa", "*.cpp")))
+        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
+            else list(ext.extra_compile_args)
+        for name, flags in kernel_variants().items():
+            # The ninja build in torch's wrapper takes per-language flags as a dict.
+            ext.extra_objects += self.compiler.compile(
+                kernels, output_dir=os.path.join(self.build_temp, "isa", name),
+                macros=ext.define_macros + [("QEMBED_ISA", name)],
+                include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": cxx + flags}, depends=ext.depends)
+        super().build_extension(ext)
+        import torch
+
+        info = {"torch": str(torch.__version__),
+                "cuda_kernels": any(s.endswith(".cu") for s in ext.sources), "native": NATIVE}
+        folders = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+        if self.inplace or getattr(self, "editable_mode", False):  # the library goes there too
+            folders.add(os.path.join(ROOT, "qembed"))
+        for folder in folders:
+            with open(os.path.join(folder, "_build_info.json"), "w") as f:
+                json.dump(info, f)
 
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include "isa_namespace.h"
 
 #if defined(__CUDACC__)
 #define QEMBED_HD __host__ __device__ __forceinline__
@@ -24,6 +25,16 @@ namespace qembed {
 
 enum Format : int64_t { SYM_ROW = 0, SYM_TABLE = 1, AFFINE = 2 };
 enum Pooling : int64_t { POOL_SUM = 0, POOL_MEAN = 1, POOL_NONE = 2 };
+
+// A row's affine view: value = scale * (u + offset) + bias. Symmetric formats use
+// offset = Qn and bias = 0 so that step * q is computed with a single rounding.
+struct RowParams {
+  float scale;
+  float bias;
+  int32_t offset;
+};
+
+QEMBED_ISA_BEGIN
 
 QEMBED_HD bool valid_format(int64_t fmt) { return fmt >= SYM_ROW && fmt <= AFFINE; }
 QEMBED_HD int64_t code_bytes(int64_t dim, int64_t bits) { return dim * bits / 8; }
@@ -60,14 +71,6 @@ QEMBED_HD uint32_t group_code(uint64_t group, int i) {
   return static_cast<uint32_t>(group >> (i * BITS)) & ((1u << BITS) - 1u);
 }
 
-// A row's affine view: value = scale * (u + offset) + bias. Symmetric formats use
-// offset = Qn and bias = 0 so that step * q is computed with a single rounding.
-struct RowParams {
-  float scale;
-  float bias;
-  int32_t offset;
-};
-
 QEMBED_HD float read_f32(const uint8_t* p) {
   float v;
   memcpy(&v, p, sizeof(float));
@@ -103,6 +106,8 @@ QEMBED_HD int64_t range_position(const int32_t* ranges, int64_t num_ranges, int6
   const int64_t pos = ranges[2 * k + 1];
   return pos < 0 ? -1 : pos + (r - ranges[2 * k]);
 }
+
+QEMBED_ISA_END
 
 // Dispatch a runtime bit width to a template parameter.
 #define QEMBED_DISPATCH_BITS(bits, ...)                                   \

@@ -7,6 +7,7 @@
 #include "rounding.h"
 
 namespace qembed {
+QEMBED_ISA_BEGIN
 
 // Q_b(w) for a positive width b with step a; lo, hi = Qn_b, Qp_b.
 QEMBED_HD float lsq_plus_value(float w, float beta, float a, int32_t lo, int32_t hi) {
@@ -20,4 +21,5 @@ inline float lsq_plus_grad_scale(int64_t bits, int64_t numel) {
   return 1.0f / std::sqrt(static_cast<float>(qp) * static_cast<float>(numel));
 }
 
+QEMBED_ISA_END
 }  // namespace qembed

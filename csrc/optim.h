@@ -22,6 +22,8 @@ struct UpdateConfig {
   bool learn_step;
 };
 
+QEMBED_ISA_BEGIN
+
 // The fp32 constants of an update, rounded once on the host from the op's arguments.
 inline UpdateConfig make_update_config(int64_t dim, int64_t fmt, int64_t optimizer, double lr,
                                        double eps, double weight_decay, double beta1,
@@ -91,4 +93,5 @@ QEMBED_HD float next_step(float s, float gs, float* st, const UpdateConfig& c) {
   return t < kMinStep ? kMinStep : t;
 }
 
+QEMBED_ISA_END
 }  // namespace qembed

@@ -14,6 +14,8 @@ struct Philox4 {
   uint32_t v[4];
 };
 
+QEMBED_ISA_BEGIN
+
 QEMBED_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   const uint64_t p = static_cast<uint64_t>(a) * b;
   hi = static_cast<uint32_t>(p >> 32);
@@ -45,4 +47,5 @@ QEMBED_HD float uniform_from_bits(uint32_t x) {
   return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
 }
 
+QEMBED_ISA_END
 }  // namespace qembed

@@ -1,10 +1,60 @@
 // The one list of qembed's operator schemas. Kernels register per device in cpu/ and cuda/.
+// The Python module qembed._C also says which CPU kernel variant runs (cpu/dispatch.h).
 #include <Python.h>
 #include <torch/library.h>
+#include <string>
+#include "cpu/dispatch.h"
 
-// Importing qembed._C loads this library, which registers the operators.
+namespace {
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(qembed::cpu::capability_name(qembed::cpu::capability()));
+}
+
+PyObject* supported_cpu_capabilities(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  for (auto c : {qembed::cpu::Capability::kScalar, qembed::cpu::Capability::kAvx2,
+                 qembed::cpu::Capability::kAvx512})
+    if (qembed::cpu::supported(c)) {
+      PyObject* name = PyUnicode_FromString(qembed::cpu::capability_name(c));
+      PyList_Append(names, name);
+      Py_DECREF(name);
+    }
+  return names;
+}
+
+// For tests: run the kernels in another variant from now on.
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string error = qembed::cpu::set_capability(name);
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_ValueError, error.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction set the CPU kernels run in: scalar, avx2 or avx512."},
+    {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
+     "The CPU kernel variants this build has and this CPU runs, lowest first."},
+    {"_set_cpu_capability", set_cpu_capability, METH_O,
+     "Run the CPU kernels in the given variant (tests)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing qembed._C loads this library, which registers the operators, and chooses the CPU
+// kernels' variant: an unknown or unsupported QEMBED_CPU_CAPABILITY fails the import.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  const std::string error = qembed::cpu::choose_capability();
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_ValueError, error.c_str());
+    return nullptr;
+  }
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 

@@ -5,6 +5,16 @@
 
 namespace qembed {
 
+// Random stream position of a stochastic rounding: the uniforms of row `row_key`.
+struct RoundingKey {
+  bool stochastic;
+  uint64_t seed;
+  uint64_t counter;
+  uint64_t row_key;
+};
+
+QEMBED_ISA_BEGIN
+
 // x: the value divided by its step (and shifted by its offset); u: a uniform in [0, 1).
 // Stochastic rounding floor(x + u) is unbiased: E = x inside [lo, hi]. Nearest rounds
 // half to even, as torch.round does.
@@ -25,4 +35,5 @@ QEMBED_HD void pack_group(const uint32_t* codes, uint8_t* dst) {
   store_group<BITS>(dst, x);
 }
 
+QEMBED_ISA_END
 }  // namespace qembed

@@ -1,168 +1,18 @@
-// embedding_bag: fused gather-dequantize-pool over packed rows.
-// Rows are read once, decoded in registers and accumulated in fp32; the rows of upcoming
-// indices are prefetched because a lookup into a large table waits on memory, not on math.
+// embedding_bag: fused gather-dequantize-pool over packed rows. The op checks its arguments
+// and splits the bags over threads; the kernels (isa/embedding_bag.cpp) read the rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
-#include "row_codec.h"
+#include "isa/embedding_bag.h"
 
 namespace qembed {
 namespace {
-
-template <typename out_t>
-inline void store_row(const float* acc, float shift, int64_t dim, float factor, out_t* out) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<out_t>((acc[d] + shift) * factor);
-}
-
-// One bag's pooled row, before the per-bag constant `shift` and the mean's factor.
-struct BagSum {
-  float shift = 0.0f;  // sum of the rows' constant terms psw * (scale * offset + bias)
-  int64_t count = 0;   // rows pooled (padding entries excluded)
-  bool bad_index = false;  // an index out of range was met (and skipped)
-};
-
-// Adds the columns [d0, d0 + width) of the rows at positions [p0, p1) into `accum`; the
-// FIRST block (d0 == 0) also prefetches and counts. Indices are range-checked here, as the
-// rows are read, rather than in a separate pass over all of them. Width, format and FIRST
-// are compile-time so that the row's parameters and the column offsets of its codes fold
-// into constants: a per-row loop with them at run time spilled and reloaded them every row.
-template <int BITS, int64_t FMT, bool FIRST, typename Acc, typename index_t>
-inline void pool_block(Acc& accum, const uint8_t* table, int64_t num_rows, int64_t stride,
-                       const index_t* idx, int64_t p0, int64_t p1, int64_t last,
-                       const float* psw, int64_t dim, float table_step, int64_t padding_idx,
-                       int64_t d0, BagSum& bag) {
-  const RowPrefetch prefetch(stride);
-  const int64_t col = FIRST ? 0 : d0 * BITS / 8;
-  // Locals, not `bag`'s fields: through the reference each row would wait on the previous
-  // row's store of the running sum.
-  float shift = 0.0f;
-  int64_t count = 0;
-  bool bad_index = false;
-  for (int64_t p = p0; p < p1; ++p) {
-    // Rows prefetched kPrefetchDistance ahead, kPrefetchBurst at a time (bags.h); unrolled
-    // but near the end. A wild index only prefetches, never faults.
-    if (FIRST && (p & (kPrefetchBurst - 1)) == 0) {
-      const int64_t q0 = p + kPrefetchDistance;
-      if (q0 + kPrefetchBurst <= last) {
-#pragma GCC unroll 8
-        for (int64_t k = 0; k < kPrefetchBurst; ++k)
-          prefetch(table + static_cast<int64_t>(idx[q0 + k]) * stride);
-      } else {
-        for (int64_t q = q0; q < last; ++q) prefetch(table + static_cast<int64_t>(idx[q]) * stride);
-      }
-    }
-    const int64_t r = idx[p];
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
-      bad_index = true;
-      continue;
-    }
-    if (r == padding_idx) continue;
-    const uint8_t* row = table + r * stride;
-    const RowParams prm = row_params(row, dim, BITS, FMT, table_step);
-    const float w = psw ? psw[p] : 1.0f;
-    const float a = w * prm.scale;
-    accum.template add<BITS>(row + col, a);
-    if (FIRST) {
-      shift += a * static_cast<float>(prm.offset) + w * prm.bias;
-      ++count;
-    }
-  }
-  if (FIRST) {
-    bag.shift = shift;
-    bag.count = count;
-    bag.bad_index = bad_index;
-  }
-}
-
-// Pools positions [p0, p1) into acc[0, dim) (overwritten). Columns go in blocks of kLanes
-// whose accumulators stay in registers; rows are re-read from cache for later blocks (D >
-// kLanes only).
-template <int BITS, int64_t FMT, typename index_t>
-inline BagSum pool_bag(const uint8_t* table, int64_t num_rows, int64_t stride,
-                       const index_t* idx, int64_t p0, int64_t p1, int64_t last,
-                       const float* psw, int64_t dim, float table_step, int64_t padding_idx,
-                       float* acc) {
-  BagSum bag;
-  with_accumulator(std::min<int64_t>(kLanes, dim), [&](auto&& accum) {
-    pool_block<BITS, FMT, true>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
-                                table_step, padding_idx, 0, bag);
-    accum.store(acc);
-  });
-  for (int64_t d0 = kLanes; d0 < dim; d0 += kLanes) {
-    with_accumulator(std::min<int64_t>(kLanes, dim - d0), [&](auto&& accum) {
-      pool_block<BITS, FMT, false>(accum, table, num_rows, stride, idx, p0, p1, last, psw, dim,
-                                   table_step, padding_idx, d0, bag);
-      accum.store(acc + d0);
-    });
-  }
-  return bag;
-}
-
-// Returns false if an index was out of range (its rows were skipped).
-template <int BITS, int64_t FMT, typename index_t, typename out_t>
-bool pool_bags(const uint8_t* table, int64_t num_rows, int64_t stride, const index_t* idx,
-               const std::vector<int64_t>& starts, const float* psw, int64_t dim,
-               float table_step, bool mean, int64_t padding_idx, out_t* out) {
-  const int64_t num_bags = static_cast<int64_t>(starts.size()) - 1;
-  const int64_t grain = std::max<int64_t>(1, 4096 / (1 + starts.back() / std::max<int64_t>(1, num_bags)));
-  std::atomic<bool> all_valid{true};
-  at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(dim);
-    const int64_t last = starts[end];
-    bool valid = true;
-    for (int64_t b = begin; b < end; ++b) {
-      const BagSum bag = pool_bag<BITS, FMT>(table, num_rows, stride, idx, starts[b],
-                                             starts[b + 1], last, psw, dim, table_step,
-                                             padding_idx, acc.data());
-      valid = valid && !bag.bad_index;
-      const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
-      store_row(acc.data(), bag.shift, dim, factor, out + b * dim);
-    }
-    if (!valid) all_valid = false;
-  });
-  return all_valid;
-}
-
-// mode none: out[p] = psw_p * dequantize(row[idx[p]]), rounded exactly as dequantize does.
-// Like the pooled lookup, it checks each index as it reads it; returns false if one was out
-// of range (its output row is left as zeros).
-template <int BITS, typename index_t, typename out_t>
-bool lookup_rows(const uint8_t* table, int64_t num_rows, int64_t stride, const index_t* idx,
-                 int64_t n, const float* psw, int64_t dim, int64_t fmt, float table_step,
-                 int64_t padding_idx, out_t* out) {
-  std::atomic<bool> all_valid{true};
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> value(dim);
-    const RowPrefetch prefetch(stride);
-    bool valid = true;
-    for (int64_t p = begin; p < end; ++p) {
-      if (p + kPrefetchDistance < end)  // a wild index only prefetches, never faults
-        prefetch(table + static_cast<int64_t>(idx[p + kPrefetchDistance]) * stride);
-      std::fill(value.begin(), value.end(), 0.0f);
-      const int64_t r = idx[p];
-      if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(num_rows)) {
-        valid = false;
-      } else if (r != padding_idx) {
-        const uint8_t* row = table + r * stride;
-        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-        accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
-      }
-      const float w = psw ? psw[p] : 1.0f;
-      for (int64_t d = 0; d < dim; ++d) out[p * dim + d] = static_cast<out_t>(value[d] * w);
-    }
-    if (!valid) all_valid = false;
-  });
-  return all_valid;
-}
 
 at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indices_in,
                              const at::Tensor& offsets_in,
@@ -181,34 +31,31 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({num_out, dim}, rows.options().dtype(out_dtype));
 
+  const bool int64_indices = indices.scalar_type() == at::kLong;
+  std::vector<int64_t> starts;
+  if (mode != POOL_NONE) {
+    const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+    starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
+  }
+  const LookupArgs args{rows.data_ptr<uint8_t>(), num_rows, stride, indices.data_ptr(),
+                        int64_indices, starts.data(), psw, bits, dim, fmt, table_step,
+                        mode == POOL_MEAN, padding_idx, out.data_ptr(), output_type(out_dtype)};
+  std::atomic<bool> all_valid{true};
+  auto run = [&](auto* kernel, int64_t count, int64_t grain) {
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(dim);
+      if (!kernel(args, begin, end, scratch.data())) all_valid = false;
+    });
+  };
+  if (mode != POOL_NONE)
+    run(QEMBED_CPU_KERNEL(embedding_bag_pool), num_out,
+        std::max<int64_t>(1, 4096 / (1 + starts.back() / std::max<int64_t>(1, num_out))));
+  else
+    run(QEMBED_CPU_KERNEL(embedding_bag_rows), n, 256);
+  bool valid = all_valid;
+  // Positions after the last bag are not read, but are checked all the same.
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "qembed_embedding_bag", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
-    std::vector<int64_t> starts;
-    if (mode != POOL_NONE) {
-      const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-      starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
-    }
-    auto run = [&](auto* dst) {
-      return QEMBED_DISPATCH_BITS(bits, [&] {
-        if (mode != POOL_NONE) {
-          auto pool = [&](auto fmt_constant) {
-            return pool_bags<BITS, decltype(fmt_constant)::value>(
-                rows.data_ptr<uint8_t>(), num_rows, stride, idx, starts, psw, dim, table_step,
-                mode == POOL_MEAN, padding_idx, dst);
-          };
-          if (fmt == SYM_ROW) return pool(std::integral_constant<int64_t, SYM_ROW>());
-          if (fmt == SYM_TABLE) return pool(std::integral_constant<int64_t, SYM_TABLE>());
-          return pool(std::integral_constant<int64_t, AFFINE>());
-        }
-        return lookup_rows<BITS>(rows.data_ptr<uint8_t>(), num_rows, stride, idx, n, psw, dim,
-                                 fmt, table_step, padding_idx, dst);
-      });
-    };
-    bool valid;
-    if (out_dtype == at::kFloat) valid = run(out.data_ptr<float>());
-    else if (out_dtype == at::kHalf) valid = run(out.data_ptr<at::Half>());
-    else valid = run(out.data_ptr<at::BFloat16>());
-    // Positions after the last bag are not read, but are checked all the same.
     for (int64_t p = starts.empty() ? n : starts.back(); p < n && valid; ++p)
       valid = idx[p] >= 0 && idx[p] < num_rows;
     // The lookup skipped the bad rows; find the first one for the message.

@@ -15,6 +15,10 @@
 
 namespace qembed {
 
+// The rest differs per instruction set (the accumulators' types too), so it lies in the
+// variant's namespace (isa_namespace.h).
+QEMBED_ISA_BEGIN
+
 // acc.add<bits>(codes, a) for a width known at run time. A plain switch: GCC left
 // QEMBED_DISPATCH_BITS's lambda out of line, and the call per row made mixed-width lookups
 // ~3x slower.
@@ -31,14 +35,6 @@ QEMBED_INLINE void add_at_width(Acc& acc, const uint8_t* codes, int bits, float 
     default: return acc.template add<8>(codes, a);
   }
 }
-
-// Random stream position of a stochastic rounding: the uniforms of row `row_key`.
-struct RoundingKey {
-  bool stochastic;
-  uint64_t seed;
-  uint64_t counter;
-  uint64_t row_key;
-};
 
 // codes[g] of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1].
 template <int BITS>
@@ -370,4 +366,5 @@ inline void with_accumulator(int64_t width, F&& f) {
   }
 }
 
+QEMBED_ISA_END
 }  // namespace qembed
