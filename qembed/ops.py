@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from . import reference
+from . import _extension, reference
 from .formats import (
     STEP_OPTIMIZERS,
     check_bits_dim,
@@ -36,12 +36,9 @@ from .formats import (
     row_bytes,
 )
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the operators)
-
-    HAS_EXTENSION = True
-except ImportError:  # pragma: no cover - exercised only without a build
-    HAS_EXTENSION = False
+# Loading the library registers the operators; None without a build.
+_C = _extension.load()
+HAS_EXTENSION = _C is not None
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_OPS = ("embedding_bag", "lowp_update")
@@ -80,6 +77,16 @@ def _triton(device: torch.device) -> bool:
     if backend is not None:
         return backend == "triton"
     return not HAS_EXTENSION and HAS_TRITON and device.type == "cuda"
+
+
+def cpu_capability() -> str | None:
+    """The instruction set the CPU kernels run in: ``"avx512"``, ``"avx2"`` or ``"scalar"``
+    (None without the extension). The best the CPU supports, chosen when qembed loads;
+    the environment variable ``QEMBED_CPU_CAPABILITY`` set to a lower one forces it (for
+    comparisons), and one the CPU cannot run fails the import. ``"avx512"`` needs AVX512F,
+    BW, CD, DQ, VL and AVX512VBMI (Ice Lake, Zen 4 and later; a Skylake-X gets ``"avx2"``),
+    ``"avx2"`` needs x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE)."""
+    return _C.cpu_capability() if HAS_EXTENSION else None
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
