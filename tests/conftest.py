@@ -2,9 +2,14 @@
 
 Every test starts from torch's global generator seeded by its own node id (the autouse
 fixture below), so each test case sees fresh random data that is reproducible run to run.
+
+Tests of the ops whose CPU kernels are compiled per instruction set run once per variant
+(the ``cpu_capability`` fixture: scalar, avx2, avx512); those this CPU cannot run are
+skipped, and the run's header and summary say which ran.
 """
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -27,6 +32,57 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+CPU_CAPABILITIES = ["scalar", "avx2", "avx512"]
+
+
+def supported_cpu_capabilities() -> list[str]:
+    """The CPU kernel variants this build has and this CPU runs (scalar alone without the
+    extension, where every op runs the reference)."""
+    return ops._C.supported_cpu_capabilities() if ops.HAS_EXTENSION else ["scalar"]
+
+
+@pytest.fixture(params=CPU_CAPABILITIES, ids=[f"cpu_{c}" for c in CPU_CAPABILITIES])
+def cpu_capability(request):
+    """Runs the test with the CPU kernels of one instruction set (skipped where the CPU lacks
+    it), then restores the one chosen when qembed loaded."""
+    name = request.param
+    if name not in supported_cpu_capabilities():
+        pytest.skip(f"this CPU (or build) cannot run the {name} kernels")
+    if not ops.HAS_EXTENSION:
+        yield name
+        return
+    chosen = ops.cpu_capability()
+    ops._C._set_cpu_capability(name)
+    try:
+        yield name
+    finally:
+        ops._C._set_cpu_capability(chosen)
+
+
+def pytest_report_header(config):
+    supported = supported_cpu_capabilities()
+    missing = [c for c in CPU_CAPABILITIES if c not in supported]
+    return (f"qembed CPU kernels: {ops.cpu_capability() or 'not built (reference)'} chosen; "
+            f"tests run {', '.join(supported)}"
+            + (f"; {', '.join(missing)} skipped (not supported here)" if missing else ""))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests ran (passed or failed) and were skipped under each CPU variant."""
+    ran = {c: 0 for c in CPU_CAPABILITIES}
+    skipped = dict(ran)
+    for key, counts in (("passed", ran), ("failed", ran), ("skipped", skipped)):
+        for report in terminalreporter.stats.get(key, []):
+            m = re.search(r"\bcpu_(scalar|avx2|avx512)\b", getattr(report, "nodeid", ""))
+            if m and (key != "passed" or report.when == "call"):
+                counts[m.group(1)] += 1
+    if any(ran.values()) or any(skipped.values()):
+        terminalreporter.write_line(
+            "qembed CPU kernel variants: " + ", ".join(
+                f"{c} {ran[c]} run" + (f", {skipped[c]} skipped" if skipped[c] else "")
+                for c in CPU_CAPABILITIES))
 
 
 @dataclass

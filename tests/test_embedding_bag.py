@@ -1,5 +1,6 @@
 """The fused lookup against the reference and against torch.nn.functional.embedding_bag
-on the dequantized table (PyTorch's own semantics)."""
+on the dequantized table (PyTorch's own semantics), under every CPU kernel variant the
+machine runs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ INDEX_DTYPES = [torch.int32, torch.int64]
 # (mode, with per_sample_weights): not with mean
 MODE_PSW = [("sum", False), ("sum", True), ("mean", False), ("none", False), ("none", True)]
 MODE_PSW_IDS = ["sum", "sum-psw", "mean", "none", "none-psw"]
+
+pytestmark = pytest.mark.usefixtures("cpu_capability")
 
 
 def assert_close(actual, expected, dtype=torch.float32):

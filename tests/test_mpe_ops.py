@@ -141,6 +141,7 @@ def mixed_table(rows, dim, widths, layout="map32"):
     return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, positions
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode", ["sum", "mean", "none"])
 @pytest.mark.parametrize("psw", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -188,6 +189,7 @@ def lookup_and_reference(*args):
         return got, ops.mpe_embedding_bag(*args)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("dim", [8, 16, 32, 64, 128, 136, 200])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_mixed_lookup_across_widths_of_rows(dim, layout):
@@ -203,6 +205,7 @@ def test_mixed_lookup_across_widths_of_rows(dim, layout):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("rows", [1000, 100_000, 300_000])
 def test_row_ranges_of_very_uneven_lengths(rows):
     """Runs of one row beside one long run: the lookup's buckets must find each (the largest
@@ -234,6 +237,7 @@ def test_row_ranges_of_very_uneven_lengths(rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_row_ranges_outnumbering_the_buckets():
     """More ranges than the CPU lookup's bucket index holds buckets (at most 2^16): every
     bucket holds several range starts, searched within the bucket."""
@@ -315,6 +319,7 @@ def test_bad_inputs_raise():
                               None, None, "none")
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode", ["sum", "none"])
 def test_bad_map_entry_found_in_a_large_batch(mode):
     """Index and map entry checks happen inside the (threaded) lookup; the first offender is

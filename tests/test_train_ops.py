@@ -131,6 +131,7 @@ CASES = list(itertools.product(["sgd", "adagrad", "adam"], [1, 2, 3, 4, 5, 6, 7,
                                ["symmetric", "symmetric_table"], [True, False]))
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("optimizer,bits,fmt,stochastic", CASES)
 def test_update_matches_reference(optimizer, bits, fmt, stochastic):
     seed = hash((optimizer, bits, fmt, stochastic)) % 2**31
@@ -156,6 +157,7 @@ def test_update_matches_reference(optimizer, bits, fmt, stochastic):
         assert not torch.equal(got[0], table)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_two_pass_pieces_match_reference():
     """weights_out then an optimizer-free step update from given weights (the two-pass path)."""
     gen = torch.Generator().manual_seed(5)
@@ -238,6 +240,7 @@ def test_lsq_step_gradient_matches_autograd(bits):
     torch.testing.assert_close(new, (step - lr * s.grad).clamp(min=1e-10), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_thread_count_invariance():
     gen = torch.Generator().manual_seed(9)
     rows, dim, bits = 5000, 32, 4
@@ -262,6 +265,7 @@ def test_thread_count_invariance():
         assert all(same(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_nonfinite_rows_untouched_and_counted():
     gen = torch.Generator().manual_seed(3)
     rows, dim, bits = 20, 16, 8
