@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from conftest import CPU_CAPABILITIES, random_bags, random_table, supported_cpu_capabilities
-from test_mpe_ops import mixed_table
+from test_mpe_ops import mixed_table, search_inputs
 
-from qembed import _extension, ops
+from qembed import _extension, formats, ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
@@ -109,7 +109,7 @@ def test_update_bit_identical_across_variants(optimizer, fmt):
     """The training step, stochastic rounding and learnt steps included, gives the same codes,
     steps and optimizer state under every variant."""
     rows, dim, bits = 200, 72, 5
-    table = torch.randint(0, 256, (rows, ops.row_bytes(dim, bits, fmt)), dtype=torch.uint8)
+    table = torch.randint(0, 256, (rows, formats.row_bytes(dim, bits, fmt)), dtype=torch.uint8)
     if fmt == "symmetric":
         table[:, -4:] = (torch.rand(rows, 1) * 0.1 + 0.01).view(torch.uint8)
     step = torch.tensor([0.05]) if fmt == "symmetric_table" else None
@@ -129,6 +129,44 @@ def test_update_bit_identical_across_variants(optimizer, fmt):
     results = each_variant(update)
     assert_all_equal(results)
     assert not torch.equal(results["scalar"][0], table)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_codecs_and_gradients_bit_identical_across_variants(bits):
+    """quantize (stochastic rounding), dequantize, the lookup's backward and its gradient with
+    respect to per-sample weights."""
+    dim = 40
+    w = torch.randn(300, dim)
+    steps = w.abs().amax(1) / formats.qmax(bits) + 1e-3
+    for fmt, step in (("affine", None), ("symmetric", steps), ("symmetric_table", steps[:1])):
+        rows = each_variant(lambda: ops.quantize(w, bits, fmt, step, True, 3, 7))
+        assert_all_equal(rows)
+        table_step = step if fmt == "symmetric_table" else None
+        assert_all_equal(each_variant(lambda: ops.dequantize(rows["scalar"], bits, dim, fmt,
+                                                             table_step)))
+    t = random_table(300, dim, bits, "affine")
+    indices, offsets = random_bags(300, 50, max_len=30, padding_idx=3)
+    grad_out = torch.randn(50, dim)
+    for mode in ("sum", "mean"):
+        assert_all_equal(each_variant(lambda: ops.embedding_bag_backward(
+            grad_out, indices, offsets, mode=mode, padding_idx=3)))
+    assert_all_equal(each_variant(lambda: ops.embedding_bag_psw_backward(
+        grad_out, t.rows, indices, offsets, bits, dim, "affine", padding_idx=3)))
+
+
+def test_mpe_search_bit_identical_across_variants():
+    weight, row_group, logits, alpha, beta = search_inputs(rows=200, dim=40)
+    probs = torch.softmax(logits, 1)
+    bits = [0, 1, 2, 3, 4, 5, 6]
+    indices, offsets = random_bags(200, 30, max_len=20)
+    for mode in ("sum", "mean", "none"):
+        assert_all_equal(each_variant(lambda: ops.mpe_search_forward(
+            weight, indices, None if mode == "none" else offsets, row_group, probs, alpha, beta,
+            bits, mode)))
+    unique = torch.arange(0, 200, 3)
+    grad_rows = torch.randn(unique.numel(), 40)
+    assert_all_equal(each_variant(lambda: ops.mpe_search_backward(
+        weight, unique, grad_rows, row_group, probs, alpha, beta, bits, 999)))
 
 
 def test_isa_code_stays_in_its_variants():

@@ -24,6 +24,7 @@ def bags(rows, mode):
     return indices, (None if mode == "none" else offsets)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode", ["sum", "mean", "none"])
 @pytest.mark.parametrize("bits", [BITS, [0, 2, 4, 8], [3]])
 def test_search_forward_matches_reference(mode, bits):
@@ -51,6 +52,7 @@ def test_expected_value_is_probability_weighted_quantization():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode", ["sum", "mean", "none"])
 def test_search_gradients_match_autograd_through_reference(mode):
     weight, row_group, logits, alpha, beta = search_inputs()
@@ -71,6 +73,7 @@ def test_search_gradients_match_autograd_through_reference(mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_search_backward_op_matches_reference():
     weight, row_group, logits, alpha, beta = search_inputs()
     probs = torch.softmax(logits, 1)
@@ -84,6 +87,7 @@ def test_search_backward_op_matches_reference():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_search_backward_independent_of_threads():
     weight, row_group, logits, alpha, beta = search_inputs(rows=400)
     unique = torch.arange(400)

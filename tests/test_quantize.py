@@ -49,6 +49,7 @@ def num_threads(n):
         torch.set_num_threads(before)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("fmt,how", STEP_KINDS, ids=KIND_IDS)
@@ -65,6 +66,7 @@ def test_quantize_dequantize_match_reference(bits, fmt, how, stochastic, dim):
     assert torch.equal(deq, reference.dequantize(rows, bits, dim, fmt, table_step))
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bits", BITS)
@@ -73,6 +75,7 @@ def test_dequantize_random_table_matches_reference(bits, fmt, dim):
     assert torch.equal(ops.dequantize(t.rows, bits, dim, fmt, t.step), t.dequantize())
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("fmt,how", STEP_KINDS, ids=KIND_IDS)
 def test_empty_table(fmt, how):
     w = torch.zeros(0, 16)
@@ -110,6 +113,7 @@ def test_error_bounds(bits, fmt, how, stochastic):
         assert torch.equal(deq[:2], w[:2])
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_nearest_rounds_half_to_even(bits):
     step = torch.full((1,), 0.25)
@@ -218,6 +222,7 @@ def test_reference_stream_matches_python_philox():
     assert torch.equal(got, want.float())
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("seed", [2**40 + 77, 2**63 - 1, -5])
 def test_kernel_stochastic_codes_follow_philox(seed):
     """With step 1 the kernel's code is floor(w + u) for the Python stream's u."""

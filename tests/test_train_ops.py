@@ -28,6 +28,7 @@ def make_batch(rows, bags, gen, dtype=torch.int64):
     return indices, offsets
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode,psw,include_last,padding,dtype", [
     ("sum", False, False, None, torch.int64), ("sum", True, False, 3, torch.int32),
     ("mean", False, True, 5, torch.int64), ("mean", False, False, None, torch.int32),
@@ -67,6 +68,7 @@ def test_backward_matches_reference_and_autograd(mode, psw, include_last, paddin
     assert not expect[others].any()
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("offsets", [[], [0, 0, 0], [0, 2]])
 def test_backward_edge_batches(offsets):
     """No bags, empty bags, and an empty batch."""
@@ -78,6 +80,7 @@ def test_backward_edge_batches(offsets):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.usefixtures("cpu_capability")
 @pytest.mark.parametrize("mode,fmt,bits", [("sum", "symmetric", 3), ("sum", "affine", 8),
                                            ("none", "symmetric_table", 5)])
 def test_psw_gradient_matches_autograd(mode, fmt, bits):

@@ -1,9 +1,9 @@
-// dequantize: packed rows -> fp32 [N, dim].
+// dequantize: packed rows -> fp32 [N, dim], decoded by the kernel (isa/dequantize.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include "../checks.h"
-#include "row_codec.h"
+#include "isa/dequantize.h"
 
 namespace qembed {
 namespace {
@@ -16,16 +16,10 @@ at::Tensor dequantize_cpu(const at::Tensor& rows_in, int64_t bits, int64_t dim, 
   const int64_t n = rows.size(0), stride = rows.size(1);
   const float table_step = fmt == SYM_TABLE ? step->item<float>() : 0.0f;
   at::Tensor out = at::zeros({n, dim}, rows.options().dtype(at::kFloat));
-  const uint8_t* src = rows.data_ptr<uint8_t>();
-  float* dst = out.data_ptr<float>();
-  QEMBED_DISPATCH_BITS(bits, [&] {
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const uint8_t* row = src + r * stride;
-        const RowParams p = row_params(row, dim, BITS, fmt, table_step);
-        accumulate_row<BITS>(row, dim, p.scale, p.bias, p.offset, dst + r * dim);
-      }
-    });
+  const DequantizeArgs args{rows.data_ptr<uint8_t>(), stride, bits, dim, fmt, table_step,
+                            out.data_ptr<float>()};
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    QEMBED_CPU_KERNEL(dequantize_rows)(args, begin, end);
   });
   return out;
 }

@@ -2,7 +2,7 @@
 // one row per distinct index (never a dense [R, D] gradient).
 // Positions are sorted by index with a stable sort, so repeats of an index keep their batch
 // order, and each distinct index is summed by one thread in that order: the result is the
-// same for any thread count.
+// same for any thread count. The kernel (isa/embedding_bag_backward.cpp) sums.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,6 +12,7 @@
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
+#include "isa/embedding_bag_backward.h"
 
 namespace qembed {
 namespace {
@@ -101,21 +102,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
 
   at::Tensor unique_rows = at::empty({num_unique}, indices.options());
   at::Tensor grad_rows = at::empty({num_unique, dim}, grad_out.options());
-  int64_t* uniq = unique_rows.data_ptr<int64_t>();
-  float* out = grad_rows.data_ptr<float>();
-  const float* go = grad_out.data_ptr<float>();
+  const BackwardArgs args{grad_out.data_ptr<float>(), dim, pos.data(), key.data(), used,
+                          seg.data(), bag.data(), factor.data(),
+                          unique_rows.data_ptr<int64_t>(), grad_rows.data_ptr<float>()};
   at::parallel_for(0, num_unique, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      float* acc = out + k * dim;
-      std::fill(acc, acc + dim, 0.0f);
-      uniq[k] = key[seg[k]];
-      for (int64_t j = seg[k]; j < used && key[j] == uniq[k]; ++j) {
-        const int64_t p = pos[j];
-        const float f = factor[p];
-        const float* g = go + bag[p] * dim;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += g[d] * f;
-      }
-    }
+    QEMBED_CPU_KERNEL(embedding_bag_backward_rows)(args, begin, end);
   });
   return {unique_rows, grad_rows};
 }

@@ -1,12 +1,13 @@
 // embedding_bag_psw_backward: d out / d per_sample_weights[p] = <grad_out[bag(p)], row[p]>,
-// the row dequantized in registers; zero for padding_idx and positions outside every bag.
+// the row dequantized in registers (isa/embedding_bag_psw_backward.cpp); zero for padding_idx
+// and positions outside every bag.
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
-#include "row_codec.h"
+#include "isa/embedding_bag_psw_backward.h"
 
 namespace qembed {
 namespace {
@@ -37,24 +38,12 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
   }
   const float table_step = fmt == SYM_TABLE ? step->item<float>() : 0.0f;
   at::Tensor out = at::zeros({n}, grad_out.options());
-  float* dst = out.data_ptr<float>();
-  const float* go = grad_out.data_ptr<float>();
-  const uint8_t* table = rows.data_ptr<uint8_t>();
-  QEMBED_DISPATCH_BITS(bits, [&] {
-    at::parallel_for(0, static_cast<int64_t>(bag.size()), 256, [&](int64_t begin, int64_t end) {
-      std::vector<float> value(dim);
-      for (int64_t p = begin; p < end; ++p) {
-        if (idx[p] == padding_idx) continue;
-        const uint8_t* row = table + idx[p] * stride;
-        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-        std::fill(value.begin(), value.end(), 0.0f);
-        accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
-        const float* g = go + bag[p] * dim;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
-        dst[p] = dot;
-      }
-    });
+  const PswBackwardArgs args{grad_out.data_ptr<float>(), rows.data_ptr<uint8_t>(), stride, bits,
+                            dim, fmt, table_step, idx, bag.data(), padding_idx,
+                            out.data_ptr<float>()};
+  at::parallel_for(0, static_cast<int64_t>(bag.size()), 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(dim);
+    QEMBED_CPU_KERNEL(embedding_bag_psw_backward_positions)(args, begin, end, scratch.data());
   });
   return out;
 }

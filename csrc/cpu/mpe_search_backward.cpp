@@ -7,14 +7,14 @@
 //   dL/dp_{G,b}  = sum_{r in G} sum_d g_d * Q_b(w)_d
 // s_b = 1 / sqrt(max(Qp_b, 1) * numel) is LSQ's gradient scale. 0-bit candidates get zero.
 // Per-row partial sums are reduced in row order afterwards, so results do not depend on the
-// thread count.
+// thread count. The kernel (isa/mpe_search_backward.cpp) computes the rows' part.
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <cmath>
 #include <tuple>
 #include <vector>
 #include "../checks.h"
+#include "../lsq_plus.h"
 #include "bags.h"
 #include "mpe.h"
 
@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpe_search_backward_c
   const SearchQuantizer q = search_quantizer(op, weight, row_group, probs, alpha, beta, bits);
   check_index_dtype(unique_rows_in, "unique_rows");
   const at::Tensor uniq_t = unique_rows_in.to(at::kLong).contiguous();
-  const int64_t u = uniq_t.numel(), dim = q.dim, m = q.num_candidates();
+  const int64_t u = uniq_t.numel(), dim = q.dim, m = q.num_candidates;
   const int64_t* uniq = uniq_t.data_ptr<int64_t>();
   check_indices_in_range(uniq, u, weight.size(0));
   const at::Tensor grad = grad_rows_in.contiguous();
@@ -48,41 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpe_search_backward_c
   for (int64_t k = 0; k < m; ++k) scale[k] = lsq_plus_grad_scale(q.bits[k], numel);
   // Per-row partials: [U, m] for alpha and probs, [U, D] for beta.
   std::vector<float> part_alpha(u * m, 0.0f), part_probs(u * m, 0.0f), part_beta(u * dim, 0.0f);
-  const float* w_all = weight.data_ptr<float>();
-  const float* g_all = grad.data_ptr<float>();
-  float* gw_all = grad_w.data_ptr<float>();
-
+  const SearchBackwardArgs args{q, weight.data_ptr<float>(), uniq, grad.data_ptr<float>(),
+                                scale.data(), grad_w.data_ptr<float>(), part_alpha.data(),
+                                part_probs.data(), part_beta.data()};
   at::parallel_for(0, u, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* w = w_all + uniq[i] * dim;
-      const float* g = g_all + i * dim;
-      const float* p = q.probs_of(uniq[i]);
-      float* gw = gw_all + i * dim;
-      float* gb = part_beta.data() + i * dim;
-      for (int64_t k = 0; k < m; ++k) {
-        const int64_t b = q.bits[k];
-        if (b == 0) continue;
-        const int32_t lo = qmin(b), hi = qmax(b);
-        const float a = q.alpha[k], flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-        float ga = 0.0f, gp = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) {
-          const float x = (w[d] - q.beta[d]) / a;
-          const bool inside = x >= flo && x <= fhi;
-          const float value = lsq_plus_value(w[d], q.beta[d], a, lo, hi);
-          const float pg = p[k] * g[d];
-          gp += g[d] * value;
-          if (inside) {
-            gw[d] += pg;
-            ga += pg * (std::nearbyint(x) - x);
-          } else {
-            ga += pg * (x < flo ? flo : fhi);
-            gb[d] += scale[k] * pg;
-          }
-        }
-        part_alpha[i * m + k] = ga;
-        part_probs[i * m + k] = gp;
-      }
-    }
+    QEMBED_CPU_KERNEL(mpe_search_backward_rows)(args, begin, end);
   });
 
   float* ga = grad_alpha.data_ptr<float>();

@@ -1,6 +1,8 @@
 // mpe_search_forward: the MPE search's lookup. Each looked-up fp32 row is replaced by its
 // expected quantized value over the candidate widths, sum_b p[g(r), b] * Q_b(w_r), computed
-// in registers from the row (no quantized copy of the table), then pooled.
+// in registers from the row (no quantized copy of the table), then pooled. The op checks its
+// arguments and splits the work over threads; the kernel (isa/mpe_search_forward.cpp)
+// computes.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -31,14 +33,17 @@ at::Tensor mpe_search_forward_cpu(const at::Tensor& weight_in, const at::Tensor&
   const int64_t* idx = indices.data_ptr<int64_t>();
   check_indices_in_range(idx, n, weight.size(0));
   const float* w = weight.data_ptr<float>();
-
+  SearchForwardArgs args{q, w, idx, nullptr, mode == POOL_MEAN, nullptr};
+  auto run = [&](int64_t count, int64_t grain) {
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(dim);
+      QEMBED_CPU_KERNEL(mpe_search_forward_rows)(args, begin, end, scratch.data());
+    });
+  };
   if (mode == POOL_NONE) {
     at::Tensor out = at::empty({n, dim}, weight.options());
-    float* o = out.data_ptr<float>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
-        expected_row(w + idx[p] * dim, q, q.probs_of(idx[p]), o + p * dim);
-    });
+    args.out = out.data_ptr<float>();
+    run(n, 64);
     return out;
   }
   check_index_dtype(offsets_in, "offsets");
@@ -49,21 +54,9 @@ at::Tensor mpe_search_forward_cpu(const at::Tensor& weight_in, const at::Tensor&
   const std::vector<int64_t> starts =
       bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_bags, n);
   at::Tensor out = at::empty({num_bags, dim}, weight.options());
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, num_bags, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> value(dim);
-    for (int64_t b = begin; b < end; ++b) {
-      float* acc = o + b * dim;
-      std::fill(acc, acc + dim, 0.0f);
-      for (int64_t p = starts[b]; p < starts[b + 1]; ++p) {
-        expected_row(w + idx[p] * dim, q, q.probs_of(idx[p]), value.data());
-        for (int64_t d = 0; d < dim; ++d) acc[d] += value[d];
-      }
-      const int64_t len = starts[b + 1] - starts[b];
-      if (mode == POOL_MEAN && len > 0)
-        for (int64_t d = 0; d < dim; ++d) acc[d] /= static_cast<float>(len);
-    }
-  });
+  args.starts = starts.data();
+  args.out = out.data_ptr<float>();
+  run(num_bags, 16);
   return out;
 }
 

@@ -1,26 +1,14 @@
-// quantize: fp32 rows -> packed rows with their parameters inline (layout.h).
+// quantize: fp32 rows -> packed rows with their parameters inline (layout.h). The op checks
+// the values and splits the rows over threads; the kernel (isa/quantize.cpp) encodes them.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <algorithm>
 #include <cmath>
 #include "../checks.h"
 #include "huge_pages.h"
-#include "row_codec.h"
+#include "isa/quantize.h"
 
 namespace qembed {
 namespace {
-
-// Affine parameters of a row: bias = min, scale = (max - min) / (2^b - 1), 1 if constant.
-RowParams affine_params(const float* w, int64_t dim, int64_t bits) {
-  float lo = w[0], hi = w[0];
-  for (int64_t d = 1; d < dim; ++d) {
-    lo = std::min(lo, w[d]);
-    hi = std::max(hi, w[d]);
-  }
-  float scale = (hi - lo) / static_cast<float>(code_mask(bits));
-  if (!(scale > 0.0f)) scale = 1.0f;
-  return {scale, lo, 0};
-}
 
 at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                         const c10::optional<at::Tensor>& step_in, bool stochastic, int64_t seed,
@@ -44,28 +32,12 @@ at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
 
   const int64_t stride = row_bytes(dim, bits, fmt);
   at::Tensor out = zeros_for_table({n, stride}, weight.options().dtype(at::kByte));
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  QEMBED_DISPATCH_BITS(bits, [&] {
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* wr = w + r * dim;
-        uint8_t* row = dst + r * stride;
-        uint8_t* params = row + param_offset(dim, BITS);
-        RowParams p;
-        if (fmt == AFFINE) {
-          p = affine_params(wr, dim, BITS);
-          write_f32(params, p.scale);
-          write_f32(params + 4, p.bias);
-        } else {
-          const float s = step.data_ptr<float>()[step.numel() == 1 ? 0 : r];
-          p = {s, 0.0f, qmin(BITS)};
-          if (fmt == SYM_ROW) write_f32(params, s);
-        }
-        const RoundingKey key{stochastic, static_cast<uint64_t>(seed),
-                              static_cast<uint64_t>(counter), static_cast<uint64_t>(r)};
-        encode_row<BITS>(wr, dim, p, key, row);
-      }
-    });
+  const QuantizeArgs args{w, dim, bits, fmt, step.defined() ? step.data_ptr<float>() : nullptr,
+                          step.defined() ? step.numel() : 0, stochastic,
+                          static_cast<uint64_t>(seed), static_cast<uint64_t>(counter),
+                          out.data_ptr<uint8_t>(), stride};
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    QEMBED_CPU_KERNEL(quantize_rows)(args, begin, end);
   });
   return out;
 }
