@@ -153,7 +153,8 @@ bool embedding_bag_pool(const LookupArgs& a, int64_t begin, int64_t end, float* 
       constexpr OutputType OUT = decltype(out)::value;
       return QEMBED_DISPATCH_BITS(a.bits, [&] {
         if (a.fmt == SYM_ROW) return pool_bags<BITS, SYM_ROW, OUT>(a, idx, begin, end, scratch);
-        if (a.fmt == SYM_TABLE) return pool_bags<BITS, SYM_TABLE, OUT>(a, idx, begin, end, scratch);
+        if (a.fmt == SYM_TABLE)
+          return pool_bags<BITS, SYM_TABLE, OUT>(a, idx, begin, end, scratch);
         return pool_bags<BITS, AFFINE, OUT>(a, idx, begin, end, scratch);
       });
     });
@@ -164,8 +165,8 @@ bool embedding_bag_rows(const LookupArgs& a, int64_t begin, int64_t end, float* 
   return with_indices(a, [&](const auto* idx) {
     return with_output_type(a.out_type, [&](auto out) {
       constexpr OutputType OUT = decltype(out)::value;
-      return QEMBED_DISPATCH_BITS(a.bits,
-                                  [&] { return lookup_rows<BITS, OUT>(a, idx, begin, end, scratch); });
+      return QEMBED_DISPATCH_BITS(
+          a.bits, [&] { return lookup_rows<BITS, OUT>(a, idx, begin, end, scratch); });
     });
   });
 }

@@ -206,7 +206,8 @@ bool lookup(const Table& t, const MixedLookupArgs& a, int64_t begin, int64_t end
   auto start = [&](int64_t o) { return a.starts ? a.starts[o] : o; };
   RowPipeline<Table> rows(t, a.indices, start(begin), start(end));
   bool ok = true;
-  for (int64_t o = begin; o < end; ++o) ok = pool<OUT>(t, rows, a, start(o), start(o + 1), o, acc) && ok;
+  for (int64_t o = begin; o < end; ++o)
+    ok = pool<OUT>(t, rows, a, start(o), start(o + 1), o, acc) && ok;
   return ok;
 }
 
