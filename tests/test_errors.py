@@ -173,8 +173,8 @@ def bag(**kwargs):
 
 
 CONSTRUCTOR_ERRORS = [
-    ("bits-0", lambda: bag(bits=0), ValueError, r"bits must be an integer in 1..8, got 0"),
-    ("bits-9", lambda: bag(bits=9), ValueError, r"bits must be an integer in 1..8, got 9"),
+    ("bits-0", lambda: bag(bits=0), ValueError, r"bits must be in 1..8, got 0"),
+    ("bits-9", lambda: bag(bits=9), ValueError, r"bits must be in 1..8, got 9"),
     ("dim-12", lambda: QuantizedEmbeddingBag(10, 12), ValueError, r"multiple of 8, got 12"),
     ("dim-12-embedding", lambda: QuantizedEmbedding(10, 12), ValueError, r"multiple of 8, got 12"),
     ("format", lambda: bag(format="nf4"), ValueError, r"unknown format 'nf4'"),

@@ -39,11 +39,11 @@ def triton_update(*args, **kwargs):
 
 
 def test_use_triton_routes_both_ops(monkeypatch):
-    import qembed.triton as kernels
+    from qembed.triton import embedding_bag, lowp_update
 
     calls = []
-    monkeypatch.setattr(kernels, "embedding_bag", lambda *a: calls.append("embedding_bag"))
-    monkeypatch.setattr(kernels, "lowp_update", lambda *a: calls.append("lowp_update"))
+    monkeypatch.setattr(embedding_bag, "embedding_bag", lambda *a: calls.append("embedding_bag"))
+    monkeypatch.setattr(lowp_update, "lowp_update", lambda *a: calls.append("lowp_update"))
     t = random_table(4, 8, 4, "symmetric")
     with ops.use_triton():
         t.lookup(torch.tensor([1]), torch.tensor([0]))

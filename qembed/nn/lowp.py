@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import STEP_OPTIMIZERS, check_bits_dim, param_offset, qmax, row_bytes
+from .._checks import check_bits_dim
+from ..formats import STEP_OPTIMIZERS, param_offset, qmax, row_bytes
 from ._common import TrainableLookup, bag_inputs, normalize_padding_idx
 
 _INIT_CHUNK = 1 << 16  # rows initialised at a time, so no fp32 [R, D] tensor is ever made

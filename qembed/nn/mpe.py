@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, qmax, row_bytes
+from .._checks import check_bits_dim
+from ..formats import code_bytes, qmax, row_bytes
 from ..mpe import FrequencyGroups, frequency_groups, sample_bits
 from ._common import TrainableLookup, bag_inputs
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, format_id, param_offset, row_bytes
+from .._checks import check_bits_dim
+from ..formats import code_bytes, format_id, param_offset, row_bytes
 from ._common import bag_inputs, normalize_padding_idx, symmetric_steps
 
 _AO_PARAM_DTYPE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
