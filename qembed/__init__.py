@@ -6,6 +6,8 @@ tables trained directly in low precision (:class:`LowPrecisionEmbeddingBag`), an
 mixed-precision tables searched per frequency group (:mod:`qembed.mpe`). The CTR experiment
 lives apart, in :mod:`qembed.experiments`.
 """
+from importlib import metadata
+
 from . import formats, mpe, ops, reference
 from .nn import (
                  LowPrecisionEmbedding,
@@ -21,7 +23,10 @@ from .nn import (
                  two_pass_backward,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("qembed")  # written once, in pyproject.toml
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["formats", "mpe", "ops", "reference", "LowPrecisionEmbedding",
            "LowPrecisionEmbeddingBag", "MixedPrecisionEmbedding", "MixedPrecisionEmbeddingBag",
            "MixedPrecisionSearchEmbedding", "MixedPrecisionSearchEmbeddingBag",
