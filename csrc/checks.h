@@ -58,6 +58,53 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1, "qembed: ", name, " must be 1-D, got ", t.dim(), "-D");
 }
 
+inline void check_mode(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
+                    "1 (mean) or 2 (none), got ", mode);
+}
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_output_dtype(at::ScalarType out_dtype) {
+  TORCH_CHECK_TYPE(is_float_dtype(out_dtype),
+                   "qembed: output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+}
+
+// Floating-point weights of the shape of the n indices, with mode sum or none.
+inline void check_per_sample_weights(const c10::optional<at::Tensor>& psw, int64_t mode,
+                                     int64_t n, const at::Tensor& base, const char* base_name) {
+  if (!psw.has_value()) return;
+  TORCH_CHECK_VALUE(mode != POOL_MEAN,
+                    "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
+  TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == n,
+                    "qembed: per_sample_weights must have the shape of indices (", n, ",), got ",
+                    psw->sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(psw->scalar_type()),
+                   "qembed: per_sample_weights must be floating point, got ", psw->scalar_type());
+  check_same_device(*psw, "per_sample_weights", base, base_name);
+}
+
+// The offsets of pooled bags; returns the number of bags.
+inline int64_t check_offsets(const at::Tensor& offsets, bool include_last_offset,
+                             const at::Tensor& base, const char* base_name) {
+  check_index_dtype(offsets, "offsets");
+  check_same_device(offsets, "offsets", base, base_name);
+  TORCH_CHECK_VALUE(!include_last_offset || offsets.numel() >= 1,
+                    "qembed: with include_last_offset, offsets needs at least one element");
+  return offsets.numel() - (include_last_offset ? 1 : 0);
+}
+
+// The number of outputs of a lookup of n indices: one per index with mode none, else one
+// per bag of `offsets`.
+inline int64_t check_bags(int64_t mode, int64_t n, const at::Tensor& offsets,
+                          bool include_last_offset, const at::Tensor& base,
+                          const char* base_name) {
+  if (mode == POOL_NONE) return n;
+  return check_offsets(offsets, include_last_offset, base, base_name);
+}
+
 // pack: uint8 codes [N, D].
 inline void check_pack_args(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "qembed.pack: codes must be uint8, got ",
@@ -96,7 +143,7 @@ inline void check_quantize_args(const at::Tensor& weight, int64_t bits, int64_t 
                     "have 1", fmt == SYM_ROW ? " or N" : "", " elements, got ", step->numel());
 }
 
-// Shape checks of a lookup; returns the number of output rows.
+// embedding_bag's arguments; returns the number of output rows.
 inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indices,
                                  const at::Tensor& offsets,
                                  const c10::optional<at::Tensor>& psw,
@@ -105,50 +152,34 @@ inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indic
                                  bool include_last_offset, at::ScalarType out_dtype) {
   check_rows(rows, dim, bits, fmt);
   check_table_step(step, fmt, rows);
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
-                       out_dtype == at::kBFloat16,
-                   "qembed: output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_mode(mode);
+  check_output_dtype(out_dtype);
   check_index_dtype(indices, "indices");
   check_same_device(indices, "indices", rows, "the table");
-  if (psw.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == indices.numel(),
-                      "qembed: per_sample_weights must have the shape of indices (",
-                      indices.numel(), ",), got ", psw->sizes());
-    TORCH_CHECK_TYPE(psw->scalar_type() == at::kFloat || psw->scalar_type() == at::kHalf ||
-                         psw->scalar_type() == at::kBFloat16,
-                     "qembed: per_sample_weights must be floating point, got ",
-                     psw->scalar_type());
-    check_same_device(*psw, "per_sample_weights", rows, "the table");
-  }
-  if (mode == POOL_NONE) return indices.numel();
-  check_index_dtype(offsets, "offsets");
-  check_same_device(offsets, "offsets", rows, "the table");
-  if (include_last_offset) {
-    TORCH_CHECK_VALUE(offsets.numel() >= 1,
-                      "qembed: with include_last_offset, offsets needs at least one element");
-    return offsets.numel() - 1;
-  }
-  return offsets.numel();
+  check_per_sample_weights(psw, mode, indices.numel(), rows, "the table");
+  return check_bags(mode, indices.numel(), offsets, include_last_offset, rows, "the table");
 }
 
-// lowp_update's float32 tensors: contiguous [n0, n1] on the table's device.
-// embedding_bag_backward's arguments: grad_out [B, D] floating point, indices beside it.
+// embedding_bag_backward's arguments: grad_out [num outputs, D] floating point, the lookup's
+// indices, offsets and weights beside it.
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& indices,
-                                int64_t mode) {
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
+                                const at::Tensor& offsets,
+                                const c10::optional<at::Tensor>& psw, int64_t mode,
+                                bool include_last_offset) {
+  check_mode(mode);
   TORCH_CHECK_VALUE(grad_out.dim() == 2, "qembed.embedding_bag_backward: grad_out must be ",
                     "2-D, got ", grad_out.dim(), "-D");
   TORCH_CHECK_TYPE(at::isFloatingType(grad_out.scalar_type()),
                    "qembed.embedding_bag_backward: grad_out must be floating point");
   check_index_dtype(indices, "indices");
   check_same_device(indices, "indices", grad_out, "grad_out");
+  const int64_t n = indices.numel();
+  check_per_sample_weights(psw, mode, n, grad_out, "grad_out");
+  const int64_t num_out = check_bags(mode, n, offsets, include_last_offset, grad_out, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.size(0) == num_out, "qembed.embedding_bag_backward: grad_out has ",
+                    grad_out.size(0), " rows, expected one per ",
+                    mode == POOL_NONE ? "index" : "bag", " (", num_out, ")");
 }
-
 // embedding_bag_psw_backward's arguments: the lookup's (sum or none) and grad_out
 // [num_out, dim] beside the table; returns num_out.
 inline int64_t check_psw_backward_args(const at::Tensor& grad_out, const at::Tensor& rows,
@@ -167,6 +198,7 @@ inline int64_t check_psw_backward_args(const at::Tensor& grad_out, const at::Ten
   return num_out;
 }
 
+// lowp_update's float32 tensors: contiguous [n0, n1] beside the table.
 inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, int64_t n1,
                              const at::Tensor& rows) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qembed.lowp_update: ", name,
@@ -247,6 +279,31 @@ inline void check_search_args(const char* op, const at::Tensor& weight,
     check_same_device(*t, "a quantizer tensor", weight, "weight");
 }
 
+// mpe_search_forward's indices and bags (its quantizer: check_search_args); returns the
+// number of output rows.
+inline int64_t check_search_lookup_args(const at::Tensor& weight, const at::Tensor& indices,
+                                        const at::Tensor& offsets, int64_t mode,
+                                        bool include_last_offset) {
+  check_mode(mode);
+  check_index_dtype(indices, "indices");
+  check_same_device(indices, "indices", weight, "weight");
+  return check_bags(mode, indices.numel(), offsets, include_last_offset, weight, "weight");
+}
+
+// mpe_search_backward's rows (its quantizer: check_search_args): unique_rows [U] and their
+// gradients fp32 [U, D] beside weight, and the number of values looked up.
+inline void check_search_rows_args(const at::Tensor& weight, const at::Tensor& unique_rows,
+                                   const at::Tensor& grad_rows, int64_t numel) {
+  const char* op = "mpe_search_backward";
+  check_index_dtype(unique_rows, "unique_rows");
+  check_same_device(unique_rows, "unique_rows", weight, "weight");
+  check_same_device(grad_rows, "grad_rows", weight, "weight");
+  const int64_t u = unique_rows.numel();
+  check_f32_shape(grad_rows, op, "grad_rows", {u, weight.size(1)});
+  TORCH_CHECK_VALUE(numel > 0 || u == 0, "qembed.", op, ": numel (values looked up) must be ",
+                    "positive, got ", numel);
+}
+
 // mpe_embedding_bag's row locations come in two layouts: a row map (int16 or int32 [R]: each
 // row's position in the concatenated segments, -1 for a pruned row) or row ranges (int32
 // [K + 1, 2]: range k holds rows [ranges[k][0], ranges[k + 1][0]) at consecutive positions
@@ -282,11 +339,11 @@ inline void check_row_ranges(const int32_t* ranges, int64_t num_ranges,
   }
 }
 
-// mpe_embedding_bag's table: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
-// steps [S] and beta [D] (D a multiple of 8), a row map or row ranges, all on beta's device;
-// the mode and output dtype of a lookup. The values (positive steps, locations inside the
-// segments) each device checks its own way.
-// mpe_embedding_bag's arguments; returns the number of output rows.
+// mpe_embedding_bag's arguments: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
+// steps [S] and beta [D] (D a multiple of 8), a row map or row ranges, all on beta's device,
+// and a lookup's indices, offsets, weights, mode and output dtype; returns the number of
+// output rows. The values (positive steps, locations inside the segments) each device checks
+// its own way.
 inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
                                        const at::Tensor& steps, const at::Tensor& beta,
                                        const at::Tensor& location, const at::Tensor& indices,
@@ -294,11 +351,8 @@ inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef
                                        const c10::optional<at::Tensor>& psw, int64_t mode,
                                        bool include_last_offset, at::ScalarType out_dtype) {
   const char* op = "qembed.mpe_embedding_bag: ";
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
-                       out_dtype == at::kBFloat16,
-                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_mode(mode);
+  check_output_dtype(out_dtype);
   const int64_t num_segments = static_cast<int64_t>(segments.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(bits.size()) == num_segments, op, "one bit width per ",
                     "segment is needed, got ", bits.size(), " for ", num_segments);
@@ -335,21 +389,8 @@ inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef
   }
   check_index_dtype(indices, "indices");
   check_same_device(indices, "indices", beta, "beta");
-  const int64_t n = indices.numel();
-  if (psw.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices (", n, ",)");
-    check_same_device(*psw, "per_sample_weights", beta, "beta");
-  }
-  if (mode == POOL_NONE) return n;
-  check_index_dtype(offsets, "offsets");
-  check_same_device(offsets, "offsets", beta, "beta");
-  const int64_t num_out = offsets.numel() - (include_last_offset ? 1 : 0);
-  TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
-                    "one element");
-  return num_out;
+  check_per_sample_weights(psw, mode, indices.numel(), beta, "beta");
+  return check_bags(mode, indices.numel(), offsets, include_last_offset, beta, "beta");
 }
 
 }  // namespace qembed

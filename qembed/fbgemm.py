@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .formats import check_bits_dim, code_bytes, format_id, param_offset, qmin, row_bytes
+from ._checks import check_bits_dim
+from .formats import code_bytes, format_id, param_offset, qmin, row_bytes
 from .nn.lowp import LowPrecisionEmbeddingBag, _LowPrecisionTable
 from .nn.quantized import QuantizedEmbeddingBag, _QuantizedTable
 

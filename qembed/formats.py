@@ -30,13 +30,6 @@ def pooling_id(mode: str) -> int:
     return POOLINGS[mode]
 
 
-def check_bits_dim(bits: int, dim: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"qembed: bits must be an integer in 1..8, got {bits!r}")
-    if dim <= 0 or dim % 8:
-        raise ValueError(f"qembed: embedding dim must be a positive multiple of 8, got {dim} (pad the table)")
-
-
 def code_bytes(dim: int, bits: int) -> int:
     return dim * bits // 8
 

@@ -1,15 +1,16 @@
 """Pure-PyTorch version of every qembed op: the oracle for tests and the fallback when the
 compiled extension is absent. Arithmetic follows the kernels operation by operation, so
-deterministic results agree bit for bit and pooled sums up to float reordering."""
+deterministic results agree bit for bit and pooled sums up to float reordering. Arguments are
+checked as the kernels check them (:mod:`qembed._checks`), with the same exceptions."""
 from __future__ import annotations
 
 import torch
 
+from . import _checks
 from .formats import (
     FORMATS,
     OPTIMIZERS,
     STEP_OPTIMIZERS,
-    check_bits_dim,
     code_bytes,
     format_id,
     optimizer_id,
@@ -28,8 +29,8 @@ _MASK32 = 0xFFFFFFFF
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [N, D] -> uint8 [N, D*bits/8]: 8 codes per `bits` bytes, low bits first."""
+    _checks.check_pack_args(codes, bits)
     n, dim = codes.shape
-    check_bits_dim(bits, dim)
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"qembed.pack: code {int(codes.max())} does not fit in {bits} bits")
     shifts = torch.arange(bits, device=codes.device)
@@ -41,7 +42,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """uint8 [N, >= D*bits/8] -> uint8 codes [N, D]."""
-    check_bits_dim(bits, dim)
+    _checks.check_unpack_args(packed, bits, dim)
     n = packed.shape[0]
     data = packed[:, : code_bytes(dim, bits)].long().view(n, dim // 8, bits, 1)
     stream = (data >> torch.arange(8, device=packed.device)) & 1
@@ -99,8 +100,8 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
              counter: int = 0) -> torch.Tensor:
     """fp32 [N, D] -> packed rows [N, row_bytes] with parameters inline."""
     fmt = format_id(fmt)
+    _checks.check_quantize_args(weight, bits, fmt, step)
     n, dim = weight.shape
-    check_bits_dim(bits, dim)
     if not torch.isfinite(weight).all():
         raise ValueError("qembed.quantize: weight has a non-finite value")
     mask = (1 << bits) - 1
@@ -111,8 +112,6 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         bias, offset = lo, 0
     else:
-        if step is None:
-            raise ValueError("qembed.quantize: symmetric formats need a step")
         if not (torch.isfinite(step).all() and (step > 0).all()):
             raise ValueError("qembed.quantize: steps must be positive and finite")
         scale = step.to(torch.float32).reshape(-1).expand(n)
@@ -149,10 +148,8 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
                step: torch.Tensor | None = None) -> torch.Tensor:
     """Packed rows -> fp32 [N, dim]."""
     fmt = format_id(fmt)
-    check_bits_dim(bits, dim)
-    if rows.dim() != 2 or rows.shape[1] != row_bytes(dim, bits, fmt):
-        raise ValueError(f"qembed: packed rows of shape {tuple(rows.shape)} do not match "
-                         f"dim={dim}, bits={bits}, format={fmt}")
+    _checks.check_rows(rows, dim, bits, fmt)
+    _checks.check_table_step(step, fmt, rows)
     scale, bias, offset = row_params(rows, bits, dim, fmt, step)
     q = (unpack(rows, bits, dim).to(torch.int32) + offset).to(torch.float32)
     return scale[:, None] * q + bias[:, None]
@@ -161,19 +158,10 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
 # --- fused lookup -----------------------------------------------------------------------
 
 def bag_lengths(offsets: torch.Tensor, num_indices: int, include_last_offset: bool) -> torch.Tensor:
-    """Length of each bag; checks offsets as the kernels do."""
+    """Length of each bag; checks the offsets' values as the kernels do."""
+    _checks.check_offsets_values(offsets, num_indices)
     off = offsets.long()
-    if off.numel():
-        if int(off[0]) != 0:
-            raise ValueError(f"qembed.embedding_bag: offsets[0] must be 0, got {int(off[0])}")
-        if (off[1:] < off[:-1]).any():
-            raise ValueError("qembed.embedding_bag: offsets must be non-decreasing")
-        if int(off[-1]) > num_indices:
-            raise ValueError(f"qembed.embedding_bag: offsets[-1] = {int(off[-1])} is past the "
-                             f"end of indices ({num_indices})")
     if include_last_offset:
-        if not off.numel():
-            raise ValueError("qembed: with include_last_offset, offsets needs at least one element")
         ends = off[1:]
     else:
         ends = torch.cat([off[1:], off.new_tensor([num_indices])])
@@ -187,12 +175,9 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
                   include_last_offset: bool = False, padding_idx: int | None = None,
                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """out[b] = pool over i in bag b of psw_i * dequantize(rows[indices[i]])."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows.shape[0]):
-        raise IndexError(f"qembed.embedding_bag: an index is out of range for a table of "
-                         f"{rows.shape[0]} rows")
+    _checks.check_lookup_args(rows, indices, offsets, per_sample_weights, step, bits, dim,
+                              format_id(fmt), pooling_id(mode), include_last_offset, output_dtype)
+    _checks.check_indices_values(indices, rows.shape[0])
     values = dequantize(rows[indices.long()], bits, dim, fmt, step)
     if per_sample_weights is not None:
         values = values * per_sample_weights.to(torch.float32)[:, None]
@@ -236,26 +221,28 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
                            padding_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unique_rows [U] ascending, grad_rows fp32 [U, D]): the gradient of embedding_bag with
     respect to each distinct row it read, repeats summed in batch order."""
-    pooling_id(mode)
+    _checks.check_backward_args(grad_out, indices, offsets, per_sample_weights, pooling_id(mode),
+                                include_last_offset)
     grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     pad = -1 if padding_idx is None else padding_idx
     if per_sample_weights is not None:
         factor = per_sample_weights[: bag.numel()].to(torch.float32)
     elif mode == "mean":
-        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=idx.device)
+        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=device)
         count.index_add_(0, bag, (idx != pad).long())
-        factor = (torch.ones(count.shape) / count.clamp(min=1).to(torch.float32))[bag]
+        factor = (1.0 / count.clamp(min=1).to(torch.float32))[bag]
     else:
-        factor = torch.ones(bag.numel())
+        factor = torch.ones(bag.numel(), device=device)
     contrib = grad_out[bag] * factor[:, None]
     keys, perm = torch.sort(idx, stable=True)
     keep = keys != pad
     keys, perm = keys[keep], perm[keep]
     unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1])
+    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1], device=device)
     for k in range(int(counts.max()) if counts.numel() else 0):
         sel = counts > k
         grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
@@ -269,11 +256,14 @@ def embedding_bag_psw_backward(grad_out: torch.Tensor, rows: torch.Tensor,
                                include_last_offset: bool = False,
                                padding_idx: int | None = None) -> torch.Tensor:
     """d out / d per_sample_weights: <grad_out[bag(i)], row[indices[i]]>, 0 for padding."""
+    _checks.check_psw_backward_args(grad_out, rows, indices, offsets, step, bits, dim,
+                                    format_id(fmt), pooling_id(mode), include_last_offset)
+    _checks.check_indices_values(indices, rows.shape[0])
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     values = dequantize(rows[idx], bits, dim, fmt, step)
     dot = _seq_sum(grad_out.to(torch.float32)[bag] * values)
-    out = torch.zeros(indices.numel())
+    out = torch.zeros(indices.numel(), device=grad_out.device)
     out[: bag.numel()] = torch.where(idx != (-1 if padding_idx is None else padding_idx), dot, 0.0)
     return out
 
@@ -315,8 +305,10 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient)."""
     fmt, opt = format_id(fmt), optimizer_id(optimizer)
     sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
-    if fmt == AFFINE:
-        raise ValueError("qembed.lowp_update: training needs a symmetric format")
+    _checks.check_update_args(rows, step, state, step_state, unique_rows,
+                              grad_rows.contiguous(), weights, weights_out, bits, dim, fmt, opt,
+                              iteration, learn_step, sopt)
+    _checks.check_update_rows_values(unique_rows, rows.shape[0])
     uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
     ok = torch.isfinite(g).all(1)
     if weights is not None:
@@ -427,9 +419,10 @@ def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: tor
                        include_last_offset: bool = False) -> torch.Tensor:
     """Pooled sum_b probs[g(r), b] * Q_b(w_r) over the looked-up rows; differentiable in
     weight, probs, alpha and beta with the gradients mpe_search_backward computes."""
-    pooling_id(mode)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
-        raise IndexError("qembed.mpe_search_forward: an index is out of range")
+    _checks.check_search_args("mpe_search_forward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_lookup_args(weight, indices, offsets, pooling_id(mode),
+                                     include_last_offset)
+    _checks.check_indices_values(indices, weight.shape[0])
     rows = indices.long()
     w, p = weight[rows], probs[row_group[rows]]
     numel = max(rows.numel() * weight.shape[1], 1)
@@ -446,6 +439,9 @@ def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of the rows unique_rows [U, D], grad_alpha [m], grad_beta [D], grad_probs [G, m])
     of the search, from the rows' gradients grad_rows [U, D], in closed form."""
+    _checks.check_search_args("mpe_search_backward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
+    _checks.check_indices_values(unique_rows, weight.shape[0])
     rows = unique_rows.long()
     w, g, groups = weight[rows], grad_rows.to(torch.float32), row_group[rows]
     p = probs[groups]
@@ -493,12 +489,11 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
     """Lookup over a mixed-width table: each segment dequantized on its own (steps[s] * q +
     beta), pruned rows (location -1) zero, then pooled. ``location`` is a row map [R] or
     row ranges [K + 1, 2] (see :func:`row_map`)."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
+    _checks.check_mixed_lookup_args(segments, bits, steps, beta, location, indices, offsets,
+                                    per_sample_weights, pooling_id(mode), include_last_offset,
+                                    output_dtype)
     location = row_map(location)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
-        raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
+    _checks.check_indices_values(indices, location.numel())
     dim = beta.numel()
     values = [steps[s] * (unpack(seg, b, dim).to(torch.int32) + qmin(b)).to(torch.float32)
               + beta for s, (seg, b) in enumerate(zip(segments, bits))]

@@ -10,6 +10,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "$torch_spec"
 fi
+# numpy, the test and experiments extras of pyproject.toml, and the build tools
 .venv/bin/pip install --quiet numpy pytest pytest-xdist hypothesis tqdm matplotlib setuptools wheel ninja
 # Triton runs the qembed.triton kernels' tests in its interpreter (no GPU needed). Pinned: a
 # version known to work with the CPU torch above.

@@ -1,0 +1,69 @@
+"""What the embedding modules share: ``nn.EmbeddingBag``'s input conventions, padding_idx,
+step calibration, and the lookup whose backward updates a packed table."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..formats import qmax
+
+
+def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx {padding_idx} is out of range for {num_embeddings} rows")
+    return padding_idx % num_embeddings
+
+
+def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
+               per_sample_weights: torch.Tensor | None, include_last_offset: bool):
+    """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):
+    a 2-D input is fixed-length bags without offsets, a 1-D input needs offsets."""
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D (fixed-length bags)")
+        bags, length = input.shape
+        offsets = torch.arange(0, bags * length, length, device=input.device, dtype=input.dtype)
+        if include_last_offset:
+            offsets = torch.cat([offsets, offsets.new_tensor([bags * length])])
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets is required when input is 1-D")
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
+    return input, offsets, per_sample_weights
+
+
+def symmetric_steps(weight: torch.Tensor, bits: int, per_row: bool) -> torch.Tensor:
+    """Max-abs calibration of a symmetric step: the largest magnitude maps to Qp."""
+    peak = weight.abs().amax(1) if per_row else weight.abs().amax().reshape(1)
+    step = peak / max(qmax(bits), 1)
+    return torch.where(step > 0, step, torch.ones_like(step)).to(torch.float32)
+
+
+class TrainableLookup(torch.autograd.Function):
+    """Lookup whose backward updates the table. Inputs: an empty tensor that requires grad
+    (so autograd reaches this node) and the per-sample weights (which get a gradient)."""
+
+    @staticmethod
+    def forward(ctx, anchor, psw, table, indices, offsets, mode, include_last):
+        ctx.table, ctx.args = table, (mode, include_last)
+        ctx.save_for_backward(indices, offsets, psw)
+        return table._lookup(indices, offsets, psw, mode, include_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        indices, offsets, psw = ctx.saved_tensors
+        table, (mode, include_last) = ctx.table, ctx.args
+        grad_psw = None
+        if ctx.needs_input_grad[1]:  # before the update: it needs the rows the forward read
+            grad_psw = ops.embedding_bag_psw_backward(
+                grad_out, table.qweight, indices, offsets, table.bits, table.embedding_dim,
+                table.format, table.step, mode, include_last, table.padding_idx).to(psw.dtype)
+        table._backward(grad_out, indices, offsets, psw, mode, include_last)
+        return None, grad_psw, None, None, None, None, None
