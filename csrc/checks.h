@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <algorithm>
+#include <utility>
 #include <vector>
 #include "layout.h"
 #include "optim.h"
@@ -133,6 +135,100 @@ inline int64_t check_lookup_args(const at::Tensor& rows, const at::Tensor& indic
     return offsets.numel() - 1;
   }
   return offsets.numel();
+}
+
+// embedding_bags' batch: B bags per feature, output width W.
+struct BagsShape {
+  int64_t batch_size, width;
+};
+
+// embedding_bags' tables (one per entry of bits, dims, formats; steps[t] fp32 [1] for the
+// per-table-step format), all on `device`.
+inline void check_bags_tables(at::TensorList tables, at::TensorList steps, c10::IntArrayRef bits,
+                              c10::IntArrayRef dims, c10::IntArrayRef formats,
+                              const at::Device& device) {
+  const char* op = "qembed.embedding_bags: ";
+  const size_t num_tables = tables.size();
+  TORCH_CHECK_VALUE(num_tables >= 1, op, "at least one table is needed");
+  TORCH_CHECK_VALUE(steps.size() == num_tables && bits.size() == num_tables &&
+                        dims.size() == num_tables && formats.size() == num_tables,
+                    op, "steps, bits, dims and formats need one entry per table (", num_tables,
+                    "), got ", steps.size(), ", ", bits.size(), ", ", dims.size(), ", ",
+                    formats.size());
+  for (size_t t = 0; t < num_tables; ++t) {
+    TORCH_CHECK_VALUE(bits[t] >= 1 && bits[t] <= 8, op, "table ", t, ": bits must be in 1..8, got ",
+                      bits[t]);
+    TORCH_CHECK_VALUE(dims[t] > 0 && dims[t] % 8 == 0, op, "table ", t,
+                      ": dim must be a positive multiple of 8, got ", dims[t]);
+    TORCH_CHECK_VALUE(valid_format(formats[t]), op, "table ", t, ": unknown format ",
+                      formats[t]);
+    const at::Tensor& rows = tables[t];
+    TORCH_CHECK_TYPE(rows.scalar_type() == at::kByte, op, "table ", t,
+                     " must be uint8 packed rows, got ", rows.scalar_type());
+    const int64_t expect = row_bytes(dims[t], bits[t], formats[t]);
+    TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == expect, op, "table ", t, " must be [R, ",
+                      expect, "] for dim=", dims[t], ", bits=", bits[t], ", format=",
+                      formats[t], ", got ", rows.sizes());
+    TORCH_CHECK_VALUE(rows.device() == device, op, "table ", t, " is on ", rows.device(),
+                      " but the values are on ", device);
+    if (formats[t] == SYM_TABLE) {
+      TORCH_CHECK_VALUE(steps[t].numel() == 1 && steps[t].scalar_type() == at::kFloat, op,
+                        "table ", t, " (per-table step) needs a float32 step of one element");
+      TORCH_CHECK_VALUE(steps[t].device() == device, op, "the step of table ", t, " is on ",
+                        steps[t].device(), " but the values are on ", device);
+    }
+  }
+}
+
+// embedding_bags' arguments, all but the values of offsets and indices (each device checks
+// those its own way); returns the batch size and the output width.
+inline BagsShape check_bags_args(at::TensorList tables, at::TensorList steps,
+                                 c10::IntArrayRef bits, c10::IntArrayRef dims,
+                                 c10::IntArrayRef formats, c10::IntArrayRef feature_tables,
+                                 c10::IntArrayRef feature_columns, c10::IntArrayRef poolings,
+                                 const at::Tensor& values, const at::Tensor& offsets,
+                                 const c10::optional<at::Tensor>& psw, bool weights_need_sum) {
+  const char* op = "qembed.embedding_bags: ";
+  check_index_dtype(values, "values");
+  check_index_dtype(offsets, "offsets");
+  check_same_device(offsets, "offsets", values, "values");
+  check_bags_tables(tables, steps, bits, dims, formats, values.device());
+  const int64_t num_features = static_cast<int64_t>(feature_tables.size());
+  TORCH_CHECK_VALUE(num_features >= 1, op, "at least one feature is needed");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(feature_columns.size()) == num_features &&
+                        static_cast<int64_t>(poolings.size()) == num_features,
+                    op, "feature_columns and poolings need one entry per feature (",
+                    num_features, ")");
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (first column, width) per feature
+  int64_t width = 0;
+  for (int64_t f = 0; f < num_features; ++f) {
+    const int64_t t = feature_tables[f];
+    TORCH_CHECK_VALUE(t >= 0 && t < static_cast<int64_t>(tables.size()), op, "feature ", f,
+                      " reads table ", t, ", but there are ", tables.size(), " tables");
+    TORCH_CHECK_VALUE(poolings[f] == POOL_SUM || poolings[f] == POOL_MEAN, op, "feature ", f,
+                      ": pooling must be 0 (sum) or 1 (mean), got ", poolings[f]);
+    TORCH_CHECK_VALUE(!(psw.has_value() && weights_need_sum && poolings[f] == POOL_MEAN), op,
+                      "feature ", f, " pools by mean, which takes no per-sample weights");
+    blocks.emplace_back(feature_columns[f], dims[t]);
+    width += dims[t];
+  }
+  std::sort(blocks.begin(), blocks.end());
+  for (int64_t k = 0, next = 0; k < num_features; next += blocks[k].second, ++k)
+    TORCH_CHECK_VALUE(blocks[k].first == next, op, "feature_columns must place the features' ",
+                      "blocks side by side from column 0, but a block starts at column ",
+                      blocks[k].first, " where ", next, " was expected");
+  TORCH_CHECK_VALUE(offsets.numel() >= 1 && (offsets.numel() - 1) % num_features == 0, op,
+                    "offsets must have F * B + 1 entries for F = ", num_features,
+                    " features, got ", offsets.numel());
+  if (psw.has_value()) {
+    TORCH_CHECK_VALUE(psw->dim() == 1 && psw->numel() == values.numel(), op,
+                      "per_sample_weights must have one weight per value (", values.numel(),
+                      "), got ", psw->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(psw->scalar_type()), op,
+                     "per_sample_weights must be floating point, got ", psw->scalar_type());
+    check_same_device(*psw, "per_sample_weights", values, "values");
+  }
+  return {(offsets.numel() - 1) / num_features, width};
 }
 
 // lowp_update's float32 tensors: contiguous [n0, n1] on the table's device.

@@ -249,13 +249,19 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
         factor = (torch.ones(count.shape) / count.clamp(min=1).to(torch.float32))[bag]
     else:
         factor = torch.ones(bag.numel())
-    contrib = grad_out[bag] * factor[:, None]
+    return _sum_by_row(idx, grad_out[bag] * factor[:, None], pad)
+
+
+def _sum_by_row(idx: torch.Tensor, contrib: torch.Tensor, skip: int = -1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows ascending, the sum of each one's contributions [U, D] in position
+    order), leaving out the row `skip`."""
     keys, perm = torch.sort(idx, stable=True)
-    keep = keys != pad
+    keep = keys != skip
     keys, perm = keys[keep], perm[keep]
     unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1])
+    grad_rows = torch.zeros(unique_rows.numel(), contrib.shape[1])
     for k in range(int(counts.max()) if counts.numel() else 0):
         sel = counts > k
         grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
@@ -375,6 +381,130 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
         po = param_offset(dim, bits)
         rows[r, po: po + 4] = _params_bytes(s)
     return (~ok).sum()
+
+
+# --- many tables in one call (TorchRec's KeyedJaggedTensor layout) ------------------------
+
+def _features(feature_tables, offsets: torch.Tensor, num_values: int):
+    """(batch size, offsets as int64) of a key-major batch, checked as the kernels check it."""
+    num_features = len(feature_tables)
+    if num_features < 1:
+        raise ValueError("qembed.embedding_bags: at least one feature is needed")
+    if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
+        raise ValueError(f"qembed.embedding_bags: offsets must have F * B + 1 entries for "
+                         f"F = {num_features} features, got {offsets.numel()}")
+    off = offsets.long()
+    if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()) or int(off[-1]) != num_values:
+        raise ValueError("qembed.embedding_bags: offsets must start at 0, be non-decreasing "
+                         f"and end at the number of values ({num_values})")
+    return (offsets.numel() - 1) // num_features, off
+
+
+def _feature_slice(off: torch.Tensor, f: int, batch: int):
+    """(first position, last position + 1, the feature's offsets from 0 [B + 1])."""
+    part = off[f * batch: (f + 1) * batch + 1]
+    return int(part[0]), int(part[-1]), part - part[0]
+
+
+def _table_step(steps, formats, t):
+    return steps[t] if format_id(formats[t]) == SYM_TABLE else None
+
+
+def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                   dims: list[int], formats: list, feature_tables: list[int],
+                   feature_columns: list[int], poolings: list, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
+                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each feature looked up by embedding_bag on its table, written at its columns."""
+    batch, off = _features(feature_tables, offsets, values.numel())
+    width = sum(dims[t] for t in feature_tables)
+    out = torch.zeros(batch, width, device=values.device)
+    for f, t in enumerate(feature_tables):
+        start, end, local = _feature_slice(off, f, batch)
+        mode = poolings[f] if isinstance(poolings[f], str) else ("sum", "mean")[poolings[f]]
+        psw = None if per_sample_weights is None else per_sample_weights[start:end]
+        col = feature_columns[f]
+        out[:, col: col + dims[t]] = embedding_bag(
+            tables[t], values[start:end], local, bits[t], dims[t], formats[t],
+            _table_step(steps, formats, t), psw, mode, include_last_offset=True)
+    return out.to(output_dtype)
+
+
+def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                            feature_columns: list[int], poolings: list, values: torch.Tensor,
+                            offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per table: (distinct rows ascending, their gradients), the contributions of all the
+    table's features summed in the order of values."""
+    batch, off = _features(feature_tables, offsets, values.numel())
+    grad_out = grad_out.to(torch.float32)
+    rows, grads = [], []
+    for t, dim in enumerate(dims):
+        idx, contrib = [values.new_zeros(0, dtype=torch.long)], [torch.zeros(0, dim)]
+        for f, ft in enumerate(feature_tables):
+            if ft != t:
+                continue
+            start, end, local = _feature_slice(off, f, batch)
+            lengths = local[1:] - local[:-1]
+            bag = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
+            mode = poolings[f] if isinstance(poolings[f], str) else ("sum", "mean")[poolings[f]]
+            if per_sample_weights is not None:
+                factor = per_sample_weights[start:end].to(torch.float32)
+            elif mode == "mean":
+                factor = (1.0 / lengths.clamp(min=1).to(torch.float32))[bag]
+            else:
+                factor = torch.ones(end - start)
+            col = feature_columns[f]
+            idx.append(values[start:end].long())
+            contrib.append(grad_out[bag, col: col + dim] * factor[:, None])
+        r, g = _sum_by_row(torch.cat(idx), torch.cat(contrib))
+        rows.append(r)
+        grads.append(g)
+    return rows, grads
+
+
+def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                formats: list, feature_tables: list[int],
+                                feature_columns: list[int], values: torch.Tensor,
+                                offsets: torch.Tensor) -> torch.Tensor:
+    """embedding_bag_psw_backward of each feature on its table and columns."""
+    batch, off = _features(feature_tables, offsets, values.numel())
+    out = torch.zeros(values.numel())
+    for f, t in enumerate(feature_tables):
+        start, end, local = _feature_slice(off, f, batch)
+        col = feature_columns[f]
+        out[start:end] = embedding_bag_psw_backward(
+            grad_out[:, col: col + dims[t]], tables[t], values[start:end], local, bits[t],
+            dims[t], formats[t], _table_step(steps, formats, t), "sum", include_last_offset=True)
+    return out
+
+
+def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                          states: list[torch.Tensor], step_states: list[torch.Tensor],
+                          unique_rows: list[torch.Tensor], grad_rows: list[torch.Tensor],
+                          bits: list[int], dims: list[int], formats: list,
+                          optimizer: str | int = "adagrad", lr: float = 0.01, eps: float = 1e-8,
+                          weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                          learn_step: bool = False, step_optimizer: str | int = "sgd",
+                          step_lr: float = 0.0, stochastic: bool = True,
+                          seeds: list[int] | None = None,
+                          counters: list[int] | None = None) -> torch.Tensor:
+    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t]."""
+    opt = optimizer if isinstance(optimizer, str) else \
+        next(k for k, v in OPTIMIZERS.items() if v == optimizer)
+    sopt = step_optimizer if isinstance(step_optimizer, str) else \
+        next(k for k, v in STEP_OPTIMIZERS.items() if v == step_optimizer)
+    n = len(tables)
+    seeds = [0] * n if seeds is None else seeds
+    counters = [1] * n if counters is None else counters
+    skipped = [lowp_update(tables[t], _table_step(steps, formats, t), states[t], step_states[t],
+                           unique_rows[t], grad_rows[t], bits[t], dims[t], formats[t], opt, lr,
+                           eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
+                           step_lr, stochastic, seeds[t], counters[t]) for t in range(n)]
+    return torch.stack([s.reshape(()) for s in skipped]).long() if skipped else \
+        torch.zeros(0, dtype=torch.long)
 
 
 # --- mixed-precision embeddings (MPE) -----------------------------------------------------

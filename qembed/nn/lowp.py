@@ -228,6 +228,11 @@ class _LowPrecisionTable(nn.Module):
         rows, grad = ops.embedding_bag_backward(
             grad_out, indices, offsets, None if psw is None else psw.detach(), mode,
             include_last, self.padding_idx)
+        self._apply_row_grads(rows, grad)
+
+    def _apply_row_grads(self, rows, grad):
+        """What backward does with the gradients of the distinct rows it read: the step pass
+        of two-pass ALPT, accumulation for the caller's optimizer, or the fused update."""
         if self._step_pass:
             self._step_update(rows, grad)
         elif not self.fused_update:

@@ -1,0 +1,188 @@
+// embedding_bags: every feature of a batch in one lookup (TorchRec's KeyedJaggedTensor
+// layout). The bags are cut into chunks, each a run of one feature's consecutive bags of
+// about kChunkPositions values, and the chunks are dealt to the threads in turn, so that
+// every thread gets a share of every table: small and large tables share the threads
+// evenly, where a split of the feature-major bag list into one range per thread would hand
+// one thread the large tables. Each bag is pooled as the single-table lookup pools it
+// (pool_bag.h) and written straight into its block of the output row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <vector>
+#include "../checks.h"
+#include "bags.h"
+#include "pool_bag.h"
+#include "row_codec.h"
+
+namespace qembed {
+namespace {
+
+// Values per chunk: enough that the chunk's first kPrefetchDistance rows, read before the
+// prefetches run ahead of them, are a small share.
+constexpr int64_t kChunkPositions = 2048;
+
+struct TableRef {
+  const uint8_t* rows;
+  int64_t num_rows, stride, dim, bits, fmt;
+  float step;
+};
+
+struct Chunk {
+  int64_t feature, first_bag, end_bag;
+};
+
+// Pools bags [b0, b1) of one feature (`off`: its B + 1 offsets) into out + b * width;
+// returns false if an index was out of range (its rows were skipped).
+template <int BITS, int64_t FMT, typename index_t, typename out_t>
+bool pool_chunk(const TableRef& t, const index_t* idx, const int64_t* off, int64_t b0,
+                int64_t b1, const float* psw, bool mean, int64_t width, out_t* out,
+                float* acc) {
+  const int64_t last = off[b1];
+  const RowPrefetch prefetch(t.stride);
+  // pool_bag prefetches kPrefetchDistance values ahead of the one it reads: start it off.
+  for (int64_t q = off[b0]; q < std::min(off[b0] + kPrefetchDistance, last); ++q)
+    prefetch(t.rows + static_cast<int64_t>(idx[q]) * t.stride);  // a wild index never faults
+  bool valid = true;
+  for (int64_t b = b0; b < b1; ++b) {
+    const BagSum bag = pool_bag<BITS, FMT>(t.rows, t.num_rows, t.stride, idx, off[b],
+                                           off[b + 1], last, psw, t.dim, t.step, -1, acc);
+    valid = valid && !bag.bad_index;
+    const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
+    store_row(acc, bag.shift, t.dim, factor, out + b * width);
+  }
+  return valid;
+}
+
+template <typename index_t, typename out_t>
+bool pool_chunk_any(const TableRef& t, const index_t* idx, const int64_t* off, int64_t b0,
+                    int64_t b1, const float* psw, bool mean, int64_t width, out_t* out,
+                    float* acc) {
+  return QEMBED_DISPATCH_BITS(t.bits, [&] {
+    if (t.fmt == SYM_ROW)
+      return pool_chunk<BITS, SYM_ROW>(t, idx, off, b0, b1, psw, mean, width, out, acc);
+    if (t.fmt == SYM_TABLE)
+      return pool_chunk<BITS, SYM_TABLE>(t, idx, off, b0, b1, psw, mean, width, out, acc);
+    return pool_chunk<BITS, AFFINE>(t, idx, off, b0, b1, psw, mean, width, out, acc);
+  });
+}
+
+// Each feature's bags in chunks of about kChunkPositions values; a feature with more than
+// that is cut into a multiple of `threads` chunks, so each thread gets an equal share.
+std::vector<Chunk> make_chunks(const int64_t* off, int64_t num_features, int64_t batch,
+                               int64_t threads) {
+  std::vector<Chunk> chunks;
+  for (int64_t f = 0; f < num_features && batch > 0; ++f) {
+    const int64_t values = off[(f + 1) * batch] - off[f * batch];
+    int64_t n = std::max<int64_t>(1, (values + kChunkPositions - 1) / kChunkPositions);
+    if (n > 1) n = (n + threads - 1) / threads * threads;
+    n = std::min(n, batch);
+    for (int64_t j = 0; j < n; ++j) chunks.push_back({f, batch * j / n, batch * (j + 1) / n});
+  }
+  return chunks;
+}
+
+// offsets: start at 0, non-decreasing, end at num_values; the message names the feature.
+void check_offsets(const int64_t* off, int64_t num_offsets, int64_t batch, int64_t num_values) {
+  const char* op = "qembed.embedding_bags: ";
+  TORCH_CHECK_VALUE(off[0] == 0, op, "offsets[0] must be 0, got ", off[0]);
+  for (int64_t k = 1; k < num_offsets; ++k)
+    TORCH_CHECK_VALUE(off[k] >= off[k - 1], op, "offsets must be non-decreasing, but bag ",
+                      (k - 1) % batch, " of feature ", (k - 1) / batch, " has offsets ",
+                      off[k - 1], " to ", off[k]);
+  TORCH_CHECK_VALUE(off[num_offsets - 1] == num_values, op, "offsets end at ",
+                    off[num_offsets - 1], " but there are ", num_values,
+                    " values (lengths and values disagree)");
+}
+
+template <typename index_t>
+void raise_bad_index(const index_t* idx, const int64_t* off, int64_t num_features,
+                     int64_t batch, c10::IntArrayRef feature_tables,
+                     const std::vector<TableRef>& tables) {
+  for (int64_t f = 0; f < num_features; ++f) {
+    const int64_t t = feature_tables[f], rows = tables[t].num_rows;
+    for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p)
+      TORCH_CHECK_INDEX(idx[p] >= 0 && idx[p] < rows, "qembed.embedding_bags: feature ", f,
+                        " (table ", t, ") has id ", static_cast<int64_t>(idx[p]),
+                        " at position ", p, ", outside its table of ", rows, " rows");
+  }
+}
+
+at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
+                              c10::IntArrayRef bits, c10::IntArrayRef dims,
+                              c10::IntArrayRef formats, c10::IntArrayRef feature_tables,
+                              c10::IntArrayRef feature_columns, c10::IntArrayRef poolings,
+                              const at::Tensor& values_in, const at::Tensor& offsets_in,
+                              const c10::optional<at::Tensor>& psw_in,
+                              at::ScalarType out_dtype) {
+  const BagsShape shape = check_bags_args(tables_in, steps, bits, dims, formats, feature_tables,
+                                          feature_columns, poolings, values_in, offsets_in,
+                                          psw_in, true);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   "qembed.embedding_bags: output dtype must be float32, float16 or bfloat16, "
+                   "got ", out_dtype);
+  const int64_t batch = shape.batch_size, width = shape.width;
+  const int64_t num_features = static_cast<int64_t>(feature_tables.size());
+  std::vector<at::Tensor> keep;  // contiguous copies, alive for the lookup
+  std::vector<TableRef> tables;
+  for (size_t t = 0; t < tables_in.size(); ++t) {
+    keep.push_back(tables_in[t].contiguous());
+    tables.push_back({keep.back().data_ptr<uint8_t>(), keep.back().size(0), keep.back().size(1),
+                      dims[t], bits[t], formats[t],
+                      formats[t] == SYM_TABLE ? steps[t].item<float>() : 0.0f});
+  }
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_offsets(off, offsets.numel(), std::max<int64_t>(batch, 1), values.numel());
+  at::Tensor psw_t;
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
+  const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({batch, width}, values.options().dtype(out_dtype));
+  int64_t max_dim = 0;
+  for (const int64_t d : dims) max_dim = std::max(max_dim, d);
+
+  const int64_t threads = at::get_num_threads();
+  const std::vector<Chunk> chunks = make_chunks(off, num_features, batch, threads);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "qembed_embedding_bags", [&] {
+    const index_t* idx = values.data_ptr<index_t>();
+    auto run = [&](auto* dst) {
+      std::atomic<bool> all_valid{true};
+      at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> acc(max_dim);
+        bool valid = true;
+        for (int64_t tid = begin; tid < end; ++tid) {
+          for (int64_t c = tid; c < num_chunks; c += threads) {
+            const Chunk& ch = chunks[c];
+            const TableRef& t = tables[feature_tables[ch.feature]];
+            valid = pool_chunk_any(t, idx, off + ch.feature * batch, ch.first_bag, ch.end_bag,
+                                   psw, poolings[ch.feature] == POOL_MEAN, width,
+                                   dst + feature_columns[ch.feature], acc.data()) &&
+                    valid;
+          }
+        }
+        if (!valid) all_valid = false;
+      });
+      return all_valid.load();
+    };
+    bool valid;
+    if (out_dtype == at::kFloat) valid = run(out.data_ptr<float>());
+    else if (out_dtype == at::kHalf) valid = run(out.data_ptr<at::Half>());
+    else valid = run(out.data_ptr<at::BFloat16>());
+    if (!valid) raise_bad_index(idx, off, num_features, batch, feature_tables, tables);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qembed, CPU, m) { m.impl("embedding_bags", &embedding_bags_cpu); }
+
+}  // namespace qembed
