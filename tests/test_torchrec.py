@@ -81,8 +81,9 @@ def test_quantized_collection_matches_torchrec(bits, fmt, weighted):
         out = q(kjt)
         assert out.keys() == ["f_a", "f_b@t0", "f_c", "t2", "f_b@t3"]
         assert_same_keyed(out, ebc(kjt), rtol=1e-5, atol=1e-5)
-    assert_same_keyed(q(batch(cfg, empty=True)), ebc(batch(cfg, empty=True)))
-    assert q(batch(cfg, batch_size=0)).values().shape == (0, 16 + 16 + 8 + 24 + 8)
+    empty = batch(cfg, empty=True, weighted=weighted)
+    assert_same_keyed(q(empty), ebc(empty))
+    assert q(batch(cfg, batch_size=0, weighted=weighted)).values().shape == (0, 72)
 
 
 def test_from_torchrec_within_quantization_error():
@@ -96,7 +97,7 @@ def test_from_torchrec_within_quantization_error():
         # affine rows round each value by at most half a step, (max - min) / (2^b - 1) / 2
         bound = 0.0
         for c in cfg:
-            w = ebc.embedding_bags[c.name].weight
+            w = ebc.embedding_bags[c.name].weight.detach()
             bound = max(bound, float((w.amax(1) - w.amin(1)).max()) / ((1 << bits) - 1) / 2)
         err = (out.values() - expected.values()).abs().max()
         assert err <= bound * 4 + 1e-6  # at most 4 ids per bag
@@ -228,9 +229,12 @@ def test_training_collection_equals_per_table_modules(train):
 
 
 def test_training_collection_shared_tables_and_weights():
-    """Features sharing a table update it once, from all their rows; weights get a gradient."""
+    """Features sharing a table update it once, from all their rows; weights get a gradient.
+    (No feature read by two tables here: fbgemm-gpu-cpu 1.8.0 crashes in the backward of
+    the permute that TorchRec's side needs for it when weights require a gradient.)"""
     cfg = configs()
     cfg[1].pooling = SUM
+    cfg[3].feature_names = ["f_d"]
     coll = LowPrecisionEmbeddingBagCollection(cfg, is_weighted=True, bits=8, optimizer="sgd",
                                               lr=1e-4, learn_step=False, rounding="nearest")
     before = {n: m.dequantize() for n, m in coll.embedding_bags.items()}
@@ -291,7 +295,10 @@ def test_training_from_torchrec_and_state_dict():
     ebc = EmbeddingBagCollection(tables=cfg)
     coll = LowPrecisionEmbeddingBagCollection.from_torchrec(ebc, bits=8, learn_step=False)
     kjt = batch(cfg)
-    torch.testing.assert_close(coll(kjt).values(), ebc(kjt).values(), rtol=0.02, atol=0.02)
+    # stochastic rounding moves each value by less than its row's step; at most 4 ids a bag
+    step = max(float(m.qweight[:, -4:].contiguous().view(torch.float32).max())
+               for m in coll.embedding_bags.values())
+    assert (coll(kjt).values() - ebc(kjt).values()).abs().max() <= 4 * step
     buffer = io.BytesIO()
     torch.save(coll.state_dict(), buffer)
     buffer.seek(0)

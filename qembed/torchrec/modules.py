@@ -113,7 +113,8 @@ class _Collection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         plan = self._plan(features)
-        if plan.permute is not None:
+        if plan.permute is not None:  # checked first: the permuted batch would hide it
+            self._check_lengths(features.offsets(), features.values())
             features = features.permute(plan.permute)
         weights = features.weights_or_none() if self._is_weighted else None
         if self._is_weighted and weights is None:
@@ -182,26 +183,30 @@ class _Collection(nn.Module):
         return next(iter(self.embedding_bags.values())).output_dtype
 
     def _lookup(self, plan: _Plan, values, offsets, weights) -> torch.Tensor:
-        return ops.embedding_bags(*self._table_args(), plan.feature_tables, plan.feature_columns,
+        args = self._table_args()
+        for name, table in zip(self.embedding_bags, args[0]):
+            if table.device != values.device:
+                raise ValueError(f"qembed: table {name!r} is on {table.device} but the batch "
+                                 f"is on {values.device}")
+        return ops.embedding_bags(*args, plan.feature_tables, plan.feature_columns,
                                   plan.poolings, values, offsets, weights, self._output_dtype())
+
+    @staticmethod
+    def _check_lengths(offsets, values) -> None:
+        if int(offsets[-1]) != values.numel():
+            raise ValueError(f"qembed: the batch's lengths add up to {int(offsets[-1])} but it "
+                             f"has {values.numel()} values")
 
     def _diagnose(self, plan: _Plan, values, offsets, weights) -> None:
         """After the op refused a batch: raises the error that names the feature and table,
         where the op's message could only number them."""
         modules = list(self.embedding_bags.values())
-        names = [c.name for c in self._embedding_bag_configs]
-        for name, m in zip(names, modules):
-            if m.qweight.device != values.device:
-                raise ValueError(f"qembed: table {name!r} is on {m.qweight.device} but the "
-                                 f"batch is on {values.device}")
         num = len(plan.feature_tables)
         if offsets.numel() < 1 or (offsets.numel() - 1) % num:
             return
         batch = (offsets.numel() - 1) // num
         off = offsets.long().cpu()
-        if int(off[-1]) != values.numel():
-            raise ValueError(f"qembed: the batch's lengths add up to {int(off[-1])} but it has "
-                             f"{values.numel()} values")
+        self._check_lengths(off, values)
         if weights is not None and weights.numel() != values.numel():
             raise ValueError(f"qembed: the batch has {weights.numel()} weights for "
                              f"{values.numel()} values")
