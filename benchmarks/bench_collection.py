@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
+import statistics
 
 import torch
 
@@ -117,8 +119,10 @@ def nbytes_of(module) -> int:
 
 
 def lines(row: int) -> float:
-    """64-byte lines a row read at a random place touches, on average."""
-    return (row + 63) / 64 + (row - 1) % 64 / 64 if row % 64 else row / 64
+    """64-byte lines a row of a 64-byte aligned table touches, on average over its rows
+    (rows start at every multiple of gcd(row, 64) within a line alike)."""
+    step = math.gcd(row, 64)
+    return statistics.mean(-(-(o + row) // 64) for o in range(0, 64, step))
 
 
 def lookup_rows(cfg, inputs, repeats, tbe, ebc, bits_list):

@@ -187,8 +187,12 @@ inline BagsShape check_bags_args(at::TensorList tables, at::TensorList steps,
                                  c10::IntArrayRef formats, c10::IntArrayRef feature_tables,
                                  c10::IntArrayRef feature_columns, c10::IntArrayRef poolings,
                                  const at::Tensor& values, const at::Tensor& offsets,
-                                 const c10::optional<at::Tensor>& psw, bool weights_need_sum) {
+                                 const c10::optional<at::Tensor>& psw,
+                                 at::ScalarType out_dtype) {
   const char* op = "qembed.embedding_bags: ";
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                       out_dtype == at::kBFloat16,
+                   op, "output dtype must be float32, float16 or bfloat16, got ", out_dtype);
   check_index_dtype(values, "values");
   check_index_dtype(offsets, "offsets");
   check_same_device(offsets, "offsets", values, "values");
@@ -207,7 +211,7 @@ inline BagsShape check_bags_args(at::TensorList tables, at::TensorList steps,
                       " reads table ", t, ", but there are ", tables.size(), " tables");
     TORCH_CHECK_VALUE(poolings[f] == POOL_SUM || poolings[f] == POOL_MEAN, op, "feature ", f,
                       ": pooling must be 0 (sum) or 1 (mean), got ", poolings[f]);
-    TORCH_CHECK_VALUE(!(psw.has_value() && weights_need_sum && poolings[f] == POOL_MEAN), op,
+    TORCH_CHECK_VALUE(!(psw.has_value() && poolings[f] == POOL_MEAN), op,
                       "feature ", f, " pools by mean, which takes no per-sample weights");
     blocks.emplace_back(feature_columns[f], dims[t]);
     width += dims[t];

@@ -122,11 +122,7 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
                               at::ScalarType out_dtype) {
   const BagsShape shape = check_bags_args(tables_in, steps, bits, dims, formats, feature_tables,
                                           feature_columns, poolings, values_in, offsets_in,
-                                          psw_in, true);
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf ||
-                       out_dtype == at::kBFloat16,
-                   "qembed.embedding_bags: output dtype must be float32, float16 or bfloat16, "
-                   "got ", out_dtype);
+                                          psw_in, out_dtype);
   const int64_t batch = shape.batch_size, width = shape.width;
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
   std::vector<at::Tensor> keep;  // contiguous copies, alive for the lookup

@@ -18,7 +18,7 @@ at::Tensor embedding_bags_psw_backward_cpu(
   std::vector<int64_t> poolings(feature_tables.size(), POOL_SUM);
   const BagsShape shape = check_bags_args(tables, steps, bits, dims, formats, feature_tables,
                                           feature_columns, poolings, values_in, offsets_in,
-                                          c10::nullopt, true);
+                                          c10::nullopt, at::kFloat);
   TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == shape.batch_size &&
                         grad_out_in.size(1) == shape.width,
                     "qembed.embedding_bags_psw_backward: grad_out must be [", shape.batch_size,

@@ -31,7 +31,7 @@ at::Tensor embedding_bags_psw_backward_cuda(
   std::vector<int64_t> poolings(feature_tables.size(), POOL_SUM);
   const BagsShape shape = check_bags_args(tables, steps, bits, dims, formats, feature_tables,
                                           feature_columns, poolings, values, offsets_in,
-                                          c10::nullopt, true);
+                                          c10::nullopt, at::kFloat);
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t batch = shape.batch_size;
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
