@@ -537,7 +537,8 @@ if HAS_EXTENSION:
             grad_psw = torch.ops.qembed.embedding_bags_psw_backward(
                 grad, tables, steps, bits, dims, formats, feature_tables, feature_columns,
                 values, offsets).to(ctx.psw_dtype)
-        return (None,) * 10 + (grad_psw, None)
+        no_grads = [None] * ctx.num_tables  # one per table and per step: the same structure
+        return (no_grads, list(no_grads)) + (None,) * 8 + (grad_psw, None)
 
     torch.library.register_autograd("qembed::embedding_bags", _embedding_bags_backward_autograd,
                                     setup_context=_embedding_bags_setup_context)
