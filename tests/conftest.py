@@ -5,11 +5,17 @@ fixture below), so each test case sees fresh random data that is reproducible ru
 """
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+# Triton reads its interpreter switch when first imported, and more than test_triton.py
+# imports it (TorchRec's fbgemm_gpu does): set it before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qembed import formats, ops, reference
 

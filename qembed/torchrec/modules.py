@@ -76,6 +76,7 @@ class _Collection(nn.Module):
         self._lengths_per_embedding = [c.embedding_dim for c in tables for _ in c.feature_names]
         self._feature_names = [list(c.feature_names) for c in tables]
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._args_cache = None  # (identity of the modules' tensors, the op's table lists)
 
     @staticmethod
     def _check_configs(tables: list[EmbeddingBagConfig]) -> None:
@@ -171,13 +172,18 @@ class _Collection(nn.Module):
 
     def _table_args(self):
         """The op's per-table lists: tables, steps (empty where the format has none), bits,
-        dims, formats."""
+        dims, formats. Kept while the modules hold the same tensors (.to() and assignment
+        replace them, load_state_dict copies into them): a batch costs no new tensors."""
         modules = list(self.embedding_bags.values())
-        tables = [m.qweight for m in modules]
-        steps = [m.step if m.step is not None else m.qweight.new_empty(0, dtype=torch.float32)
-                 for m in modules]
-        return (tables, steps, [m.bits for m in modules], [m.embedding_dim for m in modules],
-                [m.format for m in modules])
+        key = tuple(id(t) for m in modules for t in (m.qweight, m.step))
+        if self._args_cache is None or self._args_cache[0] != key:
+            tables = [m.qweight for m in modules]
+            steps = [m.step if m.step is not None else
+                     m.qweight.new_empty(0, dtype=torch.float32) for m in modules]
+            self._args_cache = (key, (tables, steps, [m.bits for m in modules],
+                                      [m.embedding_dim for m in modules],
+                                      [m.format for m in modules]))
+        return self._args_cache[1]
 
     def _output_dtype(self) -> torch.dtype:
         return next(iter(self.embedding_bags.values())).output_dtype
@@ -396,6 +402,8 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
             step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
             stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
             counters=counters)
+        if skipped.device.type == "cpu" and not bool(skipped.any()):
+            return  # the usual case, without a counter update per table
         for m, s in zip(modules, skipped.to(m0.qweight.device)):
             m._count_skipped(s)
 
