@@ -28,6 +28,9 @@ namespace {
 // them (a chunk per feature, writing one block of every output row, missed the TLB on each
 // row of a wide output).
 constexpr int64_t kChunkPositions = 2048;
+// ... but at least this many values of each feature in a row: a run's first rows wait for
+// the prefetches to get ahead, and every run pays for its dispatch.
+constexpr int64_t kRunPositions = 256;
 
 struct TableRef {
   const uint8_t* rows;
@@ -79,13 +82,15 @@ bool pool_chunk_any(const TableRef& t, const index_t* idx, const int64_t* off, i
   });
 }
 
-// Runs of consecutive bags of about kChunkPositions values over all features, at least one
-// per thread.
-std::vector<Chunk> make_chunks(int64_t num_values, int64_t batch, int64_t threads) {
+// Runs of consecutive bags of about kChunkPositions values over all features (or
+// kRunPositions per feature), at least one per thread.
+std::vector<Chunk> make_chunks(int64_t num_values, int64_t num_features, int64_t batch,
+                               int64_t threads) {
   std::vector<Chunk> chunks;
   if (batch == 0) return chunks;
   const int64_t per_bag = std::max<int64_t>(1, num_values / batch);
-  int64_t bags = std::max<int64_t>(1, kChunkPositions / per_bag);
+  const int64_t per_feature_bag = std::max<int64_t>(1, per_bag / num_features);
+  int64_t bags = std::max({int64_t{1}, kChunkPositions / per_bag, kRunPositions / per_feature_bag});
   bags = std::min(bags, (batch + threads - 1) / threads);
   for (int64_t b = 0; b < batch; b += bags) chunks.push_back({b, std::min(batch, b + bags)});
   return chunks;
@@ -149,7 +154,7 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
   for (const int64_t d : dims) max_dim = std::max(max_dim, d);
 
   const int64_t threads = at::get_num_threads();
-  const std::vector<Chunk> chunks = make_chunks(values.numel(), batch, threads);
+  const std::vector<Chunk> chunks = make_chunks(values.numel(), num_features, batch, threads);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "qembed_embedding_bags", [&] {
     const index_t* idx = values.data_ptr<index_t>();

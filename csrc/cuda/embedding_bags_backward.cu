@@ -2,6 +2,7 @@
 // features' gradient columns, ids and per-position factors (the weight, 1 / bag length for
 // mean, or 1) are put end to end and embedding_bag_backward (sort-based, deterministic)
 // sums them as one weighted bag list, repeats in the order of values, as the CPU does.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>

@@ -1,5 +1,6 @@
 // embedding_bags_psw_backward on CUDA, composed of the single-table one: each feature's
 // values, its columns of grad_out and its table go through embedding_bag_psw_backward.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
