@@ -16,6 +16,9 @@
 namespace qembed {
 namespace {
 
+// Distinct rows ahead whose first gradient row is prefetched.
+constexpr int64_t kGradPrefetch = 8;
+
 // One table's sorted positions: pos[j] (global positions) ordered by row, and the starts
 // of the runs of equal rows.
 struct TableRuns {
@@ -120,6 +123,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
       while (i >= item_start[t + 1]) ++t;
       const TableRuns& r = runs[t];
       const int64_t k = i - item_start[t], dim = dims[t];
+      // Rows in row order read grad_out's rows in no order: fetch a later row's first early.
+      if (k + kGradPrefetch < static_cast<int64_t>(r.starts.size())) {
+        const int64_t p = r.pos[r.starts[k + kGradPrefetch]];
+        const float* g = go + bag[p] * width + column[p];
+        for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(g + d, 0, 3);
+      }
       const int64_t j0 = r.starts[k];
       const int64_t j1 = k + 1 < static_cast<int64_t>(r.starts.size()) ? r.starts[k + 1]
                                                                       : static_cast<int64_t>(r.key.size());
