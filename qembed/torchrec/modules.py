@@ -19,11 +19,15 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .. import ops
 from ..nn.lowp import LowPrecisionEmbeddingBag, _LowPrecisionTable
 from ..nn.quantized import QuantizedEmbeddingBag
+from .interchange import from_quant_ebc, to_quant_ebc
 
 _POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
@@ -111,6 +115,27 @@ class _Collection(nn.Module):
         """Bytes held by each table, by name: its packed rows (``R * row_bytes``) plus, for
         training, its steps and optimizer state."""
         return {name: m.nbytes for name, m in self.embedding_bags.items()}
+
+    def to_torchrec(self, output_dtype: torch.dtype | None = None,
+                    row_alignment: int = 16) -> QuantEmbeddingBagCollection:
+        """TorchRec's ``QuantEmbeddingBagCollection`` serving this collection's tables, e.g.
+        tables trained in low precision (:func:`qembed.torchrec.interchange.to_quant_ebc`):
+        exact but for the fp16 rounding of scale and bias; widths FBGEMM lacks are stored
+        at the next one it has."""
+        return to_quant_ebc(self._embedding_bag_configs, dict(self.embedding_bags),
+                            is_weighted=self._is_weighted,
+                            output_dtype=output_dtype or self._output_dtype(),
+                            row_alignment=row_alignment)
+
+    @classmethod
+    def _from_tables(cls, tables: list[EmbeddingBagConfig], is_weighted: bool,
+                     modules: dict[str, nn.Module]):
+        """A collection over existing per-table modules (no tables initialised)."""
+        collection = cls.__new__(cls)
+        nn.Module.__init__(collection)
+        collection._check_configs(tables)
+        collection._setup(tables, is_weighted, modules)
+        return collection
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         plan = self._plan(features)
@@ -272,6 +297,15 @@ class QuantizedEmbeddingBagCollection(_Collection):
         device = next(iter(weights.values())).device
         return cls(configs, ebc.is_weighted(), device, bits=bits, format=format,
                    output_dtype=output_dtype, _weights=weights)
+
+    @classmethod
+    def from_quant_ebc(cls, qebc: QuantEmbeddingBagCollection, bits: int | dict | None = None,
+                       format: str | dict = "affine") -> "QuantizedEmbeddingBagCollection":
+        """The tables of TorchRec's ``QuantEmbeddingBagCollection`` (INT8/4/2), exactly
+        (:func:`qembed.torchrec.interchange.from_quant_ebc`); ``bits`` may be narrower than
+        FBGEMM's width where the codes fit."""
+        modules = from_quant_ebc(qebc, bits=bits, format=format)
+        return cls._from_tables(list(qebc.embedding_bag_configs()), qebc.is_weighted(), modules)
 
     def extra_repr(self) -> str:
         return f"tables={len(self.embedding_bags)}, is_weighted={self._is_weighted}"
