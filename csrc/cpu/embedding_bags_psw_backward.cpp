@@ -5,7 +5,7 @@
 #include <torch/library.h>
 #include <vector>
 #include "../checks.h"
-#include "row_codec.h"
+#include "row_dot.h"
 
 namespace qembed {
 namespace {
@@ -57,13 +57,8 @@ at::Tensor embedding_bags_psw_backward_cpu(
         for (int64_t k = begin; k < end; ++k) {
           const float* g = go + (k - f * batch) * width + feature_columns[f];
           for (int64_t p = off[k]; p < off[k + 1]; ++p) {
-            const uint8_t* row = table + idx[p] * stride;
-            const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-            std::fill(value.begin(), value.end(), 0.0f);
-            accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
-            float dot = 0.0f;
-            for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
-            dst[p] = dot;
+            dst[p] = row_dot<BITS>(table + idx[p] * stride, dim, fmt, table_step, g,
+                                   value.data());
           }
         }
       });
