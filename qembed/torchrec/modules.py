@@ -158,12 +158,12 @@ class _Collection(nn.Module):
     # --- the op's arguments ---------------------------------------------------------------
 
     def _plan(self, features: KeyedJaggedTensor) -> _Plan:
+        if features.variable_stride_per_key():
+            raise ValueError("qembed: batches with a different batch size per feature "
+                             "(variable stride) are not supported")
         keys = tuple(features.keys())
         plan = self._plans.get(keys)
         if plan is None:
-            if features.variable_stride_per_key():
-                raise ValueError("qembed: batches with a different batch size per feature "
-                                 "(variable stride) are not supported")
             plan = self._plans[keys] = self._make_plan(list(keys))
         return plan
 
