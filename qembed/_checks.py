@@ -279,6 +279,169 @@ def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torc
         check_update_f32(weights_out, "weights_out", u, dim, rows)
 
 
+# --- embedding_bags and its backward ops (every feature of a KeyedJaggedTensor batch) ------
+
+def check_bags_tables(op: str, tables: list[torch.Tensor], steps: list[torch.Tensor],
+                      bits: list[int], dims: list[int], formats: list[int],
+                      device: torch.device) -> None:
+    """The tables: table t is uint8 [R_t, row_bytes(dims[t], bits[t], formats[t])] on
+    ``device``, with steps[t] fp32 [1] beside it for the per-table-step format; ``op``
+    prefixes messages."""
+    n = len(tables)
+    if n < 1:
+        fail(ValueError, op, "at least one table is needed")
+    if not len(steps) == len(bits) == len(dims) == len(formats) == n:
+        fail(ValueError, op, "steps, bits, dims and formats need one entry per table (", n,
+             "), got ", len(steps), ", ", len(bits), ", ", len(dims), ", ", len(formats))
+    for t, rows in enumerate(tables):
+        if not 1 <= bits[t] <= 8:
+            fail(ValueError, op, "table ", t, ": bits must be in 1..8, got ", bits[t])
+        if dims[t] <= 0 or dims[t] % 8:
+            fail(ValueError, op, "table ", t, ": dim must be a positive multiple of 8, got ",
+                 dims[t])
+        if formats[t] not in FORMATS.values():
+            fail(ValueError, op, "table ", t, ": unknown format ", formats[t])
+        if rows.dtype != torch.uint8:
+            fail(TypeError, op, "table ", t, " must be uint8 packed rows, got ",
+                 dtype_name(rows.dtype))
+        expect = row_bytes(dims[t], bits[t], formats[t])
+        if rows.dim() != 2 or rows.shape[1] != expect:
+            fail(ValueError, op, "table ", t, " must be [R, ", expect, "] for dim=", dims[t],
+                 ", bits=", bits[t], ", format=", formats[t], ", got ", _sizes(rows))
+        if rows.device != device:
+            fail(ValueError, op, "table ", t, " is on ", rows.device, " but the values are on ",
+                 device)
+        if formats[t] == SYM_TABLE:
+            if steps[t].numel() != 1 or steps[t].dtype != torch.float32:
+                fail(ValueError, op, "table ", t,
+                     " (per-table step) needs a float32 step of one element")
+            if steps[t].device != device:
+                fail(ValueError, op, "the step of table ", t, " is on ", steps[t].device,
+                     " but the values are on ", device)
+
+
+def check_bags_features(op: str, dims: list[int], feature_tables: list[int],
+                        feature_columns: list[int], poolings: list[int], values: torch.Tensor,
+                        offsets: torch.Tensor, psw: torch.Tensor | None) -> tuple[int, int]:
+    """The features over tables of widths dims: feature f reads table feature_tables[f],
+    pools by poolings[f] (sum, or mean, which takes no per-sample weights) and fills the
+    output columns [feature_columns[f], + its table's dim), the blocks side by side from
+    column 0; values [N] and offsets [F * B + 1] (key-major) int32/int64, per-sample weights
+    [N] floating point, all on one device. Returns (B, output width)."""
+    check_index_dtype(values, "values")
+    check_index_dtype(offsets, "offsets")
+    check_same_device(offsets, "offsets", values, "values")
+    num_features, num_tables = len(feature_tables), len(dims)
+    if num_features < 1:
+        fail(ValueError, op, "at least one feature is needed")
+    if len(feature_columns) != num_features or len(poolings) != num_features:
+        fail(ValueError, op, "feature_columns and poolings need one entry per feature (",
+             num_features, ")")
+    blocks = []
+    for f, t in enumerate(feature_tables):
+        if not 0 <= t < num_tables:
+            fail(ValueError, op, "feature ", f, " reads table ", t, ", but there are ",
+                 num_tables, " tables")
+        if poolings[f] not in (POOL_SUM, POOL_MEAN):
+            fail(ValueError, op, "feature ", f, ": pooling must be 0 (sum) or 1 (mean), got ",
+                 poolings[f])
+        if psw is not None and poolings[f] == POOL_MEAN:
+            fail(ValueError, op, "feature ", f, " pools by mean, which takes no per-sample "
+                 "weights")
+        blocks.append((feature_columns[f], dims[t]))
+    column = 0
+    for first, width in sorted(blocks):
+        if first != column:
+            fail(ValueError, op, "feature_columns must place the features' blocks side by side "
+                 "from column 0, but a block starts at column ", first, " where ", column,
+                 " was expected")
+        column += width
+    if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
+        fail(ValueError, op, "offsets must have F * B + 1 entries for F = ", num_features,
+             " features, got ", offsets.numel())
+    if psw is not None:
+        if psw.dim() != 1 or psw.numel() != values.numel():
+            fail(ValueError, op, "per_sample_weights must have one weight per value (",
+                 values.numel(), "), got ", _sizes(psw))
+        if psw.dtype not in FLOAT_DTYPES:
+            fail(TypeError, op, "per_sample_weights must be floating point, got ",
+                 dtype_name(psw.dtype))
+        check_same_device(psw, "per_sample_weights", values, "values")
+    return (offsets.numel() - 1) // num_features, column
+
+
+def check_bags_args(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                    dims: list[int], formats: list[int], feature_tables: list[int],
+                    feature_columns: list[int], poolings: list[int], values: torch.Tensor,
+                    offsets: torch.Tensor, psw: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> tuple[int, int]:
+    """embedding_bags' arguments; returns (batch size, output width)."""
+    op = "qembed.embedding_bags: "
+    check_output_dtype(out_dtype)
+    check_bags_tables(op, tables, steps, bits, dims, formats, values.device)
+    return check_bags_features(op, dims, feature_tables, feature_columns, poolings, values,
+                               offsets, psw)
+
+
+def check_bags_grad_out(op: str, grad_out: torch.Tensor, shape: tuple[int, int],
+                        values: torch.Tensor) -> None:
+    """The output gradient of a batch of that shape: floating point [B, W] beside values."""
+    if not grad_out.is_floating_point():
+        fail(TypeError, op, "grad_out must be floating point, got ", dtype_name(grad_out.dtype))
+    if _sizes(grad_out) != list(shape):
+        fail(ValueError, op, "grad_out must be [", shape[0], ", ", shape[1], "], got ",
+             _sizes(grad_out))
+    check_same_device(grad_out, "grad_out", values, "values")
+
+
+def check_bags_backward_args(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                             feature_columns: list[int], poolings: list[int],
+                             values: torch.Tensor, offsets: torch.Tensor,
+                             psw: torch.Tensor | None) -> tuple[int, int]:
+    """embedding_bags_backward's arguments; returns (batch size, output width)."""
+    op = "qembed.embedding_bags_backward: "
+    shape = check_bags_features(op, dims, feature_tables, feature_columns, poolings, values,
+                                offsets, psw)
+    check_bags_grad_out(op, grad_out, shape, values)
+    return shape
+
+
+def check_bags_psw_backward_args(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                 steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                 formats: list[int], feature_tables: list[int],
+                                 feature_columns: list[int], values: torch.Tensor,
+                                 offsets: torch.Tensor) -> tuple[int, int]:
+    """embedding_bags_psw_backward's arguments (a lookup pooled by sum); returns (batch
+    size, output width)."""
+    op = "qembed.embedding_bags_psw_backward: "
+    check_bags_tables(op, tables, steps, bits, dims, formats, values.device)
+    shape = check_bags_features(op, dims, feature_tables, feature_columns,
+                                [POOL_SUM] * len(feature_tables), values, offsets, None)
+    check_bags_grad_out(op, grad_out, shape, values)
+    return shape
+
+
+def check_bags_update_args(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                           states: list[torch.Tensor], step_states: list[torch.Tensor],
+                           unique_rows: list[torch.Tensor], grads: list[torch.Tensor],
+                           bits: list[int], dims: list[int], formats: list[int], optimizer: int,
+                           learn_step: bool, step_optimizer: int, seeds: list[int],
+                           counters: list[int]) -> None:
+    """embedding_bags_update's arguments: one entry per table in every list, table t's as
+    lowp_update checks them (iteration = counters[t]; grads: grad_rows made contiguous),
+    every table on table 0's device."""
+    n = len(tables)
+    if n < 1 or any(len(x) != n for x in (steps, states, step_states, unique_rows, grads, bits,
+                                          dims, formats, seeds, counters)):
+        fail(ValueError, "qembed.embedding_bags_update: at least one table is needed, and every "
+             "list needs one entry per table (", n, ")")
+    for t in range(n):
+        check_update_args(tables[t], steps[t] if formats[t] == SYM_TABLE else None, states[t],
+                          step_states[t], unique_rows[t], grads[t], None, None, bits[t], dims[t],
+                          formats[t], optimizer, counters[t], learn_step, step_optimizer)
+        check_same_device(tables[t], "every table", tables[0], "table 0")
+
+
 def check_f32_shape(t: torch.Tensor, op: str, name: str, shape: list[int]) -> None:
     if t.dtype != torch.float32:
         fail(TypeError, "qembed.", op, ": ", name, " must be float32, got ", dtype_name(t.dtype))
@@ -435,3 +598,46 @@ def check_update_rows_values(unique_rows: torch.Tensor, num_rows: int) -> None:
     if _first(r[1:] <= r[:-1]) >= 0:
         fail(ValueError, "qembed.lowp_update: unique_rows must be strictly increasing (as "
              "embedding_bag_backward returns them)")
+
+
+def check_bags_offsets_values(op: str, offsets: torch.Tensor, batch: int,
+                              num_values: int) -> None:
+    """embedding_bags' offsets: from 0, non-decreasing, ending at the number of values; a
+    message names the bag and feature."""
+    off = offsets.long()
+    if int(off[0]) != 0:
+        fail(ValueError, op, "offsets[0] must be 0, got ", int(off[0]))
+    k = _first(off[1:] < off[:-1]) + 1
+    if k > 0:
+        fail(ValueError, op, "offsets must be non-decreasing, but bag ", (k - 1) % batch,
+             " of feature ", (k - 1) // batch, " has offsets ", int(off[k - 1]), " to ",
+             int(off[k]))
+    if int(off[-1]) != num_values:
+        fail(ValueError, op, "offsets end at ", int(off[-1]), " but there are ", num_values,
+             " values (lengths and values disagree)")
+
+
+def check_bags_ids_values(op: str, values: torch.Tensor, offsets: torch.Tensor, batch: int,
+                          feature_tables: list[int], num_rows: list[int]) -> None:
+    """Every value inside the table its feature reads; names the first that is not."""
+    off, ids = offsets.long(), values.long()
+    for f, t in enumerate(feature_tables):
+        start = int(off[f * batch])
+        part = ids[start: int(off[(f + 1) * batch])]
+        k = _first((part < 0) | (part >= num_rows[t]))
+        if k >= 0:
+            fail(IndexError, op, "feature ", f, " (table ", t, ") has id ", int(part[k]),
+                 " at position ", start + k, ", outside its table of ", num_rows[t], " rows")
+
+
+def check_bags_update_rows_values(unique_rows: torch.Tensor, num_rows: int, t: int) -> None:
+    """embedding_bags_update's rows of table t: inside it and strictly increasing."""
+    op = "qembed.embedding_bags_update: "
+    r = unique_rows.long()
+    k = _first((r < 0) | (r >= num_rows))
+    if k >= 0:
+        fail(IndexError, op, "table ", t, ": row ", int(r[k]), " is out of range for its ",
+             num_rows, " rows")
+    if _first(r[1:] <= r[:-1]) >= 0:
+        fail(ValueError, op, "table ", t, ": unique_rows must be strictly increasing (as "
+             "embedding_bags_backward returns them)")

@@ -24,7 +24,9 @@ def format_id(fmt: str | int) -> int:
     return FORMATS[fmt]
 
 
-def pooling_id(mode: str) -> int:
+def pooling_id(mode: str | int) -> int:
+    if isinstance(mode, int) and mode in POOLINGS.values():
+        return mode
     if mode not in POOLINGS:
         raise ValueError(f"qembed: unsupported mode {mode!r}; choose one of {sorted(POOLINGS)}")
     return POOLINGS[mode]

@@ -276,6 +276,99 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
                                               output_dtype)
 
 
+def _format_ids(formats) -> list[int]:
+    return [format_id(f) for f in formats]
+
+
+def _pooling_ids(poolings) -> list[int]:
+    return [pooling_id(p) for p in poolings]
+
+
+def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                   dims: list[int], formats: list, feature_tables: list[int],
+                   feature_columns: list[int], poolings: list, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
+                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every feature of a batch in one lookup, in TorchRec's KeyedJaggedTensor layout.
+
+    ``tables[t]`` is a packed table of ``bits[t]``, ``dims[t]``, ``formats[t]`` (with
+    ``steps[t]`` its [1] step for ``"symmetric_table"``, an empty tensor otherwise). Feature
+    ``f`` reads ``tables[feature_tables[f]]`` and pools by ``poolings[f]`` (``"sum"`` or
+    ``"mean"``); ``values`` [N] and ``offsets`` [F * B + 1] are key-major (bag b of feature f
+    is ``values[offsets[f * B + b]:offsets[f * B + b + 1]]``). Returns [B, sum of the
+    features' dims] with feature f's pooled rows at columns ``feature_columns[f]`` onwards.
+    Differentiable in ``per_sample_weights``; the tables get no gradient (see
+    :func:`embedding_bags_backward` and :func:`embedding_bags_update`)."""
+    args = (list(tables), list(steps), [int(b) for b in bits], [int(d) for d in dims],
+            _format_ids(formats), [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], _pooling_ids(poolings), values, offsets,
+            per_sample_weights, output_dtype)
+    if not _compiled():
+        return reference.embedding_bags(*args)
+    return torch.ops.qembed.embedding_bags(*args)
+
+
+def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                            feature_columns: list[int], poolings: list, values: torch.Tensor,
+                            offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradient of :func:`embedding_bags` with respect to the rows it read, per table:
+    ``(unique_rows[t] int64 ascending, grad_rows[t] fp32 [U_t, dims[t]])``. The features
+    of a table are summed together, repeats in the order of ``values`` (deterministic)."""
+    args = (grad_out, [int(d) for d in dims], [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], _pooling_ids(poolings), values, offsets,
+            per_sample_weights)
+    if not _compiled():
+        return reference.embedding_bags_backward(*args)
+    rows, grads = torch.ops.qembed.embedding_bags_backward(*args)
+    return list(rows), list(grads)
+
+
+def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                formats: list, feature_tables: list[int],
+                                feature_columns: list[int], values: torch.Tensor,
+                                offsets: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`embedding_bags` (sum pooling) with respect to
+    ``per_sample_weights``: fp32 [N]."""
+    args = (grad_out, list(tables), list(steps), [int(b) for b in bits], [int(d) for d in dims],
+            _format_ids(formats), [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], values, offsets)
+    if not _compiled():
+        return reference.embedding_bags_psw_backward(*args)
+    return torch.ops.qembed.embedding_bags_psw_backward(*args)
+
+
+def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                          states: list[torch.Tensor], step_states: list[torch.Tensor],
+                          unique_rows: list[torch.Tensor], grad_rows: list[torch.Tensor],
+                          bits: list[int], dims: list[int], formats: list,
+                          optimizer: str = "adagrad", lr: float = 0.01, eps: float = 1e-8,
+                          weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                          learn_step: bool = False, step_optimizer: str = "sgd",
+                          step_lr: float = 0.0, stochastic: bool = True,
+                          seeds: list[int] | None = None,
+                          counters: list[int] | None = None) -> torch.Tensor:
+    """:func:`lowp_update` for every table of a batch in one call, in place: table t's
+    distinct rows ``unique_rows[t]`` (strictly increasing) with gradient ``grad_rows[t]``, at
+    its own width, with its own ``states[t]``, ``step_states[t]`` and ``steps[t]`` (its [1]
+    step for ``"symmetric_table"``, an empty tensor otherwise). ``counters[t]`` keys table
+    t's stochastic rounding with ``seeds[t]`` and is its Adam iteration (from 1): each table
+    gets the bits :func:`lowp_update` gives it with ``iteration = counter = counters[t]``.
+    Returns the rows skipped per table for a non-finite gradient (int64 [T])."""
+    n = len(tables)
+    seeds = [0] * n if seeds is None else [int(x) for x in seeds]
+    counters = [1] * n if counters is None else [int(x) for x in counters]
+    args = (list(tables), list(steps), list(states), list(step_states), list(unique_rows),
+            list(grad_rows), [int(b) for b in bits], [int(d) for d in dims], _format_ids(formats),
+            optimizer_id(optimizer), lr, eps, weight_decay, betas[0], betas[1], learn_step,
+            optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr, stochastic, seeds, counters)
+    if not _compiled():
+        return reference.embedding_bags_update(*args)
+    return torch.ops.qembed.embedding_bags_update(*args)
+
+
 def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> torch.Tensor:
     """``torch.zeros`` for a table's storage. On CPU the memory is advised for transparent
     huge pages before it is first written (where the system allows it): random row reads
@@ -385,6 +478,69 @@ if HAS_EXTENSION:
         _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
         return (grad_rows.new_empty(grad_rows.shape), alpha.new_empty(alpha.shape),
                 beta.new_empty(beta.shape), probs.new_empty(probs.shape))
+
+    @torch.library.register_fake("qembed::embedding_bags")
+    def _embedding_bags_fake(tables, steps, bits, dims, formats, feature_tables, feature_columns,
+                             poolings, values, offsets, psw, output_dtype):
+        batch, width = _checks.check_bags_args(tables, steps, bits, dims, formats,
+                                               feature_tables, feature_columns, poolings,
+                                               values, offsets, psw, output_dtype)
+        return values.new_empty(batch, width, dtype=output_dtype)
+
+    @torch.library.register_fake("qembed::embedding_bags_backward")
+    def _embedding_bags_backward_fake(grad_out, dims, feature_tables, feature_columns, poolings,
+                                      values, offsets, psw):
+        _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                         poolings, values, offsets, psw)
+        ctx = torch.library.get_ctx()
+        sizes = [ctx.new_dynamic_size() for _ in dims]
+        return ([values.new_empty(u, dtype=torch.long) for u in sizes],
+                [grad_out.new_empty(u, d, dtype=torch.float32) for u, d in zip(sizes, dims)])
+
+    @torch.library.register_fake("qembed::embedding_bags_psw_backward")
+    def _embedding_bags_psw_backward_fake(grad_out, tables, steps, bits, dims, formats,
+                                          feature_tables, feature_columns, values, offsets):
+        _checks.check_bags_psw_backward_args(grad_out, tables, steps, bits, dims, formats,
+                                             feature_tables, feature_columns, values, offsets)
+        return grad_out.new_empty(values.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qembed::embedding_bags_update")
+    def _embedding_bags_update_fake(tables, steps, states, step_states, unique_rows, grad_rows,
+                                    bits, dims, formats, optimizer, lr, eps, weight_decay, beta1,
+                                    beta2, learn_step, step_optimizer, step_lr, stochastic, seeds,
+                                    counters):
+        _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                       [g.contiguous() for g in grad_rows], bits, dims, formats,
+                                       optimizer, learn_step, step_optimizer, seeds, counters)
+        return tables[0].new_empty(len(tables), dtype=torch.long)
+
+    # embedding_bags' tables get no gradient (training updates them in its own backward, see
+    # qembed/torchrec); per_sample_weights do, through embedding_bags_psw_backward. In
+    # Python: a collection's lookup is large enough that the autograd wrapper's cost is lost
+    # in it.
+    def _embedding_bags_setup_context(ctx, inputs, output):
+        (tables, steps, bits, dims, formats, feature_tables, feature_columns, _, values, offsets,
+         psw, _) = inputs
+        ctx.num_tables = len(tables)
+        ctx.args = (list(bits), list(dims), list(formats), list(feature_tables),
+                    list(feature_columns))
+        ctx.psw_dtype = None if psw is None else psw.dtype
+        ctx.save_for_backward(values, offsets, *tables, *steps)
+
+    def _embedding_bags_backward_autograd(ctx, grad):
+        grad_psw = None
+        if ctx.needs_input_grad[10]:
+            values, offsets, *saved = ctx.saved_tensors
+            tables, steps = saved[:ctx.num_tables], saved[ctx.num_tables:]
+            bits, dims, formats, feature_tables, feature_columns = ctx.args
+            grad_psw = torch.ops.qembed.embedding_bags_psw_backward(
+                grad, tables, steps, bits, dims, formats, feature_tables, feature_columns,
+                values, offsets).to(ctx.psw_dtype)
+        no_grads = [None] * ctx.num_tables  # one per table and per step: the same structure
+        return (no_grads, list(no_grads)) + (None,) * 8 + (grad_psw, None)
+
+    torch.library.register_autograd("qembed::embedding_bags", _embedding_bags_backward_autograd,
+                                    setup_context=_embedding_bags_setup_context)
 
     @torch.library.register_fake("qembed::advise_huge_pages")
     def _advise_huge_pages_fake(t):

@@ -10,6 +10,7 @@ from . import _checks
 from .formats import (
     FORMATS,
     OPTIMIZERS,
+    POOLINGS,
     STEP_OPTIMIZERS,
     code_bytes,
     format_id,
@@ -236,13 +237,19 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
         factor = (1.0 / count.clamp(min=1).to(torch.float32))[bag]
     else:
         factor = torch.ones(bag.numel(), device=device)
-    contrib = grad_out[bag] * factor[:, None]
+    return _sum_by_row(idx, grad_out[bag] * factor[:, None], pad)
+
+
+def _sum_by_row(idx: torch.Tensor, contrib: torch.Tensor, skip: int = -1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows ascending, the sum of each one's contributions [U, D] in position
+    order), leaving out the row `skip`."""
     keys, perm = torch.sort(idx, stable=True)
-    keep = keys != pad
+    keep = keys != skip
     keys, perm = keys[keep], perm[keep]
     unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1], device=device)
+    grad_rows = torch.zeros(unique_rows.numel(), contrib.shape[1], device=contrib.device)
     for k in range(int(counts.max()) if counts.numel() else 0):
         sel = counts > k
         grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
@@ -367,6 +374,138 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
         po = param_offset(dim, bits)
         rows[r, po: po + 4] = _params_bytes(s)
     return (~ok).sum()
+
+
+# --- many tables in one call (TorchRec's KeyedJaggedTensor layout) ------------------------
+
+def _feature_slice(offsets: torch.Tensor, f: int, batch: int):
+    """(first position, last position + 1, the feature's offsets from 0 [B + 1])."""
+    part = offsets.long()[f * batch: (f + 1) * batch + 1]
+    return int(part[0]), int(part[-1]), part - part[0]
+
+
+def _table_step(steps, formats, t):
+    return steps[t] if format_id(formats[t]) == SYM_TABLE else None
+
+
+def _pooling_name(pooling: int) -> str:
+    return next(k for k, v in POOLINGS.items() if v == pooling)
+
+
+def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                   dims: list[int], formats: list, feature_tables: list[int],
+                   feature_columns: list[int], poolings: list, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
+                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each feature looked up by embedding_bag on its table, written at its columns."""
+    op = "qembed.embedding_bags: "
+    poolings = [pooling_id(p) for p in poolings]
+    batch, width = _checks.check_bags_args(
+        tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, poolings, values, offsets, per_sample_weights, output_dtype)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    out = torch.zeros(batch, width, device=values.device)
+    for f, (t, pooling) in enumerate(zip(feature_tables, poolings)):
+        start, end, local = _feature_slice(offsets, f, batch)
+        psw = None if per_sample_weights is None else per_sample_weights[start:end]
+        col = feature_columns[f]
+        out[:, col: col + dims[t]] = embedding_bag(
+            tables[t], values[start:end], local, bits[t], dims[t], formats[t],
+            _table_step(steps, formats, t), psw, _pooling_name(pooling), include_last_offset=True)
+    return out.to(output_dtype)
+
+
+def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                            feature_columns: list[int], poolings: list, values: torch.Tensor,
+                            offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per table: (distinct rows ascending, their gradients), the contributions of all the
+    table's features summed in the order of values."""
+    poolings = [pooling_id(p) for p in poolings]
+    batch, _ = _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                                poolings, values, offsets, per_sample_weights)
+    _checks.check_bags_offsets_values("qembed.embedding_bags_backward: ", offsets, max(batch, 1),
+                                      values.numel())
+    grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
+    rows, grads = [], []
+    for t, dim in enumerate(dims):
+        idx = [values.new_zeros(0, dtype=torch.long)]
+        contrib = [torch.zeros(0, dim, device=device)]
+        for f, ft in enumerate(feature_tables):
+            if ft != t:
+                continue
+            start, end, local = _feature_slice(offsets, f, batch)
+            lengths = local[1:] - local[:-1]
+            bag = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
+            if per_sample_weights is not None:
+                factor = per_sample_weights[start:end].to(torch.float32)
+            elif poolings[f] == POOLINGS["mean"]:
+                factor = (1.0 / lengths.clamp(min=1).to(torch.float32))[bag]
+            else:
+                factor = torch.ones(end - start, device=device)
+            col = feature_columns[f]
+            idx.append(values[start:end].long())
+            contrib.append(grad_out[bag, col: col + dim] * factor[:, None])
+        r, g = _sum_by_row(torch.cat(idx), torch.cat(contrib))
+        rows.append(r)
+        grads.append(g)
+    return rows, grads
+
+
+def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                formats: list, feature_tables: list[int],
+                                feature_columns: list[int], values: torch.Tensor,
+                                offsets: torch.Tensor) -> torch.Tensor:
+    """embedding_bag_psw_backward of each feature on its table and columns."""
+    op = "qembed.embedding_bags_psw_backward: "
+    batch, _ = _checks.check_bags_psw_backward_args(
+        grad_out, tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, values, offsets)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    out = torch.zeros(values.numel(), device=grad_out.device)
+    for f, t in enumerate(feature_tables):
+        start, end, local = _feature_slice(offsets, f, batch)
+        col = feature_columns[f]
+        out[start:end] = embedding_bag_psw_backward(
+            grad_out[:, col: col + dims[t]], tables[t], values[start:end], local, bits[t],
+            dims[t], formats[t], _table_step(steps, formats, t), "sum", include_last_offset=True)
+    return out
+
+
+def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                          states: list[torch.Tensor], step_states: list[torch.Tensor],
+                          unique_rows: list[torch.Tensor], grad_rows: list[torch.Tensor],
+                          bits: list[int], dims: list[int], formats: list,
+                          optimizer: str | int = "adagrad", lr: float = 0.01, eps: float = 1e-8,
+                          weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                          learn_step: bool = False, step_optimizer: str | int = "sgd",
+                          step_lr: float = 0.0, stochastic: bool = True,
+                          seeds: list[int] | None = None,
+                          counters: list[int] | None = None) -> torch.Tensor:
+    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t]."""
+    opt, sopt = optimizer_id(optimizer), optimizer_id(step_optimizer, STEP_OPTIMIZERS)
+    n = len(tables)
+    seeds = [0] * n if seeds is None else seeds
+    counters = [1] * n if counters is None else counters
+    fmts = [format_id(f) for f in formats]
+    _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                   [g.contiguous() for g in grad_rows], bits, dims, fmts, opt,
+                                   learn_step, sopt, seeds, counters)
+    for t in range(n):
+        _checks.check_bags_update_rows_values(unique_rows[t], tables[t].shape[0], t)
+    skipped = [lowp_update(tables[t], _table_step(steps, fmts, t), states[t], step_states[t],
+                           unique_rows[t], grad_rows[t], bits[t], dims[t], fmts[t], opt, lr,
+                           eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
+                           step_lr, stochastic, seeds[t], counters[t])
+               for t in range(n)]
+    return torch.stack([s.reshape(()) for s in skipped]).long()
 
 
 # --- mixed-precision embeddings (MPE) -----------------------------------------------------

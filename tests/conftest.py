@@ -343,3 +343,77 @@ def mixed_table(rows, dim, widths, layout="map32"):
     else:
         location = positions.to(torch.int16 if layout == "map16" else torch.int32)
     return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, positions
+
+
+# --- many tables in one call (embedding_bags) -----------------------------------------------
+
+class KeyedBatch:
+    """Random tables and a key-major batch over them (TorchRec's KeyedJaggedTensor layout):
+    feature f reads table ``tables_of[f]``; by default its block of the output follows the
+    previous feature's."""
+
+    def __init__(self, specs, tables_of, batch, max_len=4, poolings=None, weighted=False,
+                 index_dtype=torch.int64, offset_dtype=None):
+        """specs: (rows, dim, bits, format) per table."""
+        self.tables = [random_table(rows, dim, bits, fmt) for rows, dim, bits, fmt in specs]
+        self.tables_of = list(tables_of)
+        self.poolings = poolings or ["sum"] * len(tables_of)
+        self.sample(batch, max_len, weighted, index_dtype, offset_dtype)
+        dims = [self.tables[t].dim for t in tables_of]
+        self.columns = [sum(dims[:f]) for f in range(len(dims))]
+
+    def sample(self, batch, max_len=4, weighted=False, index_dtype=torch.int64,
+               offset_dtype=None):
+        """A new batch of ``batch`` bags per feature, 0..max_len ids each."""
+        self.batch = batch
+        lengths = torch.randint(0, max_len + 1, (len(self.tables_of), batch))
+        values = [torch.randint(0, self.tables[t].rows.shape[0], (int(lengths[f].sum()),))
+                  for f, t in enumerate(self.tables_of)]
+        self.values = torch.cat(values).to(index_dtype)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                                  lengths.reshape(-1).cumsum(0)]).to(offset_dtype or index_dtype)
+        self.weights = torch.randn(self.values.numel()) if weighted else None
+        return self
+
+    @property
+    def width(self) -> int:
+        return sum(self.tables[t].dim for t in self.tables_of)
+
+    def table_args(self):
+        """tables, steps (empty where the format has none), bits, dims, formats."""
+        return ([t.rows for t in self.tables],
+                [t.step if t.step is not None else torch.empty(0) for t in self.tables],
+                [t.bits for t in self.tables], [t.dim for t in self.tables],
+                [t.fmt for t in self.tables])
+
+    def lookup_args(self):
+        """embedding_bags' arguments but the output dtype."""
+        return (*self.table_args(), self.tables_of, self.columns, self.poolings, self.values,
+                self.offsets, self.weights)
+
+    def feature(self, f):
+        """(values, offsets with the end, weights) of feature f alone."""
+        off = self.offsets.long()[f * self.batch: (f + 1) * self.batch + 1]
+        start, end = int(off[0]), int(off[-1])
+        w = None if self.weights is None else self.weights[start:end]
+        return self.values[start:end], (off - start).to(self.offsets.dtype), w
+
+
+def mixed_specs(bits_list, dims=(8, 16, 64, 24), fmts=FORMATS):
+    """(rows, dim, bits, format) of tables of the given widths, dims and formats in turn."""
+    return [(int(torch.randint(1, 300, ())), dims[i % len(dims)], b, fmts[i % len(fmts)])
+            for i, b in enumerate(bits_list)]
+
+
+def trainable_tables(specs):
+    """Symmetric tables with random steps and optimizer state, as dicts of embedding_bags_update's
+    per-table arguments; specs: (rows, dim, bits, format, optimizer, step optimizer or None)."""
+    out = []
+    for rows, dim, bits, fmt, optimizer, step_optimizer in specs:
+        t = random_table(rows, dim, bits, fmt)
+        step_state = torch.rand(rows if fmt == "symmetric" else 1,
+                                2 if step_optimizer == "adam" else 0)
+        out.append(dict(rows=t.rows, step=t.step if t.step is not None else torch.empty(0),
+                        state=torch.rand(rows, STATE_WIDTH[optimizer](dim)),
+                        step_state=step_state, bits=bits, dim=dim, fmt=fmt))
+    return out

@@ -5,12 +5,15 @@ import pytest
 import torch
 from conftest import (
     MPE_BITS,
+    KeyedBatch,
     backends,
     make_table,
+    mixed_specs,
     mixed_table,
     random_bags,
     random_table,
     search_inputs,
+    trainable_tables,
 )
 
 from qembed import formats, ops
@@ -93,6 +96,44 @@ def mixed_lookup_args(layout, mode, with_psw):
             torch.float32)
 
 
+def keyed_batch(weighted=True):
+    """Three tables (one read by two features) and a batch over them."""
+    return KeyedBatch(mixed_specs([8, 3, 4], fmts=["affine", "symmetric_table", "symmetric"]),
+                      [0, 1, 2, 0], batch=5, weighted=weighted)
+
+
+def bags_args(poolings, weighted, index_dtype, dtype):
+    b = keyed_batch(weighted)
+    tables, steps, bits, dims, fmts = b.table_args()
+    return (tables, steps, bits, dims, [FMT[f] for f in fmts], b.tables_of, b.columns,
+            poolings, b.values.to(index_dtype), b.offsets.to(index_dtype), b.weights, dtype)
+
+
+def bags_backward_args(poolings, weighted):
+    b = keyed_batch(weighted)
+    return (torch.randn(b.batch, b.width), [t.dim for t in b.tables], b.tables_of, b.columns,
+            poolings, b.values, b.offsets, b.weights)
+
+
+def bags_psw_backward_args():
+    b = keyed_batch()
+    tables, steps, bits, dims, fmts = b.table_args()
+    return (torch.randn(b.batch, b.width), tables, steps, bits, dims, [FMT[f] for f in fmts],
+            b.tables_of, b.columns, b.values, b.offsets)
+
+
+def bags_update_args(learn_step, stochastic):
+    tables = trainable_tables([(20, 16, 4, "symmetric", "adagrad", "adam"),
+                               (10, 8, 7, "symmetric_table", "adagrad", "adam")])
+    unique = [torch.tensor([1, 4, 9]), torch.tensor([0, 2])]
+    grads = [torch.randn(3, 16), torch.randn(2, 8)]
+    return ([t["rows"] for t in tables], [t["step"] for t in tables],
+            [t["state"] for t in tables], [t["step_state"] for t in tables], unique, grads,
+            [4, 7], [16, 8], [FMT["symmetric"], FMT["symmetric_table"]],
+            formats.OPTIMIZERS["adagrad"], 0.1, 1e-8, 0.0, 0.9, 0.999, learn_step,
+            formats.STEP_OPTIMIZERS["adam"], 0.01, stochastic, [1, 2], [3, 4])
+
+
 # op name -> argument sets (built inside the test, so from its seeded generator) and the
 # opcheck utils to run (None: all)
 CASES = {
@@ -130,6 +171,15 @@ CASES = {
     "mpe_embedding_bag": [lambda: mixed_lookup_args("map32", 0, False),
                           lambda: mixed_lookup_args("map16", 2, True),
                           lambda: mixed_lookup_args("ranges", 1, False)],
+    "embedding_bags": [
+        lambda: bags_args([0, 0, 0, 0], True, torch.int64, torch.float32),
+        lambda: bags_args([1, 0, 1, 0], False, torch.int32, torch.bfloat16),
+    ],
+    "embedding_bags_backward": [lambda: bags_backward_args([0, 1, 0, 1], False),
+                                lambda: bags_backward_args([0, 0, 0, 0], True)],
+    "embedding_bags_psw_backward": [bags_psw_backward_args],
+    "embedding_bags_update": [lambda: bags_update_args(True, True),
+                              lambda: bags_update_args(False, False)],
     "advise_huge_pages": [lambda: (torch.empty(3 << 20, dtype=torch.uint8),),
                           lambda: (torch.empty(5, 16),)],
 }

@@ -16,83 +16,23 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
-#include "row_codec.h"
+#include "lowp_row.h"
 
 namespace qembed {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 8;
 
-// Always inlined, as RowPrefetch (bags.h): out of line, GCC drops its calls.
-QEMBED_INLINE void prefetch_span(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 1);
-  __builtin_prefetch(c + bytes - 1, 1, 1);
-}
-
-bool all_finite(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(x[i])) return false;
-  return true;
-}
-
-// Sum of x[0..n) strictly left to right (the reference's order).
-float ordered_sum(const float* x, int64_t n) {
-  float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) acc += x[i];
-  return acc;
-}
-
-// w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
-// Element-wise work sits in loops of its own so that they vectorize; only the ordered
-// sums stay serial.
-void optimizer_row(float* w, const float* g, float* st, float* tmp, const UpdateConfig& c) {
-  const int64_t dim = c.dim;
-  if (c.optimizer == OPT_SGD) {
-    for (int64_t d = 0; d < dim; ++d) w[d] = sgd_value(w[d], g[d], c);
-  } else if (c.optimizer == OPT_ADAGRAD) {
-    for (int64_t d = 0; d < dim; ++d) {
-      const float gd = decayed_grad(w[d], g[d], c);
-      tmp[d] = gd * gd;
-    }
-    st[0] = st[0] + ordered_sum(tmp, dim) / static_cast<float>(dim);
-    const float denom = adagrad_denom(st[0], c);
-    for (int64_t d = 0; d < dim; ++d) w[d] = adagrad_value(w[d], g[d], denom, c);
-  } else if (c.optimizer == OPT_ADAM) {
-    float* m = st;
-    float* v = st + dim;
-    for (int64_t d = 0; d < dim; ++d) w[d] = adam_value(w[d], g[d], m[d], v[d], c);
-  }
-}
-
-// LSQ: sum_d g_d * dQ/ds (optim.h's lsq_term), in row order.
-float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp,
-              float* tmp) {
-  for (int64_t d = 0; d < dim; ++d) tmp[d] = lsq_term(w[d], g[d], s, qn, qp);
-  return ordered_sum(tmp, dim);
-}
-
 template <int BITS>
-int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* state,
-                    float* step_state, const int64_t* uniq, int64_t num_unique,
+int64_t update_rows(const UpdateTable& t, const int64_t* uniq, int64_t num_unique,
                     const float* grad, const float* weights, float* weights_out,
                     const UpdateConfig& c, const RoundingKey& rounding) {
-  const int64_t dim = c.dim, po = param_offset(dim, BITS);
-  const int64_t sw = state_width(c.optimizer, dim), ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
-  const int32_t qn = qmin(BITS), qp = qmax(BITS);
-  const bool per_row = c.fmt == SYM_ROW;
-  const bool deferred = c.learn_step && !per_row;
+  const int64_t dim = c.dim, sw = state_width(c.optimizer, dim);
+  const bool deferred = c.learn_step && c.fmt != SYM_ROW;
   std::vector<float> buffer(deferred && !weights_out ? num_unique * dim : 0);
   float* kept = weights_out ? weights_out : buffer.data();
   std::vector<float> lsq(deferred ? num_unique : 0);
   std::vector<uint8_t> skipped(num_unique, 0);
-  const float row_gscale = lsq_scale(qp, dim);
-
-  auto encode = [&](const float* w, int64_t r, float s) {
-    RoundingKey key = rounding;
-    key.row_key = static_cast<uint64_t>(r);
-    encode_row<BITS>(w, dim, RowParams{s, 0.0f, qn}, key, table + r * stride);
-  };
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> local(dim), tmp(dim);
@@ -100,53 +40,24 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
       // Rows of a large table miss the caches: fetch upcoming rows and their state early.
       if (k + kPrefetchDistance < end) {
         const int64_t next = uniq[k + kPrefetchDistance];
-        prefetch_span(table + next * stride, stride);
-        if (sw > 0) prefetch_span(state + next * sw, sw * sizeof(float));
+        prefetch_span(t.rows + next * t.stride, t.stride);
+        if (sw > 0) prefetch_span(t.state + next * sw, sw * sizeof(float));
       }
-      const float* g = grad + k * dim;
       float* w = (weights_out || deferred) ? kept + k * dim : local.data();
-      if (!all_finite(g, dim) || (weights && !all_finite(weights + k * dim, dim))) {
+      if (!update_row<BITS>(t, uniq[k], grad + k * dim, weights ? weights + k * dim : nullptr,
+                            w, tmp.data(), deferred, deferred ? &lsq[k] : nullptr, c,
+                            rounding)) {
         skipped[k] = 1;
         if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
-        continue;
       }
-      const int64_t r = uniq[k];
-      uint8_t* row = table + r * stride;
-      float s = per_row ? read_f32(row + po) : *table_step;
-      if (weights) {
-        std::copy(weights + k * dim, weights + (k + 1) * dim, w);
-      } else {
-        std::fill(w, w + dim, 0.0f);
-        accumulate_row<BITS>(row, dim, s, 0.0f, qn, w);
-      }
-      optimizer_row(w, g, state + r * sw, tmp.data(), c);
-      if (c.learn_step) {
-        const float gs = lsq_sum(w, g, dim, s, qn, qp, tmp.data());
-        if (deferred) {
-          lsq[k] = gs;
-          continue;
-        }
-        s = next_step(s, row_gscale * gs, step_state + r * ssw, c);
-        write_f32(row + po, s);
-      }
-      encode(w, r, s);
     }
   });
 
   int64_t num_skipped = 0;
   for (uint8_t x : skipped) num_skipped += x;
-  if (deferred && num_skipped < num_unique) {
-    float gs = 0.0f;
-    for (int64_t k = 0; k < num_unique; ++k)
-      if (!skipped[k]) gs += lsq[k];
-    const float s = next_step(*table_step, lsq_scale(qp, (num_unique - num_skipped) * dim) * gs,
-                              step_state, c);
-    *table_step = s;
-    at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        if (!skipped[k]) encode(kept + k * dim, uniq[k], s);
-    });
-  }
+  if (deferred && num_skipped < num_unique)
+    finish_table_step<BITS>(t, uniq, num_unique, kept, lsq.data(), skipped.data(),
+                            num_skipped, c, rounding);
   return num_skipped;
 }
 
@@ -179,10 +90,10 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
   const RoundingKey rounding{stochastic, static_cast<uint64_t>(seed),
                              static_cast<uint64_t>(counter), 0};
   const int64_t skipped = QEMBED_DISPATCH_BITS(bits, [&] {
-    return update_rows<BITS>(rows.data_ptr<uint8_t>(), rows.size(1),
-                             fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
-                             state.data_ptr<float>(), step_state.data_ptr<float>(), uniq, u,
-                             grad.data_ptr<float>(),
+    const UpdateTable t{rows.data_ptr<uint8_t>(), rows.size(1),
+                        fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
+                        state.data_ptr<float>(), step_state.data_ptr<float>()};
+    return update_rows<BITS>(t, uniq, u, grad.data_ptr<float>(),
                              weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr,
                              weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
                              c, rounding);

@@ -1,10 +1,9 @@
 """What the embedding modules share: ``nn.EmbeddingBag``'s input conventions, padding_idx,
-step calibration, and the lookup whose backward updates a packed table."""
+step calibration, and the lookup whose backward updates packed tables."""
 from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..formats import qmax
 
 
@@ -46,24 +45,26 @@ def symmetric_steps(weight: torch.Tensor, bits: int, per_row: bool) -> torch.Ten
 
 
 class TrainableLookup(torch.autograd.Function):
-    """Lookup whose backward updates the table. Inputs: an empty tensor that requires grad
-    (so autograd reaches this node) and the per-sample weights (which get a gradient)."""
+    """Lookup whose backward updates the tables it read. Inputs: an empty tensor that
+    requires grad (so autograd reaches this node), the per-sample weights (which get a
+    gradient), the module that owns the tables, the indices, offsets and the module's other
+    lookup arguments. The module provides ``_lookup(indices, offsets, psw, *args)``,
+    ``_psw_backward(grad_out, indices, offsets, *args)`` and ``_backward(grad_out, indices,
+    offsets, psw, *args)``, which updates the tables."""
 
     @staticmethod
-    def forward(ctx, anchor, psw, table, indices, offsets, mode, include_last):
-        ctx.table, ctx.args = table, (mode, include_last)
+    def forward(ctx, anchor, psw, owner, indices, offsets, *args):
+        ctx.owner, ctx.args = owner, args
         ctx.save_for_backward(indices, offsets, psw)
-        return table._lookup(indices, offsets, psw, mode, include_last)
+        return owner._lookup(indices, offsets, psw, *args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         indices, offsets, psw = ctx.saved_tensors
-        table, (mode, include_last) = ctx.table, ctx.args
         grad_psw = None
         if ctx.needs_input_grad[1]:  # before the update: it needs the rows the forward read
-            grad_psw = ops.embedding_bag_psw_backward(
-                grad_out, table.qweight, indices, offsets, table.bits, table.embedding_dim,
-                table.format, table.step, mode, include_last, table.padding_idx).to(psw.dtype)
-        table._backward(grad_out, indices, offsets, psw, mode, include_last)
-        return None, grad_psw, None, None, None, None, None
+            grad_psw = ctx.owner._psw_backward(grad_out, indices, offsets,
+                                               *ctx.args).to(psw.dtype)
+        ctx.owner._backward(grad_out, indices, offsets, psw, *ctx.args)
+        return (None, grad_psw, None, None, None) + (None,) * len(ctx.args)

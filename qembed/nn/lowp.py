@@ -199,10 +199,20 @@ class _LowPrecisionTable(nn.Module):
             self._anchors.append(anchor)
         return TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
 
+    def _psw_backward(self, grad_out, indices, offsets, mode, include_last):
+        return ops.embedding_bag_psw_backward(
+            grad_out, self.qweight, indices, offsets, self.bits, self.embedding_dim,
+            self.format, self.step, mode, include_last, self.padding_idx)
+
     def _backward(self, grad_out, indices, offsets, psw, mode, include_last):
         rows, grad = ops.embedding_bag_backward(
             grad_out, indices, offsets, None if psw is None else psw.detach(), mode,
             include_last, self.padding_idx)
+        self._apply_row_grads(rows, grad)
+
+    def _apply_row_grads(self, rows, grad):
+        """What backward does with the gradients of the distinct rows it read: the step pass
+        of two-pass ALPT, accumulation for the caller's optimizer, or the fused update."""
         if self._step_pass:
             self._step_update(rows, grad)
         elif not self.fused_update:

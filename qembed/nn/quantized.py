@@ -1,6 +1,7 @@
 """Quantized drop-in replacements for ``nn.EmbeddingBag`` and ``nn.Embedding`` (inference)."""
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -177,17 +178,37 @@ def quantize_(model: nn.Module, bits: int = 8, format: str = "affine",
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
               dtype: torch.dtype | None = None) -> nn.Module:
     """Replace, in place, every ``nn.EmbeddingBag`` and ``nn.Embedding`` of ``model`` for
-    which ``filter_fn(module, qualified_name)`` holds by its quantized twin; returns model."""
+    which ``filter_fn(module, qualified_name)`` holds by its quantized twin, and every
+    ``torchrec.EmbeddingBagCollection`` by :class:`qembed.torchrec.QuantizedEmbeddingBagCollection`
+    (its ``output_dtype`` is ``dtype`` or float32, as TorchRec's); returns model."""
     swaps = {nn.EmbeddingBag: QuantizedEmbeddingBag, nn.Embedding: QuantizedEmbedding}
-    if type(model) in swaps and (filter_fn is None or filter_fn(model, "")):
+    collections = _collection_swaps()
+    if type(model) in {**swaps, **collections} and (filter_fn is None or filter_fn(model, "")):
         raise ValueError("qembed.quantize_: pass the model containing the embedding; use "
-                         "QuantizedEmbeddingBag.from_float to convert a lone module")
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            fqn = f"{name}.{child_name}" if name else child_name
-            target = swaps.get(type(child))
-            if target is None or (filter_fn is not None and not filter_fn(child, fqn)):
-                continue
-            setattr(parent, child_name, target.from_float(child, bits=bits, format=format,
-                                                          dtype=dtype))
+                         "from_float (or from_torchrec) to convert a lone module")
+
+    def convert(child: nn.Module) -> nn.Module:
+        if type(child) in collections:
+            return collections[type(child)].from_torchrec(
+                child, bits=bits, format=format, output_dtype=dtype or torch.float32)
+        return swaps[type(child)].from_float(child, bits=bits, format=format, dtype=dtype)
+
+    # Collections first, so that the nn.EmbeddingBags inside them are not converted one by one.
+    for kinds in (collections, swaps):
+        for name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                fqn = f"{name}.{child_name}" if name else child_name
+                if type(child) in kinds and (filter_fn is None or filter_fn(child, fqn)):
+                    setattr(parent, child_name, convert(child))
     return model
+
+
+def _collection_swaps() -> dict:
+    """TorchRec's EmbeddingBagCollection -> qembed's, where TorchRec is loaded (a model that
+    holds one has loaded it): quantize_ never imports TorchRec itself."""
+    if "torchrec" not in sys.modules:
+        return {}
+    from torchrec import EmbeddingBagCollection
+
+    from ..torchrec import QuantizedEmbeddingBagCollection
+    return {EmbeddingBagCollection: QuantizedEmbeddingBagCollection}
