@@ -4,8 +4,9 @@
 //   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient, SGD or Adam, s > 0
 //   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
-// With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
-// before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
+// The per-row work is update_row.h's. With one step per table (SYM_TABLE) the step gradient
+// is summed over all rows in row order before the step moves, so rows are re-quantized in a
+// second pass over a [U, D] buffer.
 // A row whose gradient (or given weights) is not finite is left untouched and counted.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -16,7 +17,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
-#include "row_codec.h"
+#include "update_row.h"
 
 namespace qembed {
 namespace {
@@ -30,54 +31,12 @@ QEMBED_INLINE void prefetch_span(const void* p, int64_t bytes) {
   __builtin_prefetch(c + bytes - 1, 1, 1);
 }
 
-bool all_finite(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(x[i])) return false;
-  return true;
-}
-
-// Sum of x[0..n) strictly left to right (the reference's order).
-float ordered_sum(const float* x, int64_t n) {
-  float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) acc += x[i];
-  return acc;
-}
-
-// w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
-// Element-wise work sits in loops of its own so that they vectorize; only the ordered
-// sums stay serial.
-void optimizer_row(float* w, const float* g, float* st, float* tmp, const UpdateConfig& c) {
-  const int64_t dim = c.dim;
-  if (c.optimizer == OPT_SGD) {
-    for (int64_t d = 0; d < dim; ++d) w[d] = sgd_value(w[d], g[d], c);
-  } else if (c.optimizer == OPT_ADAGRAD) {
-    for (int64_t d = 0; d < dim; ++d) {
-      const float gd = decayed_grad(w[d], g[d], c);
-      tmp[d] = gd * gd;
-    }
-    st[0] = st[0] + ordered_sum(tmp, dim) / static_cast<float>(dim);
-    const float denom = adagrad_denom(st[0], c);
-    for (int64_t d = 0; d < dim; ++d) w[d] = adagrad_value(w[d], g[d], denom, c);
-  } else if (c.optimizer == OPT_ADAM) {
-    float* m = st;
-    float* v = st + dim;
-    for (int64_t d = 0; d < dim; ++d) w[d] = adam_value(w[d], g[d], m[d], v[d], c);
-  }
-}
-
-// LSQ: sum_d g_d * dQ/ds (optim.h's lsq_term), in row order.
-float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32_t qn, int32_t qp,
-              float* tmp) {
-  for (int64_t d = 0; d < dim; ++d) tmp[d] = lsq_term(w[d], g[d], s, qn, qp);
-  return ordered_sum(tmp, dim);
-}
-
 template <int BITS>
 int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* state,
                     float* step_state, const int64_t* uniq, int64_t num_unique,
                     const float* grad, const float* weights, float* weights_out,
                     const UpdateConfig& c, const RoundingKey& rounding) {
-  const int64_t dim = c.dim, po = param_offset(dim, BITS);
+  const int64_t dim = c.dim;
   const int64_t sw = state_width(c.optimizer, dim), ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
   const bool per_row = c.fmt == SYM_ROW;
@@ -86,7 +45,6 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   float* kept = weights_out ? weights_out : buffer.data();
   std::vector<float> lsq(deferred ? num_unique : 0);
   std::vector<uint8_t> skipped(num_unique, 0);
-  const float row_gscale = lsq_scale(qp, dim);
 
   auto encode = [&](const float* w, int64_t r, float s) {
     RoundingKey key = rounding;
@@ -95,7 +53,7 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   };
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(dim), tmp(dim);
+    std::vector<float> local(dim);
     for (int64_t k = begin; k < end; ++k) {
       // Rows of a large table miss the caches: fetch upcoming rows and their state early.
       if (k + kPrefetchDistance < end) {
@@ -103,33 +61,18 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
         prefetch_span(table + next * stride, stride);
         if (sw > 0) prefetch_span(state + next * sw, sw * sizeof(float));
       }
-      const float* g = grad + k * dim;
-      float* w = (weights_out || deferred) ? kept + k * dim : local.data();
-      if (!all_finite(g, dim) || (weights && !all_finite(weights + k * dim, dim))) {
-        skipped[k] = 1;
-        if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
-        continue;
-      }
       const int64_t r = uniq[k];
-      uint8_t* row = table + r * stride;
-      float s = per_row ? read_f32(row + po) : *table_step;
-      if (weights) {
-        std::copy(weights + k * dim, weights + (k + 1) * dim, w);
-      } else {
-        std::fill(w, w + dim, 0.0f);
-        accumulate_row<BITS>(row, dim, s, 0.0f, qn, w);
+      RoundingKey key = rounding;
+      key.row_key = static_cast<uint64_t>(r);
+      const RowUpdate row{table + r * stride, per_row ? 0.0f : *table_step, state + r * sw,
+                          step_state + r * ssw, grad + k * dim,
+                          weights ? weights + k * dim : nullptr,
+                          (weights_out || deferred) ? kept + k * dim : local.data()};
+      if (!update_row<BITS>(row, c, key, deferred ? &lsq[k] : nullptr)) {
+        skipped[k] = 1;
+        if (weights_out)
+          std::fill(row.w, row.w + dim, std::numeric_limits<float>::quiet_NaN());
       }
-      optimizer_row(w, g, state + r * sw, tmp.data(), c);
-      if (c.learn_step) {
-        const float gs = lsq_sum(w, g, dim, s, qn, qp, tmp.data());
-        if (deferred) {
-          lsq[k] = gs;
-          continue;
-        }
-        s = next_step(s, row_gscale * gs, step_state + r * ssw, c);
-        write_f32(row + po, s);
-      }
-      encode(w, r, s);
     }
   });
 
