@@ -101,7 +101,20 @@ inline void encode_row(const float* w, int64_t dim, const RowParams& p, const Ro
       const T x = (load_lanes<T>(w + b + d) - p.bias) / p.scale;
       chunk_codes(x, u + d, k.stochastic, lo, hi, bytes + d);
     });
-    for (int64_t g = 0; g < n / 8; ++g) {
+    int64_t g = 0;
+#if defined(__AVX2__)
+    if constexpr (BITS == 4) {  // 32 codes at a time: byte pairs lo + 16 * hi, then bytes
+      for (; 8 * g + 32 <= n; g += 4) {
+        const __m256i pairs = _mm256_maddubs_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 8 * g)),
+            _mm256_set1_epi16(0x1001));
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (b / 8 + g) * BITS),
+                         _mm256_castsi256_si128(packed));
+      }
+    }
+#endif
+    for (; g < n / 8; ++g) {
       uint64_t x;
       std::memcpy(&x, bytes + 8 * g, 8);
       x = pack_code_bytes<BITS>(x);
