@@ -201,6 +201,8 @@ def main(argv=None):
                     results.append(r)
                     print(line, flush=True)
             del built
+    if not results:
+        sys.exit("bench_train: every shape was skipped (raise --max-gb)")
     for r in results:
         base = next(x for x in results if x["rows"] == r["rows"] and x["dim"] == r["dim"]
                     and x["dist"] == r["dist"] and x["method"] == SPARSE_ADAM)
