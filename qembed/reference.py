@@ -206,6 +206,25 @@ def _seq_sum(x: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+SUM_LANES = 16  # csrc/optim.h's kSumLanes
+
+
+def _lane_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in the update kernels' order (csrc/optim.h, kSumLanes): 16
+    partial sums, partial j adding elements j, j + 16, j + 32, ... from the left, then the
+    upper half of the partials added onto the lower, 16 -> 8 -> 4 -> 2 -> 1. Padding with
+    zeros changes nothing: the partials start at +0 and never hold -0."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, -n % SUM_LANES)).reshape(*x.shape[:-1], -1, SUM_LANES)
+    acc = torch.zeros(x.shape[:-2] + (SUM_LANES,), dtype=x.dtype, device=x.device)
+    for k in range(x.shape[-2]):
+        acc = acc + x[..., k, :]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
 def _bag_of(indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
             include_last_offset: bool) -> torch.Tensor:
     """The bag of each position that belongs to one (positions past the last bag do not)."""
@@ -333,7 +352,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if opt == OPTIMIZERS["sgd"]:
         w = w - lr_ * gd
     elif opt == OPTIMIZERS["adagrad"]:
-        acc = state[r, 0] + _seq_sum(gd * gd) / _f32(float(dim))
+        acc = state[r, 0] + _lane_sum(gd * gd) / _f32(float(dim))
         state[r, 0] = acc
         w = w - lr_ * (gd / (_sqrt(acc) + eps_)[:, None])
     elif opt == OPTIMIZERS["adam"]:
@@ -356,7 +375,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if learn_step and r.numel():
         x = w / s[:, None]
         dq = torch.where(x < qn, _f32(qn), torch.where(x > qp, _f32(qp), torch.round(x) - x))
-        gs = _seq_sum(g * dq)
+        gs = _lane_sum(g * dq)
         if fmt == SYM_ROW:
             st = step_state[r] if sopt else None
             s = next_step(s, _lsq_scale(qp, dim) * gs, st)

@@ -278,3 +278,54 @@ def test_thread_count_invariance():
         torch.set_num_threads(threads)
     for a, b in zip(results[:2], results[2:]):
         assert all(same(x, y) for x, y in zip(a, b))
+
+
+WIDE_CASES = [("adagrad", 8, "symmetric", True), ("adagrad", 4, "symmetric", True),
+              ("adam", 3, "symmetric", True), ("sgd", 6, "symmetric_table", True),
+              ("adagrad", 2, "symmetric_table", False), ("adam", 7, "symmetric", False),
+              ("sgd", 1, "symmetric", True), ("adagrad", 5, "symmetric_table", True)]
+
+
+@pytest.mark.parametrize("dim", [8, 24, 40, 64, 136])
+@pytest.mark.parametrize("optimizer,bits,fmt,stochastic", WIDE_CASES)
+def test_update_matches_reference_across_widths(optimizer, bits, fmt, stochastic, dim):
+    """The CPU kernel on rows of every SIMD shape: whole vectors, a half vector left over,
+    several blocks of uniforms; Adagrad's and LSQ's lane sums over all of them."""
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    rows = 300
+    table, step = make_table(rows, dim, bits, fmt, gen)
+    uniq = torch.randperm(rows, generator=gen)[:120].sort().values
+    grad = torch.randn(120, dim, generator=gen) * 0.3
+    grad[7, dim - 1] = float("nan")
+    state = torch.rand(rows, STATE_WIDTH[optimizer](dim), generator=gen)
+    step_state = torch.rand(rows if fmt == "symmetric" else 1, 2, generator=gen)
+    kw = dict(bits=bits, dim=dim, fmt=fmt, optimizer=optimizer, lr=0.05, eps=1e-6,
+              weight_decay=0.01, betas=(0.8, 0.99), iteration=3, learn_step=True,
+              step_optimizer="adam" if optimizer == "adam" else "sgd", step_lr=1e-3,
+              stochastic=stochastic, seed=seed, counter=seed % 977)
+    got = run_update(ops.lowp_update, table, step, state, step_state, uniq, grad, **kw)
+    want = run_update(reference.lowp_update, table, step, state, step_state, uniq, grad, **kw)
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert got[4] == 1
+
+
+@pytest.mark.parametrize("dim", [8, 24, 64, 136])
+def test_stochastic_rounding_stream_is_the_reference_stream(dim):
+    """The uniforms the CPU kernels draw, recovered bit for bit: with step 1, w = j / 2^24 in
+    [0, 1) rounds up exactly when j >= 2^24 (1 - u), so a binary search over j per element
+    (24 quantize calls) gives each u's 24 bits."""
+    rows, seed, counter = 37, 2**40 + 123, 2**33 + 5
+    lo = torch.zeros(rows, dim, dtype=torch.long)  # j where the code is still 0
+    hi = torch.full((rows, dim), 2**24, dtype=torch.long)  # j where it is 1 (t = 1 always)
+    steps = torch.ones(rows)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        t = mid.to(torch.float32) / 2**24  # exact: mid < 2^24
+        table = ops.quantize(t, 2, "symmetric", steps, stochastic=True, seed=seed,
+                             counter=counter)
+        up = ops.dequantize(table, 2, dim, "symmetric", None) == 1
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+    bits = torch.where(hi == 2**24, 0, 2**24 - hi)  # u * 2^24; u = 0 never rounds up
+    want = reference.sr_uniforms(seed, counter, torch.arange(rows), dim) * 2**24
+    assert torch.equal(bits, want.long())

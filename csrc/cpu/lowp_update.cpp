@@ -4,8 +4,9 @@
 //   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient, SGD or Adam, s > 0
 //   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
-// With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
-// before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
+// The per-row work is update_row.h's. With one step per table (SYM_TABLE) the step gradient
+// is summed over all rows in row order before the step moves, so rows are re-quantized in a
+// second pass over a [U, D] buffer.
 // A row whose gradient (or given weights) is not finite is left untouched and counted.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -16,7 +17,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
-#include "lowp_row.h"
+#include "update_row.h"
 
 namespace qembed {
 namespace {
@@ -35,7 +36,7 @@ int64_t update_rows(const UpdateTable& t, const int64_t* uniq, int64_t num_uniqu
   std::vector<uint8_t> skipped(num_unique, 0);
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(dim), tmp(dim);
+    std::vector<float> local(dim);
     for (int64_t k = begin; k < end; ++k) {
       // Rows of a large table miss the caches: fetch upcoming rows and their state early.
       if (k + kPrefetchDistance < end) {
@@ -44,9 +45,9 @@ int64_t update_rows(const UpdateTable& t, const int64_t* uniq, int64_t num_uniqu
         if (sw > 0) prefetch_span(t.state + next * sw, sw * sizeof(float));
       }
       float* w = (weights_out || deferred) ? kept + k * dim : local.data();
-      if (!update_row<BITS>(t, uniq[k], grad + k * dim, weights ? weights + k * dim : nullptr,
-                            w, tmp.data(), deferred, deferred ? &lsq[k] : nullptr, c,
-                            rounding)) {
+      if (!update_table_row<BITS>(t, uniq[k], grad + k * dim,
+                                  weights ? weights + k * dim : nullptr, w,
+                                  deferred ? &lsq[k] : nullptr, c, rounding)) {
         skipped[k] = 1;
         if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
       }

@@ -1,7 +1,7 @@
 // lowp_update: the fused low-precision training step, one warp per distinct row, one lane
 // per group of 8 elements. The arithmetic is the CPU kernel's (optim.h, rounding.h,
 // philox.h; nvcc runs with --fmad=false) in the same order, sums over a row included
-// (common.cuh's ordered_sum), so codes, steps and state equal the CPU's bit for bit.
+// (common.cuh's lane_sum), so codes, steps and state equal the CPU's bit for bit.
 //
 // A row's fp32 values are never stored: each pass over the row recomputes them from the
 // codes (or the given weights), the gradient and the old optimizer state, and only the last
@@ -105,7 +105,7 @@ __global__ void update_kernel(UpdateArgs a) {
 
   float denom = 0.0f, acc = 0.0f;  // Adagrad
   if (c.optimizer == OPT_ADAGRAD) {
-    const float sq = ordered_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
+    const float sq = lane_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
       float w[8];
       start_values(gi, w);
 #pragma unroll
@@ -141,7 +141,7 @@ __global__ void update_kernel(UpdateArgs a) {
   if (PHASE == FINISH) {
     s_new = a.steps[1];
   } else if (c.learn_step) {
-    const float gs = ordered_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
+    const float gs = lane_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
       float w[8], m[8], v[8];
       updated_values(gi, w, m, v);
 #pragma unroll
