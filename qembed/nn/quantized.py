@@ -20,6 +20,23 @@ def _normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int 
     return padding_idx % num_embeddings
 
 
+def default_seed() -> int:
+    """A seed drawn from torch's default CPU generator: without an explicit seed a module
+    follows ``torch.manual_seed`` as torch's own modules do."""
+    return int(torch.randint(0, 2**62, ()))
+
+
+CHUNK_BYTES = 1 << 20  # fp32 bytes of rows quantized at a time when a table is built
+
+
+def row_chunks(num_rows: int, dim: int):
+    """(start, end) of consecutive blocks of rows holding about CHUNK_BYTES of fp32 each:
+    tables are built block by block, so no fp32 [R, D] tensor is ever made."""
+    step = max(1, CHUNK_BYTES // (4 * max(dim, 1)))
+    for start in range(0, num_rows, step):
+        yield start, min(start + step, num_rows)
+
+
 def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
                per_sample_weights: torch.Tensor | None, include_last_offset: bool):
     """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):
@@ -72,27 +89,59 @@ class _QuantizedTable(nn.Module):
             num_embeddings, row_bytes(embedding_dim, bits, format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if format == "symmetric_table" else None)
-        if weight is None:
-            weight = torch.randn(num_embeddings, embedding_dim, device=device)
-            if self.padding_idx is not None:
-                weight[self.padding_idx] = 0
-        self.load_float_weight(weight)
+        if weight is None:  # N(0, 1) as nn.EmbeddingBag, drawn block by block
+            seed = default_seed()
+            self._load_chunks(lambda: self._random_chunks(seed))
+        else:
+            self.load_float_weight(weight)
+
+    def _random_chunks(self, seed: int):
+        gen = torch.Generator(device=self.qweight.device).manual_seed(seed)
+        for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+            w = torch.randn(end - start, self.embedding_dim, generator=gen,
+                            device=self.qweight.device)
+            if self.padding_idx is not None and start <= self.padding_idx < end:
+                w[self.padding_idx - start] = 0
+            yield start, end, w
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor, stochastic: bool = False,
                           seed: int = 0) -> None:
-        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default)."""
+        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default), a
+        block of rows at a time (stochastic rounding keys each block by its position)."""
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"({self.num_embeddings}, {self.embedding_dim})")
-        weight = weight.detach().to(device=self.qweight.device, dtype=torch.float32)
-        step = None
-        if self.format != "affine":
-            step = symmetric_steps(weight, self.bits, per_row=self.format == "symmetric")
-        qweight = ops.quantize(weight, self.bits, self.format, step, stochastic, seed)
+
+        def chunks():
+            for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+                yield start, end, weight[start:end].detach().to(self.qweight.device,
+                                                                 torch.float32)
+
+        for start, _, w in chunks():  # all checked before any row is written
+            bad = (~torch.isfinite(w)).nonzero()
+            if bad.numel():
+                raise ValueError(f"qembed.quantize: weight has a non-finite value at row "
+                                 f"{start + int(bad[0, 0])}, column {int(bad[0, 1])}")
+        self._load_chunks(chunks, stochastic, seed)
+
+    def _load_chunks(self, chunks, stochastic: bool = False, seed: int = 0) -> None:
+        """Quantizes the blocks ``chunks()`` yields (start, end, fp32 rows); a per-table step
+        needs the whole table's peak first, hence a factory that can run twice."""
+        table_step = None
+        if self.format == "symmetric_table":
+            peak = torch.zeros((), device=self.qweight.device)
+            for _, _, w in chunks():
+                peak = torch.maximum(peak, w.abs().amax() if w.numel() else peak)
+            table_step = symmetric_steps(peak.reshape(1, 1), self.bits, per_row=False)
+        for block, (start, end, w) in enumerate(chunks()):
+            step = table_step
+            if self.format == "symmetric":
+                step = symmetric_steps(w, self.bits, per_row=True)
+            self.qweight[start:end] = ops.quantize(w, self.bits, self.format, step, stochastic,
+                                                   seed, counter=block)
         if self.step is not None:  # only once quantize has accepted the weight
-            self.step.copy_(step)
-        self.qweight.copy_(qweight)
+            self.step.copy_(table_step)
 
     def dequantize(self) -> torch.Tensor:
         """The table's values as fp32 [R, D] (a copy, for inspection and export)."""
@@ -153,7 +202,9 @@ class QuantizedEmbeddingBag(_QuantizedTable):
 
     Takes ``nn.EmbeddingBag``'s arguments plus ``bits`` (1..8) and ``format``
     (``"affine"``, ``"symmetric"`` or ``"symmetric_table"``); ``dtype`` sets the output
-    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``.
+    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``. Built
+    without ``_weight``, the table is N(0, 1) drawn from torch's
+    default generator and quantized a block of rows at a time: no fp32 table is made.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
