@@ -7,6 +7,9 @@
 // With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
 // before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
 // A row whose gradient (or given weights) is not finite is left untouched and counted.
+// Rows are processed at their padded width (padded_rows.h); the optimizer, its state and the
+// sums over a row (Adagrad's mean, LSQ's gradient and its scale) cover the D real columns,
+// and the pad columns are written as the code of zero.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
@@ -16,6 +19,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
+#include "../padded_rows.h"
 #include "row_codec.h"
 
 namespace qembed {
@@ -43,7 +47,8 @@ float ordered_sum(const float* x, int64_t n) {
   return acc;
 }
 
-// w <- w - lr * U(g + wd * w); st is the row's optimizer state, tmp has dim floats.
+// w <- w - lr * U(g + wd * w) on the row's dim real columns; st is the row's optimizer
+// state, tmp has dim floats.
 // Element-wise work sits in loops of its own so that they vectorize; only the ordered
 // sums stay serial.
 void optimizer_row(float* w, const float* g, float* st, float* tmp, const UpdateConfig& c) {
@@ -77,12 +82,13 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
                     float* step_state, const int64_t* uniq, int64_t num_unique,
                     const float* grad, const float* weights, float* weights_out,
                     const UpdateConfig& c, const RoundingKey& rounding) {
-  const int64_t dim = c.dim, po = param_offset(dim, BITS);
+  const int64_t dim = c.dim, width = padded_dim(dim), po = param_offset(dim, BITS);
   const int64_t sw = state_width(c.optimizer, dim), ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
   const bool per_row = c.fmt == SYM_ROW;
   const bool deferred = c.learn_step && !per_row;
-  std::vector<float> buffer(deferred && !weights_out ? num_unique * dim : 0);
+  // grad, weights and weights_out are [num_unique, width] (the entry point pads them)
+  std::vector<float> buffer(deferred && !weights_out ? num_unique * width : 0);
   float* kept = weights_out ? weights_out : buffer.data();
   std::vector<float> lsq(deferred ? num_unique : 0);
   std::vector<uint8_t> skipped(num_unique, 0);
@@ -91,11 +97,11 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
   auto encode = [&](const float* w, int64_t r, float s) {
     RoundingKey key = rounding;
     key.row_key = static_cast<uint64_t>(r);
-    encode_row<BITS>(w, dim, RowParams{s, 0.0f, qn}, key, table + r * stride);
+    encode_row<BITS>(w, width, RowParams{s, 0.0f, qn}, key, table + r * stride);
   };
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(dim), tmp(dim);
+    std::vector<float> local(width), tmp(dim);
     for (int64_t k = begin; k < end; ++k) {
       // Rows of a large table miss the caches: fetch upcoming rows and their state early.
       if (k + kPrefetchDistance < end) {
@@ -103,22 +109,23 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
         prefetch_span(table + next * stride, stride);
         if (sw > 0) prefetch_span(state + next * sw, sw * sizeof(float));
       }
-      const float* g = grad + k * dim;
-      float* w = (weights_out || deferred) ? kept + k * dim : local.data();
-      if (!all_finite(g, dim) || (weights && !all_finite(weights + k * dim, dim))) {
+      const float* g = grad + k * width;
+      float* w = (weights_out || deferred) ? kept + k * width : local.data();
+      if (!all_finite(g, dim) || (weights && !all_finite(weights + k * width, dim))) {
         skipped[k] = 1;
-        if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
+        if (weights_out) std::fill(w, w + width, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
       const int64_t r = uniq[k];
       uint8_t* row = table + r * stride;
       float s = per_row ? read_f32(row + po) : *table_step;
       if (weights) {
-        std::copy(weights + k * dim, weights + (k + 1) * dim, w);
+        std::copy(weights + k * width, weights + (k + 1) * width, w);
       } else {
-        std::fill(w, w + dim, 0.0f);
-        accumulate_row<BITS>(row, dim, s, 0.0f, qn, w);
+        std::fill(w, w + width, 0.0f);
+        accumulate_row<BITS>(row, width, s, 0.0f, qn, w);
       }
+      std::fill(w + dim, w + width, 0.0f);  // the pad encodes as zero, whatever it held
       optimizer_row(w, g, state + r * sw, tmp.data(), c);
       if (c.learn_step) {
         const float gs = lsq_sum(w, g, dim, s, qn, qp, tmp.data());
@@ -144,7 +151,7 @@ int64_t update_rows(uint8_t* table, int64_t stride, float* table_step, float* st
     *table_step = s;
     at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
-        if (!skipped[k]) encode(kept + k * dim, uniq[k], s);
+        if (!skipped[k]) encode(kept + k * width, uniq[k], s);
     });
   }
   return num_skipped;
@@ -159,9 +166,14 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            double weight_decay, double beta1, double beta2, int64_t iteration,
                            bool learn_step, int64_t step_optimizer, double step_lr,
                            bool stochastic, int64_t seed, int64_t counter) {
-  const at::Tensor grad = grad_rows_in.contiguous();
-  check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
-                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer);
+  check_update_args(rows, step, state, step_state, unique_rows, grad_rows_in.contiguous(),
+                    weights_in, weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
+                    step_optimizer);
+  const at::Tensor grad = pad_columns(grad_rows_in).contiguous();
+  at::Tensor weights_padded, weights_out_padded;
+  if (weights_in.has_value()) weights_padded = pad_columns(*weights_in).contiguous();
+  if (weights_out.has_value())
+    weights_out_padded = padded_dim(dim) == dim ? *weights_out : pad_columns(*weights_out);
   const int64_t num_rows = rows.size(0);
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();
@@ -183,10 +195,13 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                              fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
                              state.data_ptr<float>(), step_state.data_ptr<float>(), uniq, u,
                              grad.data_ptr<float>(),
-                             weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr,
-                             weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
+                             weights_in.has_value() ? weights_padded.data_ptr<float>() : nullptr,
+                             weights_out.has_value() ? weights_out_padded.data_ptr<float>()
+                                                     : nullptr,
                              c, rounding);
   });
+  if (weights_out.has_value() && !weights_out_padded.is_same(*weights_out))
+    weights_out->copy_(weights_out_padded.narrow(1, 0, dim));
   return at::scalar_tensor(skipped, rows.options().dtype(at::kLong));
 }
 

@@ -337,7 +337,9 @@ class LowPrecisionEmbeddingBag(_LowPrecisionTable):
     * ``fused_update=False``: backward only accumulates ``.sparse_grad = (rows, grad_rows)``
       for the caller's own optimizer (see :meth:`update_rows`, :meth:`write_rows`).
 
-    ``dtype`` sets the output dtype. ``.nonfinite_rows`` counts rows whose update was skipped
+    Any ``embedding_dim`` works (rows stored padded to a multiple of 8 codes, see
+    :mod:`qembed.ops`; training's divisors count the real columns). ``dtype`` sets the output
+    dtype. ``.nonfinite_rows`` counts rows whose update was skipped
     for a non-finite gradient (on CPU the first such row also warns; on a GPU, read the count).
     """
 

@@ -363,7 +363,8 @@ def _compact_location(positions: torch.Tensor, row_bits: torch.Tensor) -> torch.
 
 class MixedPrecisionEmbeddingBag(_MixedTable):
     """``nn.EmbeddingBag`` (``mode`` ``"sum"`` or ``"mean"``) over a mixed-width table:
-    ``row_bits`` [R] gives each row's width (0..8; 0 = pruned). ``trainable`` keeps the
+    ``row_bits`` [R] gives each row's width (0..8; 0 = pruned); any ``embedding_dim`` (rows
+    stored padded to a multiple of 8 codes, see :mod:`qembed.ops`). ``trainable`` keeps the
     retraining state (``train`` options: ``optimizer`` sgd/adagrad/adam, ``lr``, ``eps``,
     ``weight_decay``, ``betas``, ``learn_step`` (ALPT step update of alpha_b),
     ``step_optimizer``, ``step_lr``, ``rounding``, ``seed``: stochastic rounding's key, by

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, format_id, param_offset, qmax, row_bytes
+from ..formats import check_bits_dim, format_id, param_offset, qmax, row_bytes
 
 _AO_PARAM_DTYPE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
 
@@ -168,17 +168,21 @@ class _QuantizedTable(nn.Module):
 
     def to_torch_ao(self) -> torch.Tensor:
         """Rows in the layout of ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_prepack``:
-        codes then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits; fp16 rounds)."""
+        codes (``ceil(dim * bits / 8)`` bytes, the same bit stream as ours without the pad of
+        a last partial group) then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits;
+        fp16 rounds)."""
         if self.format != "affine" or self.bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist for the affine format at 8, 4 or 2 bits")
-        cb, po = code_bytes(self.embedding_dim, self.bits), param_offset(self.embedding_dim, self.bits)
+        cb = (self.embedding_dim * self.bits + 7) // 8
+        po = param_offset(self.embedding_dim, self.bits)
         params = self.qweight[:, po:].contiguous().view(torch.float32)
         params = params.to(_AO_PARAM_DTYPE[self.bits]).contiguous().view(torch.uint8)
         return torch.cat([self.qweight[:, :cb], params], dim=1)
 
     @classmethod
     def from_torch_ao(cls, packed: torch.Tensor, bits: int, **kwargs):
-        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits."""
+        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits
+        (the dim is read from the row width: every code byte full)."""
         if bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist at 8, 4 or 2 bits")
         pdt = _AO_PARAM_DTYPE[bits]
@@ -189,7 +193,7 @@ class _QuantizedTable(nn.Module):
         module = cls(packed.shape[0], dim, bits=bits, format="affine", device=packed.device,
                      _weight=torch.zeros(packed.shape[0], dim, device=packed.device), **kwargs)
         params = packed[:, -pbytes:].contiguous().view(pdt).to(torch.float32)
-        cb, po = code_bytes(dim, bits), param_offset(dim, bits)
+        cb, po = packed.shape[1] - pbytes, param_offset(dim, bits)
         with torch.no_grad():
             module.qweight.zero_()
             module.qweight[:, :cb] = packed[:, :cb]
@@ -202,8 +206,10 @@ class QuantizedEmbeddingBag(_QuantizedTable):
 
     Takes ``nn.EmbeddingBag``'s arguments plus ``bits`` (1..8) and ``format``
     (``"affine"``, ``"symmetric"`` or ``"symmetric_table"``); ``dtype`` sets the output
-    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``. Built
-    without ``_weight``, the table is N(0, 1) drawn from torch's
+    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``. Any
+    ``embedding_dim`` works: rows are stored padded to a multiple of 8 codes (:attr:`nbytes`
+    counts the padded rows) and lookups return ``embedding_dim`` columns (see
+    :mod:`qembed.ops`). Built without ``_weight``, the table is N(0, 1) drawn from torch's
     default generator and quantized a block of rows at a time: no fp32 table is made.
     """
 
