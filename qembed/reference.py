@@ -15,6 +15,7 @@ from .formats import (
     code_bytes,
     format_id,
     optimizer_id,
+    padded_dim,
     param_offset,
     pooling_id,
     qmax,
@@ -28,12 +29,19 @@ _MASK32 = 0xFFFFFFFF
 
 # --- bit packing ------------------------------------------------------------------------
 
+def _pad_columns(x: torch.Tensor) -> torch.Tensor:
+    """x [N, D] -> [N, padded_dim(D)], the new columns zero."""
+    return torch.nn.functional.pad(x, (0, padded_dim(x.shape[1]) - x.shape[1]))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, D] -> uint8 [N, D*bits/8]: 8 codes per `bits` bytes, low bits first."""
+    """uint8 codes [N, D] -> uint8 [N, code_bytes(D, bits)]: 8 codes per `bits` bytes, low
+    bits first; a last partial group padded with code 0."""
     _checks.check_pack_args(codes, bits)
-    n, dim = codes.shape
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"qembed.pack: code {int(codes.max())} does not fit in {bits} bits")
+    codes = _pad_columns(codes)
+    n, dim = codes.shape
     shifts = torch.arange(bits, device=codes.device)
     stream = (codes.long().view(n, dim // 8, 8, 1) >> shifts) & 1  # bit k of code i
     stream = stream.reshape(n, dim // 8, bits, 8)  # bit j of byte m is stream bit 8m+j
@@ -42,14 +50,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """uint8 [N, >= D*bits/8] -> uint8 codes [N, D]."""
+    """uint8 [N, >= code_bytes(D, bits)] -> uint8 codes [N, D]."""
     _checks.check_unpack_args(packed, bits, dim)
-    n = packed.shape[0]
-    data = packed[:, : code_bytes(dim, bits)].long().view(n, dim // 8, bits, 1)
+    n, groups = packed.shape[0], padded_dim(dim) // 8
+    data = packed[:, : code_bytes(dim, bits)].long().view(n, groups, bits, 1)
     stream = (data >> torch.arange(8, device=packed.device)) & 1
-    stream = stream.reshape(n, dim // 8, 8, bits)
+    stream = stream.reshape(n, groups, 8, bits)
     codes = (stream << torch.arange(bits, device=packed.device)).sum(-1)
-    return codes.reshape(n, dim).to(torch.uint8)
+    return codes.reshape(n, groups * 8)[:, :dim].to(torch.uint8)
 
 
 # --- counter-based random numbers (csrc/philox.h) ---------------------------------------
@@ -75,12 +83,13 @@ def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int) -> torch.
     """Uniforms in [0, 1) [len(rows), dim] of stochastic rounding, keyed by
     (seed, counter, row, element) exactly as the kernels draw them."""
     rows = rows.long().view(-1, 1)
-    quad = torch.arange(dim // 4, device=rows.device).view(1, -1)
+    quads = (dim + 3) // 4
+    quad = torch.arange(quads, device=rows.device).view(1, -1)
     zeros = torch.zeros_like(rows * quad)
     c = [quad + zeros, (rows & _MASK32) + zeros, ((rows >> 32) & _MASK32) + zeros,
          zeros + (counter & _MASK32)]
     words = philox4x32_10(c, seed & _MASK32, (seed >> 32) & _MASK32)
-    x = torch.stack(words, dim=-1).reshape(rows.shape[0], dim)
+    x = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * quads)[:, :dim]
     return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
@@ -117,8 +126,9 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
             raise ValueError("qembed.quantize: steps must be positive and finite")
         scale = step.to(torch.float32).reshape(-1).expand(n)
         bias, offset = torch.zeros_like(scale), qmin(bits)
-    x = (weight - bias[:, None]) / scale[:, None]
-    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), dim) if stochastic else None
+    x = _pad_columns((weight - bias[:, None]) / scale[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), x.shape[1]) \
+        if stochastic else None
     codes = (round_codes(x, u, offset, offset + mask) - offset).to(torch.uint8)
     out = torch.zeros(n, row_bytes(dim, bits, fmt), dtype=torch.uint8, device=weight.device)
     out[:, : code_bytes(dim, bits)] = pack(codes, bits)
@@ -386,8 +396,9 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             new = next_step(step.reshape(1), _lsq_scale(qp, r.numel() * dim) * _seq_sum(gs), st)
             step.copy_(new.reshape(step.shape))
             s = new.expand(r.numel())
-    u = sr_uniforms(seed, counter, r, dim) if stochastic else None
-    codes = (round_codes(w / s[:, None], u, qn, qp) - qn).to(torch.uint8)
+    x = _pad_columns(w / s[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, r, x.shape[1]) if stochastic else None
+    codes = (round_codes(x, u, qn, qp) - qn).to(torch.uint8)
     rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
     if fmt == SYM_ROW:
         po = param_offset(dim, bits)

@@ -4,10 +4,15 @@
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient (per-row step)
 //   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
 // in SIMD lanes (lanes.h), every value rounded as qembed/reference.py rounds it.
+// A row of D values is worked on at its padded width (layout.h): the fp32 buffers (w, the
+// gradient, given weights) hold padded_dim(D) columns, the pad ones zero. Zeros change no
+// optimizer value and no row sum, so the lanes run over whole chunks while divisors count the
+// D real columns; only Adam's state, [R, 2D], is copied to padded rows around the step.
 #pragma once
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 #include "../optim.h"
 #include "lanes.h"
 #include "row_codec.h"
@@ -63,34 +68,59 @@ QEMBED_INLINE bool all_finite(const float* x, int64_t n) {
   return zeros.total() == 0.0f;
 }
 
-// w <- w - lr * U(g + wd * w); st is the row's optimizer state.
+// Adam's moments of a row whose dim is not a multiple of 8, copied to padded rows and back.
+class PaddedMoments {
+ public:
+  PaddedMoments(float* st, int64_t dim, int64_t width) : st_(st), dim_(dim), width_(width) {
+    if (width == dim) return;
+    copy_.assign(2 * width, 0.0f);
+    std::copy(st, st + dim, copy_.data());
+    std::copy(st + dim, st + 2 * dim, copy_.data() + width);
+  }
+  ~PaddedMoments() {
+    if (width_ == dim_) return;
+    std::copy(copy_.data(), copy_.data() + dim_, st_);
+    std::copy(copy_.data() + width_, copy_.data() + width_ + dim_, st_ + dim_);
+  }
+  float* m() { return width_ == dim_ ? st_ : copy_.data(); }
+  float* v() { return width_ == dim_ ? st_ + dim_ : copy_.data() + width_; }
+
+ private:
+  float* st_;
+  int64_t dim_, width_;
+  std::vector<float> copy_;
+};
+
+// w <- w - lr * U(g + wd * w) over the row's padded width; st is the row's optimizer state.
 QEMBED_INLINE void optimizer_row(float* w, const float* g, float* st, const UpdateConfig& c) {
-  const int64_t dim = c.dim;
+  const int64_t dim = c.dim, width = padded_dim(dim);
   if (c.optimizer == OPT_SGD) {
-    for_chunks(dim, [&](auto lanes, int64_t d) {
+    for_chunks(width, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
       store_lanes(w + d, sgd_value(load_lanes<T>(w + d), load_lanes<T>(g + d), c));
     });
   } else if (c.optimizer == OPT_ADAGRAD) {
     LaneSum squares;
-    for_chunks(dim, [&](auto lanes, int64_t d) {
+    for_chunks(width, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
       const T gd = decayed_grad(load_lanes<T>(w + d), load_lanes<T>(g + d), c);
       squares.add(gd * gd, d);
     });
     st[0] = st[0] + squares.total() / static_cast<float>(dim);
     const float denom = adagrad_denom(st[0], c);
-    for_chunks(dim, [&](auto lanes, int64_t d) {
+    for_chunks(width, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
       store_lanes(w + d, adagrad_value(load_lanes<T>(w + d), load_lanes<T>(g + d), denom, c));
     });
   } else if (c.optimizer == OPT_ADAM) {
-    for_chunks(dim, [&](auto lanes, int64_t d) {
+    PaddedMoments moments(st, dim, width);
+    float *m_row = moments.m(), *v_row = moments.v();
+    for_chunks(width, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
-      T m = load_lanes<T>(st + d), v = load_lanes<T>(st + dim + d);
+      T m = load_lanes<T>(m_row + d), v = load_lanes<T>(v_row + d);
       store_lanes(w + d, adam_value(load_lanes<T>(w + d), load_lanes<T>(g + d), m, v, c));
-      store_lanes(st + d, m);
-      store_lanes(st + dim + d, v);
+      store_lanes(m_row + d, m);
+      store_lanes(v_row + d, v);
     });
   }
 }
@@ -112,9 +142,9 @@ struct RowUpdate {
   float step;              // the table's step (SYM_TABLE)
   float* state;            // the row's optimizer state
   float* step_state;       // its step's Adam state (SYM_ROW, learn_step with Adam)
-  const float* grad;       // its gradient [dim]
+  const float* grad;       // its gradient [padded dim]
   const float* weights;    // optional: fp32 values to start from instead of the codes
-  float* w;                // [dim]: the updated fp32 values
+  float* w;                // [padded dim]: the updated fp32 values
 };
 
 // The update of one row of a table of BITS-bit codes. Returns false, having changed
@@ -125,18 +155,19 @@ struct RowUpdate {
 template <int BITS>
 inline bool update_row(const RowUpdate& a, const UpdateConfig& c, const RoundingKey& key,
                        float* lsq) {
-  const int64_t dim = c.dim, po = param_offset(dim, BITS);
+  const int64_t dim = c.dim, width = padded_dim(dim), po = param_offset(dim, BITS);
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
-  if (!all_finite(a.grad, dim) || (a.weights && !all_finite(a.weights, dim))) return false;
+  if (!all_finite(a.grad, width) || (a.weights && !all_finite(a.weights, width))) return false;
   const bool per_row = c.fmt == SYM_ROW;
   float s = per_row ? read_f32(a.row + po) : a.step;
   if (a.weights)
-    std::copy(a.weights, a.weights + dim, a.w);
+    std::copy(a.weights, a.weights + width, a.w);
   else
-    dequantize_row<BITS>(a.row, dim, s, qn, a.w);
+    dequantize_row<BITS>(a.row, width, s, qn, a.w);
+  std::fill(a.w + dim, a.w + width, 0.0f);  // the pad encodes as zero, whatever it held
   optimizer_row(a.w, a.grad, a.state, c);
   if (c.learn_step) {
-    const float gs = lsq_sum(a.w, a.grad, dim, s, qn, qp);
+    const float gs = lsq_sum(a.w, a.grad, width, s, qn, qp);
     if (!per_row) {
       *lsq = gs;
       return true;
@@ -144,7 +175,7 @@ inline bool update_row(const RowUpdate& a, const UpdateConfig& c, const Rounding
     s = next_step(s, lsq_scale(qp, dim) * gs, a.step_state, c);
     write_f32(a.row + po, s);
   }
-  encode_row<BITS>(a.w, dim, RowParams{s, 0.0f, qn}, key, a.row);
+  encode_row<BITS>(a.w, width, RowParams{s, 0.0f, qn}, key, a.row);
   return true;
 }
 
@@ -179,7 +210,7 @@ QEMBED_INLINE bool update_table_row(const UpdateTable& t, int64_t r, const float
 
 // The end of an update of a table with one learned step: the LSQ sums of the rows not
 // skipped, added in row order, move the step, then every such row (values kept in w,
-// [U, dim]) is re-quantized at the new step.
+// [U, padded dim]) is re-quantized at the new step.
 template <int BITS>
 void finish_table_step(const UpdateTable& t, const int64_t* uniq, int64_t num_unique,
                        const float* w, const float* lsq, const uint8_t* skipped,
@@ -191,12 +222,13 @@ void finish_table_step(const UpdateTable& t, const int64_t* uniq, int64_t num_un
                             lsq_scale(qmax(BITS), (num_unique - num_skipped) * c.dim) * gs,
                             t.step_state, c);
   *t.table_step = s;
+  const int64_t width = padded_dim(c.dim);
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       if (skipped[k]) continue;
       RoundingKey key = rounding;
       key.row_key = static_cast<uint64_t>(uniq[k]);
-      encode_row<BITS>(w + k * c.dim, c.dim, RowParams{s, 0.0f, qmin(BITS)}, key,
+      encode_row<BITS>(w + k * width, width, RowParams{s, 0.0f, qmin(BITS)}, key,
                        t.rows + uniq[k] * t.stride);
     }
   });

@@ -45,16 +45,17 @@ def load_codes(row_ptr, d, mask, BITS: tl.constexpr, CODE_BYTES: tl.constexpr):
 @triton.jit
 def store_codes(row_ptr, codes, row_mask, DIM, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Packs codes [BLOCK_R, BLOCK_D] (columns DIM.. ignored) into the rows at row_ptr
-    [BLOCK_R]: each group of 8 codes becomes one integer of BITS bytes, stored low byte
-    first."""
+    """Packs codes [BLOCK_R, BLOCK_D] into the rows at row_ptr [BLOCK_R]: each group of 8
+    codes becomes one integer of BITS bytes, stored low byte first; the groups that hold
+    columns 0..DIM-1 are stored (a last partial group with the codes given for its pad)."""
     groups = tl.reshape(codes.to(tl.int64), (BLOCK_R, BLOCK_D // 8, 8))
     slot = tl.arange(0, 8)
     packed = tl.sum(groups << (slot * BITS)[None, None, :], axis=2)  # disjoint bits: sum = or
     data = (packed[:, :, None] >> (slot * 8)[None, None, :]) & 0xFF
     g = tl.arange(0, BLOCK_D // 8)
     ptr = row_ptr[:, None, None] + (g * BITS)[None, :, None] + slot[None, None, :]
-    mask = row_mask[:, None, None] & (g < DIM // 8)[None, :, None] & (slot < BITS)[None, None, :]
+    mask = row_mask[:, None, None] & (g < (DIM + 7) // 8)[None, :, None] & \
+        (slot < BITS)[None, None, :]
     tl.store(ptr, data.to(tl.uint8), mask=mask)
 
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_update_args, check_update_rows_values
-from ..formats import FORMATS, OPTIMIZERS, code_bytes, param_offset, qmax, qmin
+from ..formats import FORMATS, OPTIMIZERS, code_bytes, padded_dim, param_offset, qmax, qmin
 from .common import (
     f32_at,
     lane_sum,
@@ -105,7 +105,7 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
         s = tl.zeros([BLOCK_R], tl.float32) + tl.load(table_step)
     if not HAS_WEIGHTS:
         u = load_codes((rows + base)[:, None], cols[None, :], live, BITS, CODE_BYTES)
-        w = s[:, None] * (u + QN).to(tl.float32)
+        w = tl.where(live, s[:, None] * (u + QN).to(tl.float32), 0.0)  # the pad encodes as 0
 
     if OPT == _SGD:
         w = w - lr * (g + wd * w)
@@ -223,7 +223,7 @@ def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bit
     key = dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
                counter_lo=counter & 0xFFFFFFFF, BITS=bits, QN=qmin(bits), QP=qmax(bits),
                STOCHASTIC=stochastic)
-    block_d = triton.next_power_of_2(dim)
+    block_d = triton.next_power_of_2(padded_dim(dim))  # whole groups of 8 codes
     block_r = max(1, min(16, ELEMENTS_PER_PROGRAM // block_d))
     blocks = dict(BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False)
     grid = (triton.cdiv(u, block_r),)
