@@ -1,4 +1,6 @@
 """Builds qembed._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+The package's metadata, dependencies (torch, numpy) and extras (triton, experiments, test) are
+in pyproject.toml.
 
 The build is portable: it runs on any CPU of its architecture. On x86-64 the CPU kernels in
 csrc/cpu/isa/ are compiled three times, for the scalar baseline, AVX2 and AVX-512, and the
@@ -9,6 +11,8 @@ Environment switches:
   QEMBED_NATIVE=1   compile everything, kernel variants included, for the build machine's CPU
                     (-march=native): the library then runs only on CPUs with its instruction
                     sets. For comparing against the portable build.
+  QEMBED_EXTENSION=0  leave the library out: the package alone (CI installs it editable and
+                    takes the library from the wheel it builds, scripts/setup_env.sh)
 """
 import glob
 import json
@@ -122,6 +126,6 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[extension()] if os.environ.get("QEMBED_EXTENSION", "1") != "0" else [],
     cmdclass={"build_ext": BuildExtension},
 )

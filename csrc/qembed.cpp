@@ -59,9 +59,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(qembed, m) {
-  // codes: uint8 [N, D] with values < 2^bits  ->  uint8 [N, D*bits/8]
+  // codes: uint8 [N, D] with values < 2^bits  ->  uint8 [N, code_bytes(D, bits)] (layout.h)
   m.def("pack(Tensor codes, int bits) -> Tensor");
-  // packed: uint8 [N, >= dim*bits/8]  ->  uint8 [N, dim]
+  // packed: uint8 [N, >= code_bytes(dim, bits)]  ->  uint8 [N, dim]
   m.def("unpack(Tensor packed, int bits, int dim) -> Tensor");
   // weight: fp32 [N, D] -> packed rows uint8 [N, row_bytes] (layout.h). `step` ([N] or [1])
   // is required by the symmetric formats. Stochastic rounding draws the uniform for
@@ -126,6 +126,47 @@ TORCH_LIBRARY(qembed, m) {
       "mpe_embedding_bag(Tensor[] segments, int[] bits, Tensor steps, Tensor beta, "
       "Tensor location, Tensor indices, Tensor offsets, Tensor? per_sample_weights, int mode, "
       "bool include_last_offset, ScalarType output_dtype) -> Tensor");
+  // Every feature of a batch in one lookup, in TorchRec's KeyedJaggedTensor layout. Table t
+  // is tables[t], packed rows uint8 [R_t, row_bytes(dims[t], bits[t], formats[t])], with
+  // steps[t] fp32 [1] for the per-table-step format (an empty tensor otherwise). Feature f
+  // reads table feature_tables[f] (features may share one) and pools by poolings[f] (0 sum,
+  // 1 mean). values int32/int64 [N]; offsets [F * B + 1], key-major: bag b of feature f is
+  // positions [offsets[f * B + b], offsets[f * B + b + 1]), offsets[F * B] = N. Output
+  // [B, sum of the features' dims]: feature f's pooled rows at columns
+  // [feature_columns[f], + its table's dim), written in place (no per-feature tensors).
+  // Tables come as a list, not as one flat buffer: each stays its module's own buffer
+  // (state_dict, .to(), per-table interchange and sharding take it as it is), and a table
+  // is added, moved or converted without copying the others. The list costs the CUDA
+  // kernel one small copy of table pointers per call.
+  m.def(
+      "embedding_bags(Tensor[] tables, Tensor[] steps, int[] bits, int[] dims, int[] formats, "
+      "int[] feature_tables, int[] feature_columns, int[] poolings, Tensor values, "
+      "Tensor offsets, Tensor? per_sample_weights, ScalarType output_dtype) -> Tensor");
+  // Gradient of embedding_bags with respect to the rows it read, per table:
+  // (unique_rows[t] int64 [U_t] ascending, grad_rows[t] fp32 [U_t, dims[t]]). The features
+  // of a table are summed together, repeats of a row in the order of values.
+  m.def(
+      "embedding_bags_backward(Tensor grad_out, int[] dims, int[] feature_tables, "
+      "int[] feature_columns, int[] poolings, Tensor values, Tensor offsets, "
+      "Tensor? per_sample_weights) -> (Tensor[], Tensor[])");
+  // Gradient of embedding_bags with respect to per_sample_weights (sum pooling): fp32 [N].
+  m.def(
+      "embedding_bags_psw_backward(Tensor grad_out, Tensor[] tables, Tensor[] steps, "
+      "int[] bits, int[] dims, int[] formats, int[] feature_tables, int[] feature_columns, "
+      "Tensor values, Tensor offsets) -> Tensor");
+  // lowp_update for every table of a batch in one call: table t's distinct rows
+  // unique_rows[t] with gradient grad_rows[t], each at its own width, with its own state
+  // (states[t], step_states[t], steps[t] as lowp_update takes them; steps[t] empty unless
+  // formats[t] is the per-table step). counters[t] keys table t's stochastic rounding with
+  // seeds[t] (row = the row within table t) and is its Adam iteration (from 1): a table
+  // gets the bits lowp_update gives it with those arguments. Returns int64 [T]: the rows
+  // skipped per table for a non-finite gradient.
+  m.def(
+      "embedding_bags_update(Tensor(a!)[] tables, Tensor(b!)[] steps, Tensor(c!)[] states, "
+      "Tensor(d!)[] step_states, Tensor[] unique_rows, Tensor[] grad_rows, int[] bits, "
+      "int[] dims, int[] formats, int optimizer, float lr, float eps, float weight_decay, "
+      "float beta1, float beta2, bool learn_step, int step_optimizer, float step_lr, "
+      "bool stochastic, int[] seeds, int[] counters) -> Tensor");
   // A memory hint, values unchanged: back the CPU tensor t (contiguous, not yet written)
   // with transparent huge pages where the system allows it (cpu/huge_pages.h).
   m.def("advise_huge_pages(Tensor t) -> ()");

@@ -1,6 +1,9 @@
 """Names and sizes of the packed-row formats (the C++ twin is csrc/layout.h).
 
-A row holds ``[codes: dim*bits/8 bytes][pad to 4][parameters]``:
+A row holds ``[codes: ceil(dim/8)*bits bytes][pad to 4][parameters]``. Codes come in groups
+of 8, so a row of any ``dim`` holds :func:`padded_dim` codes; those past ``dim`` are pad,
+written as the code of zero ((value - bias) / scale = 0) and never read into a result: every
+op takes the true ``dim`` and returns exactly ``dim`` columns.
 
 * ``"symmetric"``: signed codes with one fp32 step per row stored inline
   (value = step * q, q in [-2^(b-1), 2^(b-1) - 1]); the format of low-precision training.
@@ -24,21 +27,21 @@ def format_id(fmt: str | int) -> int:
     return FORMATS[fmt]
 
 
-def pooling_id(mode: str) -> int:
+def pooling_id(mode: str | int) -> int:
+    if isinstance(mode, int) and mode in POOLINGS.values():
+        return mode
     if mode not in POOLINGS:
         raise ValueError(f"qembed: unsupported mode {mode!r}; choose one of {sorted(POOLINGS)}")
     return POOLINGS[mode]
 
 
-def check_bits_dim(bits: int, dim: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"qembed: bits must be an integer in 1..8, got {bits!r}")
-    if dim <= 0 or dim % 8:
-        raise ValueError(f"qembed: embedding dim must be a positive multiple of 8, got {dim} (pad the table)")
+def padded_dim(dim: int) -> int:
+    """Codes stored per row: ``dim`` rounded up to a whole group of 8."""
+    return (dim + 7) // 8 * 8
 
 
 def code_bytes(dim: int, bits: int) -> int:
-    return dim * bits // 8
+    return padded_dim(dim) // 8 * bits
 
 
 def param_offset(dim: int, bits: int) -> int:

@@ -16,25 +16,26 @@ where the extension has no CUDA kernel for them:
 * :func:`use_triton` sends both ops to Triton for any device, for testing. CPU tensors then
   run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
   triton is first imported.
+
+Any ``dim`` >= 1: padding lives in the ops, not in the modules. Every op takes a table's
+true ``dim`` and returns exactly ``dim`` columns; packed rows hold whole groups of 8 codes
+(:func:`qembed.formats.padded_dim`), the pad written as the code of zero and never read into
+a result. The kernels work on the padded width (the compiled ones widen their fp32 inputs
+and narrow their outputs where ``dim`` is not a multiple of 8, one copy each), while
+training's per-row divisors (row-wise Adagrad's mean, LSQ's scale ``1/sqrt(Qp * n)``) and
+Adam's moments ``[R, 2 * dim]`` count only the real columns.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import threading
 
 import torch
 
-from . import _extension, reference
-from .formats import (
-    STEP_OPTIMIZERS,
-    check_bits_dim,
-    code_bytes,
-    format_id,
-    optimizer_id,
-    pooling_id,
-    row_bytes,
-)
+from . import _checks, _extension, reference
+from .formats import STEP_OPTIMIZERS, code_bytes, format_id, optimizer_id, pooling_id, row_bytes
 
 # Loading the library registers the operators; None without a build.
 _C = _extension.load()
@@ -150,8 +151,7 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
             pooling_id(mode), include_last_offset, -1 if padding_idx is None else padding_idx,
             output_dtype)
     if triton:
-        from . import triton as kernels
-        return kernels.embedding_bag(*args)
+        return _triton_op("embedding_bag")(*args)
     return torch.ops.qembed.embedding_bag(*args)
 
 
@@ -224,8 +224,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             betas[1], iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS),
             step_lr, stochastic, seed, counter)
     if triton:
-        from . import triton as kernels
-        return kernels.lowp_update(*args)
+        return _triton_op("lowp_update")(*args)
     return torch.ops.qembed.lowp_update(*args)
 
 
@@ -292,6 +291,99 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
                                               output_dtype)
 
 
+def _format_ids(formats) -> list[int]:
+    return [format_id(f) for f in formats]
+
+
+def _pooling_ids(poolings) -> list[int]:
+    return [pooling_id(p) for p in poolings]
+
+
+def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                   dims: list[int], formats: list, feature_tables: list[int],
+                   feature_columns: list[int], poolings: list, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
+                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every feature of a batch in one lookup, in TorchRec's KeyedJaggedTensor layout.
+
+    ``tables[t]`` is a packed table of ``bits[t]``, ``dims[t]``, ``formats[t]`` (with
+    ``steps[t]`` its [1] step for ``"symmetric_table"``, an empty tensor otherwise). Feature
+    ``f`` reads ``tables[feature_tables[f]]`` and pools by ``poolings[f]`` (``"sum"`` or
+    ``"mean"``); ``values`` [N] and ``offsets`` [F * B + 1] are key-major (bag b of feature f
+    is ``values[offsets[f * B + b]:offsets[f * B + b + 1]]``). Returns [B, sum of the
+    features' dims] with feature f's pooled rows at columns ``feature_columns[f]`` onwards.
+    Differentiable in ``per_sample_weights``; the tables get no gradient (see
+    :func:`embedding_bags_backward` and :func:`embedding_bags_update`)."""
+    args = (list(tables), list(steps), [int(b) for b in bits], [int(d) for d in dims],
+            _format_ids(formats), [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], _pooling_ids(poolings), values, offsets,
+            per_sample_weights, output_dtype)
+    if not _compiled():
+        return reference.embedding_bags(*args)
+    return torch.ops.qembed.embedding_bags(*args)
+
+
+def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                            feature_columns: list[int], poolings: list, values: torch.Tensor,
+                            offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradient of :func:`embedding_bags` with respect to the rows it read, per table:
+    ``(unique_rows[t] int64 ascending, grad_rows[t] fp32 [U_t, dims[t]])``. The features
+    of a table are summed together, repeats in the order of ``values`` (deterministic)."""
+    args = (grad_out, [int(d) for d in dims], [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], _pooling_ids(poolings), values, offsets,
+            per_sample_weights)
+    if not _compiled():
+        return reference.embedding_bags_backward(*args)
+    rows, grads = torch.ops.qembed.embedding_bags_backward(*args)
+    return list(rows), list(grads)
+
+
+def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                formats: list, feature_tables: list[int],
+                                feature_columns: list[int], values: torch.Tensor,
+                                offsets: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`embedding_bags` (sum pooling) with respect to
+    ``per_sample_weights``: fp32 [N]."""
+    args = (grad_out, list(tables), list(steps), [int(b) for b in bits], [int(d) for d in dims],
+            _format_ids(formats), [int(t) for t in feature_tables],
+            [int(c) for c in feature_columns], values, offsets)
+    if not _compiled():
+        return reference.embedding_bags_psw_backward(*args)
+    return torch.ops.qembed.embedding_bags_psw_backward(*args)
+
+
+def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                          states: list[torch.Tensor], step_states: list[torch.Tensor],
+                          unique_rows: list[torch.Tensor], grad_rows: list[torch.Tensor],
+                          bits: list[int], dims: list[int], formats: list,
+                          optimizer: str = "adagrad", lr: float = 0.01, eps: float = 1e-8,
+                          weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                          learn_step: bool = False, step_optimizer: str = "sgd",
+                          step_lr: float = 0.0, stochastic: bool = True,
+                          seeds: list[int] | None = None,
+                          counters: list[int] | None = None) -> torch.Tensor:
+    """:func:`lowp_update` for every table of a batch in one call, in place: table t's
+    distinct rows ``unique_rows[t]`` (strictly increasing) with gradient ``grad_rows[t]``, at
+    its own width, with its own ``states[t]``, ``step_states[t]`` and ``steps[t]`` (its [1]
+    step for ``"symmetric_table"``, an empty tensor otherwise). ``counters[t]`` keys table
+    t's stochastic rounding with ``seeds[t]`` and is its Adam iteration (from 1): each table
+    gets the bits :func:`lowp_update` gives it with ``iteration = counter = counters[t]``.
+    Returns the rows skipped per table for a non-finite gradient (int64 [T])."""
+    n = len(tables)
+    seeds = [0] * n if seeds is None else [int(x) for x in seeds]
+    counters = [1] * n if counters is None else [int(x) for x in counters]
+    args = (list(tables), list(steps), list(states), list(step_states), list(unique_rows),
+            list(grad_rows), [int(b) for b in bits], [int(d) for d in dims], _format_ids(formats),
+            optimizer_id(optimizer), lr, eps, weight_decay, betas[0], betas[1], learn_step,
+            optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr, stochastic, seeds, counters)
+    if not _compiled():
+        return reference.embedding_bags_update(*args)
+    return torch.ops.qembed.embedding_bags_update(*args)
+
+
 def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> torch.Tensor:
     """``torch.zeros`` for a table's storage. On CPU the memory is advised for transparent
     huge pages before it is first written (where the system allows it): random row reads
@@ -303,25 +395,21 @@ def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> t
     return t.zero_()
 
 
-def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
-    # The fake implementations below also serve the Meta key, which the dispatcher picks
-    # when any argument is a meta tensor: the C++ device checks never run then.
-    for name, t in tensors.items():
-        if t is not None and t.device != base.device:
-            raise ValueError(f"qembed: {name} is on {t.device} but {base_name} is on {base.device}")
+def _triton_op(op: str):
+    """The Triton entry point of op (qembed/triton/<op>.py); triton is imported on the first
+    call, not with qembed."""
+    return getattr(importlib.import_module(f"qembed.triton.{op}"), op)
 
 
 def _register_triton_cuda_kernels() -> None:
-    """Triton as the CUDA kernel of the ops the extension has none for; triton is imported
-    on the first call, not with qembed."""
+    """Triton as the CUDA kernel of the ops the extension has none for."""
     for op in TRITON_OPS:
         name = f"qembed::{op}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
             continue
 
         def kernel(*args, _op=op):
-            from . import triton as kernels
-            return getattr(kernels, _op)(*args)
+            return _triton_op(_op)(*args)
 
         torch.library.register_kernel(name, "cuda", kernel)
 
@@ -330,46 +418,43 @@ if HAS_EXTENSION and HAS_TRITON:
     _register_triton_cuda_kernels()
 
 if HAS_EXTENSION:
+    # The fakes check what the C++ kernels check before they read data (qembed._checks): they
+    # also serve the Meta key, which the dispatcher picks when any argument is a meta tensor,
+    # and then no C++ check runs.
 
     @torch.library.register_fake("qembed::pack")
     def _pack_fake(codes, bits):
-        check_bits_dim(bits, codes.shape[1])
+        _checks.check_pack_args(codes, bits)
         return codes.new_empty(codes.shape[0], code_bytes(codes.shape[1], bits))
 
     @torch.library.register_fake("qembed::unpack")
     def _unpack_fake(packed, bits, dim):
-        check_bits_dim(bits, dim)
+        _checks.check_unpack_args(packed, bits, dim)
         return packed.new_empty(packed.shape[0], dim)
 
     @torch.library.register_fake("qembed::quantize")
     def _quantize_fake(weight, bits, fmt, step, stochastic, seed, counter):
-        check_bits_dim(bits, weight.shape[1])
-        _check_same_device(weight, "weight", step=step)
+        _checks.check_quantize_args(weight, bits, fmt, step)
         return weight.new_empty(weight.shape[0], row_bytes(weight.shape[1], bits, fmt),
                                 dtype=torch.uint8)
 
     @torch.library.register_fake("qembed::dequantize")
     def _dequantize_fake(rows, bits, dim, fmt, step):
-        check_bits_dim(bits, dim)
-        _check_same_device(rows, "rows", step=step)
+        _checks.check_rows(rows, dim, bits, fmt)
+        _checks.check_table_step(step, fmt, rows)
         return rows.new_empty(rows.shape[0], dim, dtype=torch.float32)
 
     @torch.library.register_fake("qembed::embedding_bag")
     def _embedding_bag_fake(rows, indices, offsets, psw, step, bits, dim, fmt, mode,
                             include_last_offset, padding_idx, output_dtype):
-        check_bits_dim(bits, dim)
-        _check_same_device(rows, "rows", step=step)
-        _check_same_device(rows, "the table", indices=indices, per_sample_weights=psw,
-                           offsets=offsets if mode != 2 else None)
-        if mode == 2:
-            n = indices.shape[0]
-        else:
-            n = offsets.shape[0] - (1 if include_last_offset else 0)
+        n = _checks.check_lookup_args(rows, indices, offsets, psw, step, bits, dim, fmt, mode,
+                                      include_last_offset, output_dtype)
         return rows.new_empty(n, dim, dtype=output_dtype)
 
     @torch.library.register_fake("qembed::embedding_bag_backward")
     def _embedding_bag_backward_fake(grad_out, indices, offsets, psw, mode,
                                      include_last_offset, padding_idx):
+        _checks.check_backward_args(grad_out, indices, offsets, psw, mode, include_last_offset)
         u = torch.library.get_ctx().new_dynamic_size()
         return (indices.new_empty(u, dtype=torch.long),
                 grad_out.new_empty(u, grad_out.shape[1], dtype=torch.float32))
@@ -377,11 +462,17 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::embedding_bag_psw_backward")
     def _embedding_bag_psw_backward_fake(grad_out, rows, indices, offsets, step, bits, dim, fmt,
                                          mode, include_last_offset, padding_idx):
+        _checks.check_psw_backward_args(grad_out, rows, indices, offsets, step, bits, dim, fmt,
+                                        mode, include_last_offset)
         return grad_out.new_empty(indices.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("qembed::lowp_update")
     def _lowp_update_fake(rows, step, state, step_state, unique_rows, grad_rows, weights,
-                          weights_out, *args):
+                          weights_out, bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1,
+                          beta2, iteration, learn_step, step_optimizer, *args):
+        _checks.check_update_args(rows, step, state, step_state, unique_rows,
+                                  grad_rows.contiguous(), weights, weights_out, bits, dim, fmt,
+                                  optimizer, iteration, learn_step, step_optimizer)
         return rows.new_empty((), dtype=torch.long)
 
     # embedding_bag's autograd is in C++ (csrc/autograd.cpp).
@@ -389,16 +480,82 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::mpe_search_forward")
     def _mpe_search_forward_fake(weight, indices, offsets, row_group, probs, alpha, beta, bits,
                                  mode, include_last_offset):
-        _check_same_device(weight, "weight", indices=indices, row_group=row_group, probs=probs,
-                           alpha=alpha, beta=beta)
-        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        _checks.check_search_args("mpe_search_forward", weight, row_group, probs, alpha, beta,
+                                  bits)
+        n = _checks.check_search_lookup_args(weight, indices, offsets, mode, include_last_offset)
         return weight.new_empty(n, weight.shape[1])
 
     @torch.library.register_fake("qembed::mpe_search_backward")
     def _mpe_search_backward_fake(weight, unique_rows, grad_rows, row_group, probs, alpha, beta,
                                   bits, numel):
+        _checks.check_search_args("mpe_search_backward", weight, row_group, probs, alpha, beta,
+                                  bits)
+        _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
         return (grad_rows.new_empty(grad_rows.shape), alpha.new_empty(alpha.shape),
                 beta.new_empty(beta.shape), probs.new_empty(probs.shape))
+
+    @torch.library.register_fake("qembed::embedding_bags")
+    def _embedding_bags_fake(tables, steps, bits, dims, formats, feature_tables, feature_columns,
+                             poolings, values, offsets, psw, output_dtype):
+        batch, width = _checks.check_bags_args(tables, steps, bits, dims, formats,
+                                               feature_tables, feature_columns, poolings,
+                                               values, offsets, psw, output_dtype)
+        return values.new_empty(batch, width, dtype=output_dtype)
+
+    @torch.library.register_fake("qembed::embedding_bags_backward")
+    def _embedding_bags_backward_fake(grad_out, dims, feature_tables, feature_columns, poolings,
+                                      values, offsets, psw):
+        _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                         poolings, values, offsets, psw)
+        ctx = torch.library.get_ctx()
+        sizes = [ctx.new_dynamic_size() for _ in dims]
+        return ([values.new_empty(u, dtype=torch.long) for u in sizes],
+                [grad_out.new_empty(u, d, dtype=torch.float32) for u, d in zip(sizes, dims)])
+
+    @torch.library.register_fake("qembed::embedding_bags_psw_backward")
+    def _embedding_bags_psw_backward_fake(grad_out, tables, steps, bits, dims, formats,
+                                          feature_tables, feature_columns, values, offsets):
+        _checks.check_bags_psw_backward_args(grad_out, tables, steps, bits, dims, formats,
+                                             feature_tables, feature_columns, values, offsets)
+        return grad_out.new_empty(values.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qembed::embedding_bags_update")
+    def _embedding_bags_update_fake(tables, steps, states, step_states, unique_rows, grad_rows,
+                                    bits, dims, formats, optimizer, lr, eps, weight_decay, beta1,
+                                    beta2, learn_step, step_optimizer, step_lr, stochastic, seeds,
+                                    counters):
+        _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                       [g.contiguous() for g in grad_rows], bits, dims, formats,
+                                       optimizer, learn_step, step_optimizer, seeds, counters)
+        return tables[0].new_empty(len(tables), dtype=torch.long)
+
+    # embedding_bags' tables get no gradient (training updates them in its own backward, see
+    # qembed/torchrec); per_sample_weights do, through embedding_bags_psw_backward. In
+    # Python: a collection's lookup is large enough that the autograd wrapper's cost is lost
+    # in it.
+    def _embedding_bags_setup_context(ctx, inputs, output):
+        (tables, steps, bits, dims, formats, feature_tables, feature_columns, _, values, offsets,
+         psw, _) = inputs
+        ctx.num_tables = len(tables)
+        ctx.args = (list(bits), list(dims), list(formats), list(feature_tables),
+                    list(feature_columns))
+        ctx.psw_dtype = None if psw is None else psw.dtype
+        ctx.save_for_backward(values, offsets, *tables, *steps)
+
+    def _embedding_bags_backward_autograd(ctx, grad):
+        grad_psw = None
+        if ctx.needs_input_grad[10]:
+            values, offsets, *saved = ctx.saved_tensors
+            tables, steps = saved[:ctx.num_tables], saved[ctx.num_tables:]
+            bits, dims, formats, feature_tables, feature_columns = ctx.args
+            grad_psw = torch.ops.qembed.embedding_bags_psw_backward(
+                grad, tables, steps, bits, dims, formats, feature_tables, feature_columns,
+                values, offsets).to(ctx.psw_dtype)
+        no_grads = [None] * ctx.num_tables  # one per table and per step: the same structure
+        return (no_grads, list(no_grads)) + (None,) * 8 + (grad_psw, None)
+
+    torch.library.register_autograd("qembed::embedding_bags", _embedding_bags_backward_autograd,
+                                    setup_context=_embedding_bags_setup_context)
 
     @torch.library.register_fake("qembed::advise_huge_pages")
     def _advise_huge_pages_fake(t):
@@ -407,9 +564,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::mpe_embedding_bag")
     def _mpe_embedding_bag_fake(segments, bits, steps, beta, location, indices, offsets, psw,
                                 mode, include_last_offset, output_dtype):
-        _check_same_device(beta, "beta", steps=steps, location=location, indices=indices,
-                           per_sample_weights=psw)
-        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        n = _checks.check_mixed_lookup_args(segments, bits, steps, beta, location, indices,
+                                            offsets, psw, mode, include_last_offset,
+                                            output_dtype)
         return beta.new_empty(n, beta.shape[0], dtype=output_dtype)
 
     # The search's backward: the rows' gradients (repeats summed, mean applied) come from

@@ -1,18 +1,21 @@
 """Pure-PyTorch version of every qembed op: the oracle for tests and the fallback when the
 compiled extension is absent. Arithmetic follows the kernels operation by operation, so
-deterministic results agree bit for bit and pooled sums up to float reordering."""
+deterministic results agree bit for bit and pooled sums up to float reordering. Arguments are
+checked as the kernels check them (:mod:`qembed._checks`), with the same exceptions."""
 from __future__ import annotations
 
 import torch
 
+from . import _checks
 from .formats import (
     FORMATS,
     OPTIMIZERS,
+    POOLINGS,
     STEP_OPTIMIZERS,
-    check_bits_dim,
     code_bytes,
     format_id,
     optimizer_id,
+    padded_dim,
     param_offset,
     pooling_id,
     qmax,
@@ -26,12 +29,19 @@ _MASK32 = 0xFFFFFFFF
 
 # --- bit packing ------------------------------------------------------------------------
 
+def _pad_columns(x: torch.Tensor) -> torch.Tensor:
+    """x [N, D] -> [N, padded_dim(D)], the new columns zero."""
+    return torch.nn.functional.pad(x, (0, padded_dim(x.shape[1]) - x.shape[1]))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, D] -> uint8 [N, D*bits/8]: 8 codes per `bits` bytes, low bits first."""
-    n, dim = codes.shape
-    check_bits_dim(bits, dim)
+    """uint8 codes [N, D] -> uint8 [N, code_bytes(D, bits)]: 8 codes per `bits` bytes, low
+    bits first; a last partial group padded with code 0."""
+    _checks.check_pack_args(codes, bits)
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"qembed.pack: code {int(codes.max())} does not fit in {bits} bits")
+    codes = _pad_columns(codes)
+    n, dim = codes.shape
     shifts = torch.arange(bits, device=codes.device)
     stream = (codes.long().view(n, dim // 8, 8, 1) >> shifts) & 1  # bit k of code i
     stream = stream.reshape(n, dim // 8, bits, 8)  # bit j of byte m is stream bit 8m+j
@@ -40,14 +50,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """uint8 [N, >= D*bits/8] -> uint8 codes [N, D]."""
-    check_bits_dim(bits, dim)
-    n = packed.shape[0]
-    data = packed[:, : code_bytes(dim, bits)].long().view(n, dim // 8, bits, 1)
+    """uint8 [N, >= code_bytes(D, bits)] -> uint8 codes [N, D]."""
+    _checks.check_unpack_args(packed, bits, dim)
+    n, groups = packed.shape[0], padded_dim(dim) // 8
+    data = packed[:, : code_bytes(dim, bits)].long().view(n, groups, bits, 1)
     stream = (data >> torch.arange(8, device=packed.device)) & 1
-    stream = stream.reshape(n, dim // 8, 8, bits)
+    stream = stream.reshape(n, groups, 8, bits)
     codes = (stream << torch.arange(bits, device=packed.device)).sum(-1)
-    return codes.reshape(n, dim).to(torch.uint8)
+    return codes.reshape(n, groups * 8)[:, :dim].to(torch.uint8)
 
 
 # --- counter-based random numbers (csrc/philox.h) ---------------------------------------
@@ -73,12 +83,13 @@ def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int) -> torch.
     """Uniforms in [0, 1) [len(rows), dim] of stochastic rounding, keyed by
     (seed, counter, row, element) exactly as the kernels draw them."""
     rows = rows.long().view(-1, 1)
-    quad = torch.arange(dim // 4, device=rows.device).view(1, -1)
+    quads = (dim + 3) // 4
+    quad = torch.arange(quads, device=rows.device).view(1, -1)
     zeros = torch.zeros_like(rows * quad)
     c = [quad + zeros, (rows & _MASK32) + zeros, ((rows >> 32) & _MASK32) + zeros,
          zeros + (counter & _MASK32)]
     words = philox4x32_10(c, seed & _MASK32, (seed >> 32) & _MASK32)
-    x = torch.stack(words, dim=-1).reshape(rows.shape[0], dim)
+    x = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * quads)[:, :dim]
     return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
@@ -99,8 +110,8 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
              counter: int = 0) -> torch.Tensor:
     """fp32 [N, D] -> packed rows [N, row_bytes] with parameters inline."""
     fmt = format_id(fmt)
+    _checks.check_quantize_args(weight, bits, fmt, step)
     n, dim = weight.shape
-    check_bits_dim(bits, dim)
     if not torch.isfinite(weight).all():
         raise ValueError("qembed.quantize: weight has a non-finite value")
     mask = (1 << bits) - 1
@@ -111,14 +122,13 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         bias, offset = lo, 0
     else:
-        if step is None:
-            raise ValueError("qembed.quantize: symmetric formats need a step")
         if not (torch.isfinite(step).all() and (step > 0).all()):
             raise ValueError("qembed.quantize: steps must be positive and finite")
         scale = step.to(torch.float32).reshape(-1).expand(n)
         bias, offset = torch.zeros_like(scale), qmin(bits)
-    x = (weight - bias[:, None]) / scale[:, None]
-    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), dim) if stochastic else None
+    x = _pad_columns((weight - bias[:, None]) / scale[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), x.shape[1]) \
+        if stochastic else None
     codes = (round_codes(x, u, offset, offset + mask) - offset).to(torch.uint8)
     out = torch.zeros(n, row_bytes(dim, bits, fmt), dtype=torch.uint8, device=weight.device)
     out[:, : code_bytes(dim, bits)] = pack(codes, bits)
@@ -149,10 +159,8 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
                step: torch.Tensor | None = None) -> torch.Tensor:
     """Packed rows -> fp32 [N, dim]."""
     fmt = format_id(fmt)
-    check_bits_dim(bits, dim)
-    if rows.dim() != 2 or rows.shape[1] != row_bytes(dim, bits, fmt):
-        raise ValueError(f"qembed: packed rows of shape {tuple(rows.shape)} do not match "
-                         f"dim={dim}, bits={bits}, format={fmt}")
+    _checks.check_rows(rows, dim, bits, fmt)
+    _checks.check_table_step(step, fmt, rows)
     scale, bias, offset = row_params(rows, bits, dim, fmt, step)
     q = (unpack(rows, bits, dim).to(torch.int32) + offset).to(torch.float32)
     return scale[:, None] * q + bias[:, None]
@@ -161,19 +169,10 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
 # --- fused lookup -----------------------------------------------------------------------
 
 def bag_lengths(offsets: torch.Tensor, num_indices: int, include_last_offset: bool) -> torch.Tensor:
-    """Length of each bag; checks offsets as the kernels do."""
+    """Length of each bag; checks the offsets' values as the kernels do."""
+    _checks.check_offsets_values(offsets, num_indices)
     off = offsets.long()
-    if off.numel():
-        if int(off[0]) != 0:
-            raise ValueError(f"qembed.embedding_bag: offsets[0] must be 0, got {int(off[0])}")
-        if (off[1:] < off[:-1]).any():
-            raise ValueError("qembed.embedding_bag: offsets must be non-decreasing")
-        if int(off[-1]) > num_indices:
-            raise ValueError(f"qembed.embedding_bag: offsets[-1] = {int(off[-1])} is past the "
-                             f"end of indices ({num_indices})")
     if include_last_offset:
-        if not off.numel():
-            raise ValueError("qembed: with include_last_offset, offsets needs at least one element")
         ends = off[1:]
     else:
         ends = torch.cat([off[1:], off.new_tensor([num_indices])])
@@ -187,12 +186,9 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
                   include_last_offset: bool = False, padding_idx: int | None = None,
                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """out[b] = pool over i in bag b of psw_i * dequantize(rows[indices[i]])."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows.shape[0]):
-        raise IndexError(f"qembed.embedding_bag: an index is out of range for a table of "
-                         f"{rows.shape[0]} rows")
+    _checks.check_lookup_args(rows, indices, offsets, per_sample_weights, step, bits, dim,
+                              format_id(fmt), pooling_id(mode), include_last_offset, output_dtype)
+    _checks.check_indices_values(indices, rows.shape[0])
     values = dequantize(rows[indices.long()], bits, dim, fmt, step)
     if per_sample_weights is not None:
         values = values * per_sample_weights.to(torch.float32)[:, None]
@@ -220,6 +216,25 @@ def _seq_sum(x: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+SUM_LANES = 16  # csrc/optim.h's kSumLanes
+
+
+def _lane_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in the update kernels' order (csrc/optim.h, kSumLanes): 16
+    partial sums, partial j adding elements j, j + 16, j + 32, ... from the left, then the
+    upper half of the partials added onto the lower, 16 -> 8 -> 4 -> 2 -> 1. Padding with
+    zeros changes nothing: the partials start at +0 and never hold -0."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, -n % SUM_LANES)).reshape(*x.shape[:-1], -1, SUM_LANES)
+    acc = torch.zeros(x.shape[:-2] + (SUM_LANES,), dtype=x.dtype, device=x.device)
+    for k in range(x.shape[-2]):
+        acc = acc + x[..., k, :]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
 def _bag_of(indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
             include_last_offset: bool) -> torch.Tensor:
     """The bag of each position that belongs to one (positions past the last bag do not)."""
@@ -236,26 +251,34 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
                            padding_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unique_rows [U] ascending, grad_rows fp32 [U, D]): the gradient of embedding_bag with
     respect to each distinct row it read, repeats summed in batch order."""
-    pooling_id(mode)
+    _checks.check_backward_args(grad_out, indices, offsets, per_sample_weights, pooling_id(mode),
+                                include_last_offset)
     grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     pad = -1 if padding_idx is None else padding_idx
     if per_sample_weights is not None:
         factor = per_sample_weights[: bag.numel()].to(torch.float32)
     elif mode == "mean":
-        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=idx.device)
+        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=device)
         count.index_add_(0, bag, (idx != pad).long())
-        factor = (torch.ones(count.shape) / count.clamp(min=1).to(torch.float32))[bag]
+        factor = (1.0 / count.clamp(min=1).to(torch.float32))[bag]
     else:
-        factor = torch.ones(bag.numel())
-    contrib = grad_out[bag] * factor[:, None]
+        factor = torch.ones(bag.numel(), device=device)
+    return _sum_by_row(idx, grad_out[bag] * factor[:, None], pad)
+
+
+def _sum_by_row(idx: torch.Tensor, contrib: torch.Tensor, skip: int = -1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows ascending, the sum of each one's contributions [U, D] in position
+    order), leaving out the row `skip`."""
     keys, perm = torch.sort(idx, stable=True)
-    keep = keys != pad
+    keep = keys != skip
     keys, perm = keys[keep], perm[keep]
     unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    grad_rows = torch.zeros(unique_rows.numel(), grad_out.shape[1])
+    grad_rows = torch.zeros(unique_rows.numel(), contrib.shape[1], device=contrib.device)
     for k in range(int(counts.max()) if counts.numel() else 0):
         sel = counts > k
         grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
@@ -269,11 +292,14 @@ def embedding_bag_psw_backward(grad_out: torch.Tensor, rows: torch.Tensor,
                                include_last_offset: bool = False,
                                padding_idx: int | None = None) -> torch.Tensor:
     """d out / d per_sample_weights: <grad_out[bag(i)], row[indices[i]]>, 0 for padding."""
+    _checks.check_psw_backward_args(grad_out, rows, indices, offsets, step, bits, dim,
+                                    format_id(fmt), pooling_id(mode), include_last_offset)
+    _checks.check_indices_values(indices, rows.shape[0])
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     values = dequantize(rows[idx], bits, dim, fmt, step)
     dot = _seq_sum(grad_out.to(torch.float32)[bag] * values)
-    out = torch.zeros(indices.numel())
+    out = torch.zeros(indices.numel(), device=grad_out.device)
     out[: bag.numel()] = torch.where(idx != (-1 if padding_idx is None else padding_idx), dot, 0.0)
     return out
 
@@ -315,8 +341,10 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient)."""
     fmt, opt = format_id(fmt), optimizer_id(optimizer)
     sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
-    if fmt == AFFINE:
-        raise ValueError("qembed.lowp_update: training needs a symmetric format")
+    _checks.check_update_args(rows, step, state, step_state, unique_rows,
+                              grad_rows.contiguous(), weights, weights_out, bits, dim, fmt, opt,
+                              iteration, learn_step, sopt)
+    _checks.check_update_rows_values(unique_rows, rows.shape[0])
     uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
     ok = torch.isfinite(g).all(1)
     if weights is not None:
@@ -334,7 +362,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if opt == OPTIMIZERS["sgd"]:
         w = w - lr_ * gd
     elif opt == OPTIMIZERS["adagrad"]:
-        acc = state[r, 0] + _seq_sum(gd * gd) / _f32(float(dim))
+        acc = state[r, 0] + _lane_sum(gd * gd) / _f32(float(dim))
         state[r, 0] = acc
         w = w - lr_ * (gd / (_sqrt(acc) + eps_)[:, None])
     elif opt == OPTIMIZERS["adam"]:
@@ -357,7 +385,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if learn_step and r.numel():
         x = w / s[:, None]
         dq = torch.where(x < qn, _f32(qn), torch.where(x > qp, _f32(qp), torch.round(x) - x))
-        gs = _seq_sum(g * dq)
+        gs = _lane_sum(g * dq)
         if fmt == SYM_ROW:
             st = step_state[r] if sopt else None
             s = next_step(s, _lsq_scale(qp, dim) * gs, st)
@@ -368,13 +396,146 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             new = next_step(step.reshape(1), _lsq_scale(qp, r.numel() * dim) * _seq_sum(gs), st)
             step.copy_(new.reshape(step.shape))
             s = new.expand(r.numel())
-    u = sr_uniforms(seed, counter, r, dim) if stochastic else None
-    codes = (round_codes(w / s[:, None], u, qn, qp) - qn).to(torch.uint8)
+    x = _pad_columns(w / s[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, r, x.shape[1]) if stochastic else None
+    codes = (round_codes(x, u, qn, qp) - qn).to(torch.uint8)
     rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
     if fmt == SYM_ROW:
         po = param_offset(dim, bits)
         rows[r, po: po + 4] = _params_bytes(s)
     return (~ok).sum()
+
+
+# --- many tables in one call (TorchRec's KeyedJaggedTensor layout) ------------------------
+
+def _feature_slice(offsets: torch.Tensor, f: int, batch: int):
+    """(first position, last position + 1, the feature's offsets from 0 [B + 1])."""
+    part = offsets.long()[f * batch: (f + 1) * batch + 1]
+    return int(part[0]), int(part[-1]), part - part[0]
+
+
+def _table_step(steps, formats, t):
+    return steps[t] if format_id(formats[t]) == SYM_TABLE else None
+
+
+def _pooling_name(pooling: int) -> str:
+    return next(k for k, v in POOLINGS.items() if v == pooling)
+
+
+def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
+                   dims: list[int], formats: list, feature_tables: list[int],
+                   feature_columns: list[int], poolings: list, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
+                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each feature looked up by embedding_bag on its table, written at its columns."""
+    op = "qembed.embedding_bags: "
+    poolings = [pooling_id(p) for p in poolings]
+    batch, width = _checks.check_bags_args(
+        tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, poolings, values, offsets, per_sample_weights, output_dtype)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    out = torch.zeros(batch, width, device=values.device)
+    for f, (t, pooling) in enumerate(zip(feature_tables, poolings)):
+        start, end, local = _feature_slice(offsets, f, batch)
+        psw = None if per_sample_weights is None else per_sample_weights[start:end]
+        col = feature_columns[f]
+        out[:, col: col + dims[t]] = embedding_bag(
+            tables[t], values[start:end], local, bits[t], dims[t], formats[t],
+            _table_step(steps, formats, t), psw, _pooling_name(pooling), include_last_offset=True)
+    return out.to(output_dtype)
+
+
+def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
+                            feature_columns: list[int], poolings: list, values: torch.Tensor,
+                            offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per table: (distinct rows ascending, their gradients), the contributions of all the
+    table's features summed in the order of values."""
+    poolings = [pooling_id(p) for p in poolings]
+    batch, _ = _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                                poolings, values, offsets, per_sample_weights)
+    _checks.check_bags_offsets_values("qembed.embedding_bags_backward: ", offsets, max(batch, 1),
+                                      values.numel())
+    grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
+    rows, grads = [], []
+    for t, dim in enumerate(dims):
+        idx = [values.new_zeros(0, dtype=torch.long)]
+        contrib = [torch.zeros(0, dim, device=device)]
+        for f, ft in enumerate(feature_tables):
+            if ft != t:
+                continue
+            start, end, local = _feature_slice(offsets, f, batch)
+            lengths = local[1:] - local[:-1]
+            bag = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
+            if per_sample_weights is not None:
+                factor = per_sample_weights[start:end].to(torch.float32)
+            elif poolings[f] == POOLINGS["mean"]:
+                factor = (1.0 / lengths.clamp(min=1).to(torch.float32))[bag]
+            else:
+                factor = torch.ones(end - start, device=device)
+            col = feature_columns[f]
+            idx.append(values[start:end].long())
+            contrib.append(grad_out[bag, col: col + dim] * factor[:, None])
+        r, g = _sum_by_row(torch.cat(idx), torch.cat(contrib))
+        rows.append(r)
+        grads.append(g)
+    return rows, grads
+
+
+def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tensor],
+                                steps: list[torch.Tensor], bits: list[int], dims: list[int],
+                                formats: list, feature_tables: list[int],
+                                feature_columns: list[int], values: torch.Tensor,
+                                offsets: torch.Tensor) -> torch.Tensor:
+    """embedding_bag_psw_backward of each feature on its table and columns."""
+    op = "qembed.embedding_bags_psw_backward: "
+    batch, _ = _checks.check_bags_psw_backward_args(
+        grad_out, tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, values, offsets)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    out = torch.zeros(values.numel(), device=grad_out.device)
+    for f, t in enumerate(feature_tables):
+        start, end, local = _feature_slice(offsets, f, batch)
+        col = feature_columns[f]
+        out[start:end] = embedding_bag_psw_backward(
+            grad_out[:, col: col + dims[t]], tables[t], values[start:end], local, bits[t],
+            dims[t], formats[t], _table_step(steps, formats, t), "sum", include_last_offset=True)
+    return out
+
+
+def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
+                          states: list[torch.Tensor], step_states: list[torch.Tensor],
+                          unique_rows: list[torch.Tensor], grad_rows: list[torch.Tensor],
+                          bits: list[int], dims: list[int], formats: list,
+                          optimizer: str | int = "adagrad", lr: float = 0.01, eps: float = 1e-8,
+                          weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                          learn_step: bool = False, step_optimizer: str | int = "sgd",
+                          step_lr: float = 0.0, stochastic: bool = True,
+                          seeds: list[int] | None = None,
+                          counters: list[int] | None = None) -> torch.Tensor:
+    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t]."""
+    opt, sopt = optimizer_id(optimizer), optimizer_id(step_optimizer, STEP_OPTIMIZERS)
+    n = len(tables)
+    seeds = [0] * n if seeds is None else seeds
+    counters = [1] * n if counters is None else counters
+    fmts = [format_id(f) for f in formats]
+    _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                   [g.contiguous() for g in grad_rows], bits, dims, fmts, opt,
+                                   learn_step, sopt, seeds, counters)
+    for t in range(n):
+        _checks.check_bags_update_rows_values(unique_rows[t], tables[t].shape[0], t)
+    skipped = [lowp_update(tables[t], _table_step(steps, fmts, t), states[t], step_states[t],
+                           unique_rows[t], grad_rows[t], bits[t], dims[t], fmts[t], opt, lr,
+                           eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
+                           step_lr, stochastic, seeds[t], counters[t])
+               for t in range(n)]
+    return torch.stack([s.reshape(()) for s in skipped]).long()
 
 
 # --- mixed-precision embeddings (MPE) -----------------------------------------------------
@@ -427,9 +588,10 @@ def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: tor
                        include_last_offset: bool = False) -> torch.Tensor:
     """Pooled sum_b probs[g(r), b] * Q_b(w_r) over the looked-up rows; differentiable in
     weight, probs, alpha and beta with the gradients mpe_search_backward computes."""
-    pooling_id(mode)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
-        raise IndexError("qembed.mpe_search_forward: an index is out of range")
+    _checks.check_search_args("mpe_search_forward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_lookup_args(weight, indices, offsets, pooling_id(mode),
+                                     include_last_offset)
+    _checks.check_indices_values(indices, weight.shape[0])
     rows = indices.long()
     w, p = weight[rows], probs[row_group[rows]]
     numel = max(rows.numel() * weight.shape[1], 1)
@@ -446,6 +608,9 @@ def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of the rows unique_rows [U, D], grad_alpha [m], grad_beta [D], grad_probs [G, m])
     of the search, from the rows' gradients grad_rows [U, D], in closed form."""
+    _checks.check_search_args("mpe_search_backward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
+    _checks.check_indices_values(unique_rows, weight.shape[0])
     rows = unique_rows.long()
     w, g, groups = weight[rows], grad_rows.to(torch.float32), row_group[rows]
     p = probs[groups]
@@ -493,12 +658,11 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
     """Lookup over a mixed-width table: each segment dequantized on its own (steps[s] * q +
     beta), pruned rows (location -1) zero, then pooled. ``location`` is a row map [R] or
     row ranges [K + 1, 2] (see :func:`row_map`)."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
+    _checks.check_mixed_lookup_args(segments, bits, steps, beta, location, indices, offsets,
+                                    per_sample_weights, pooling_id(mode), include_last_offset,
+                                    output_dtype)
     location = row_map(location)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
-        raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
+    _checks.check_indices_values(indices, location.numel())
     dim = beta.numel()
     values = [steps[s] * (unpack(seg, b, dim).to(torch.int32) + qmin(b)).to(torch.float32)
               + beta for s, (seg, b) in enumerate(zip(segments, bits))]

@@ -7,77 +7,37 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <algorithm>
-#include <numeric>
 #include <tuple>
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
 #include "isa/embedding_bag_backward.h"
+#include "row_order.h"
 
 namespace qembed {
 namespace {
-
-// Positions [0, n) ordered by key, equal keys in position order: an LSD radix sort with only
-// as many passes as the largest key needs. Sequential on purpose: the batch is small, and a
-// sort split over threads (torch.sort's) stalls at every pass when the machine is
-// oversubscribed.
-std::vector<int64_t> stable_order(const int64_t* key, int64_t n) {
-  constexpr int kDigitBits = 11;
-  constexpr int64_t kRadix = int64_t{1} << kDigitBits;
-  int64_t max_key = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(key[i] >= 0, "qembed.embedding_bag_backward: negative index ", key[i],
-                      " at position ", i);
-    max_key = std::max(max_key, key[i]);
-  }
-  std::vector<int64_t> order(n), next(n), count(kRadix + 1);
-  std::iota(order.begin(), order.end(), int64_t{0});
-  for (int shift = 0; shift < 63 && (max_key >> shift) > 0; shift += kDigitBits) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & (kRadix - 1)) + 1];
-    std::partial_sum(count.begin(), count.end(), count.begin());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t p = order[i];
-      next[count[(key[p] >> shift) & (kRadix - 1)]++] = p;
-    }
-    order.swap(next);
-  }
-  return order;
-}
 
 std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, int64_t mode, bool include_last_offset,
     int64_t padding_idx) {
-  check_backward_args(grad_out_in, indices_in, mode);
+  check_backward_args(grad_out_in, indices_in, offsets_in, psw_in, mode, include_last_offset);
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel(), dim = grad_out.size(1);
 
   at::Tensor psw_t;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices");
-    psw_t = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
 
   // bag[p] and the factor each position's gradient is scaled by.
   std::vector<int64_t> bag;
   if (mode == POOL_NONE) {
-    TORCH_CHECK_VALUE(grad_out.size(0) == n, "qembed.embedding_bag_backward: grad_out has ",
-                      grad_out.size(0), " rows, expected one per index (", n, ")");
     bag.resize(n);
     for (int64_t p = 0; p < n; ++p) bag[p] = p;
   } else {
-    check_index_dtype(offsets_in, "offsets");
     const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-    const int64_t num_bags = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_bags >= 0 && grad_out.size(0) == num_bags,
-                      "qembed.embedding_bag_backward: grad_out has ", grad_out.size(0),
-                      " rows, expected one per bag (", num_bags, ")");
+    const int64_t num_bags = grad_out.size(0);
     bag = bag_of_positions(bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_bags, n));
   }
   const int64_t used = static_cast<int64_t>(bag.size());
@@ -92,9 +52,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
       factor[p] = 1.0f / static_cast<float>(std::max<int64_t>(count[bag[p]], 1));
   }
 
-  const std::vector<int64_t> pos = stable_order(idx, used);
-  std::vector<int64_t> key(used);
-  for (int64_t j = 0; j < used; ++j) key[j] = idx[pos[j]];
+  const SortedPositions sorted = sorted_positions(idx, used);
+  const std::vector<int64_t>& pos = sorted.pos;
+  const std::vector<int64_t>& key = sorted.key;
   std::vector<int64_t> seg;  // starts of the runs of equal keys, padding_idx's run left out
   for (int64_t j = 0; j < used; ++j)
     if ((j == 0 || key[j] != key[j - 1]) && key[j] != padding_idx) seg.push_back(j);

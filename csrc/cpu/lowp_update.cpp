@@ -4,17 +4,21 @@
 //   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient, SGD or Adam, s > 0
 //   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
-// With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
-// before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
+// The per-row work is update_row.h's. With one step per table (SYM_TABLE) the step gradient
+// is summed over all rows in row order before the step moves, so rows are re-quantized in a
+// second pass over a [U, D] buffer.
 // A row whose gradient (or given weights) is not finite is left untouched and counted.
-// The op checks its arguments and splits the rows over threads; the kernels
-// (isa/lowp_update.cpp) update them.
+// Rows are worked on at their padded width (update_row.h): the entry point pads the
+// gradient and weights of a dim that is not a multiple of 8 with zero columns. The op checks
+// its arguments and splits the rows over threads; the kernels (isa/lowp_update.cpp) update
+// them.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
+#include "../padded_rows.h"
 #include "isa/lowp_update.h"
 
 namespace qembed {
@@ -29,9 +33,15 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            double weight_decay, double beta1, double beta2, int64_t iteration,
                            bool learn_step, int64_t step_optimizer, double step_lr,
                            bool stochastic, int64_t seed, int64_t counter) {
-  const at::Tensor grad = grad_rows_in.contiguous();
-  check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
-                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer);
+  check_update_args(rows, step, state, step_state, unique_rows, grad_rows_in.contiguous(),
+                    weights_in, weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
+                    step_optimizer);
+  const int64_t width = padded_dim(dim);
+  const at::Tensor grad = pad_columns(grad_rows_in).contiguous();
+  at::Tensor weights_padded, weights_out_padded;
+  if (weights_in.has_value()) weights_padded = pad_columns(*weights_in).contiguous();
+  if (weights_out.has_value())
+    weights_out_padded = width == dim ? *weights_out : pad_columns(*weights_out);
   const int64_t num_rows = rows.size(0);
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();
@@ -47,37 +57,34 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                                             beta2, iteration, learn_step, step_optimizer,
                                             step_lr);
   const bool deferred = learn_step && fmt != SYM_ROW;
-  std::vector<float> buffer(deferred && !weights_out ? u * dim : 0);
+  std::vector<float> buffer(deferred && !weights_out ? u * width : 0);
   std::vector<float> lsq(deferred ? u : 0);
   std::vector<uint8_t> skipped(u, 0);
-  float* kept = weights_out ? weights_out->data_ptr<float>() : (deferred ? buffer.data() : nullptr);
-  const UpdateArgs args{rows.data_ptr<uint8_t>(), rows.size(1), bits,
-                        fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
-                        state.data_ptr<float>(), step_state.data_ptr<float>(), uniq,
-                        grad.data_ptr<float>(),
-                        weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr, kept,
-                        weights_out.has_value(), lsq.data(), skipped.data(), c,
+  float* kept = weights_out ? weights_out_padded.data_ptr<float>()
+                            : (deferred ? buffer.data() : nullptr);
+  const UpdateArgs args{{rows.data_ptr<uint8_t>(), rows.size(1),
+                         fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
+                         state.data_ptr<float>(), step_state.data_ptr<float>()},
+                        bits, uniq, u, grad.data_ptr<float>(),
+                        weights_in.has_value() ? weights_padded.data_ptr<float>() : nullptr,
+                        kept, weights_out.has_value(), deferred ? lsq.data() : nullptr,
+                        skipped.data(), c,
                         RoundingKey{stochastic, static_cast<uint64_t>(seed),
                                     static_cast<uint64_t>(counter), 0}};
   at::parallel_for(0, u, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * dim);
+    std::vector<float> scratch(3 * width);
     QEMBED_CPU_KERNEL(lowp_update_rows)(args, begin, end, scratch.data());
   });
   int64_t num_skipped = 0;
   for (uint8_t x : skipped) num_skipped += x;
   if (deferred && num_skipped < u) {
-    // The table's step moves by the step gradient of all rows, summed in row order.
-    float gs = 0.0f;
-    for (int64_t k = 0; k < u; ++k)
-      if (!skipped[k]) gs += lsq[k];
-    const float s = next_step(*args.table_step,
-                              lsq_scale(qmax(bits), (u - num_skipped) * dim) * gs,
-                              args.step_state, c);
-    *args.table_step = s;
+    const float s = QEMBED_CPU_KERNEL(lowp_update_table_step)(args, num_skipped);
     at::parallel_for(0, u, 16, [&](int64_t begin, int64_t end) {
       QEMBED_CPU_KERNEL(lowp_update_encode)(args, begin, end, s);
     });
   }
+  if (weights_out.has_value() && !weights_out_padded.is_same(*weights_out))
+    weights_out->copy_(weights_out_padded.narrow(1, 0, dim));
   return at::scalar_tensor(num_skipped, rows.options().dtype(at::kLong));
 }
 

@@ -15,10 +15,8 @@ ALPT's step gradient comes in two flavours (``step_grad``):
   :func:`two_pass_backward`, gives the gradient at those weights, from which the step learns
   before the rows are re-quantized with the module's rounding.
 
-Defaults come from benchmarks/alpt_step_grad.py (synthetic CTR task, 2 and 4 bits): one-pass
-and two-pass reached the same held-out loss (within 0.001) while two-pass costs a second
-forward and backward, so ``"one_pass"`` is the default; a per-row step trained by SGD did
-best with ``step_lr`` between 0.1 and 1 (0.01 was clearly worse), hence 0.1.
+The defaults (``"one_pass"``, ``step_lr`` 0.1) did best in benchmarks/alpt_step_grad.py (see
+benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -29,34 +27,15 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import STEP_OPTIMIZERS, check_bits_dim, param_offset, qmax, row_bytes
-from .quantized import _normalize_padding_idx, bag_inputs
-
-_INIT_CHUNK = 1 << 16  # rows initialised at a time, so no fp32 [R, D] tensor is ever made
-
-
-class _TrainableLookup(torch.autograd.Function):
-    """Lookup whose backward updates the table. Inputs: an empty tensor that requires grad
-    (so autograd reaches this node) and the per-sample weights (which get a gradient)."""
-
-    @staticmethod
-    def forward(ctx, anchor, psw, table, indices, offsets, mode, include_last):
-        ctx.table, ctx.args = table, (mode, include_last)
-        ctx.save_for_backward(indices, offsets, psw)
-        return table._lookup(indices, offsets, psw, mode, include_last)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        indices, offsets, psw = ctx.saved_tensors
-        table, (mode, include_last) = ctx.table, ctx.args
-        grad_psw = None
-        if ctx.needs_input_grad[1]:  # before the update: it needs the rows the forward read
-            grad_psw = ops.embedding_bag_psw_backward(
-                grad_out, table.qweight, indices, offsets, table.bits, table.embedding_dim,
-                table.format, table.step, mode, include_last, table.padding_idx).to(psw.dtype)
-        table._backward(grad_out, indices, offsets, psw, mode, include_last)
-        return None, grad_psw, None, None, None, None, None
+from .._checks import check_bits_dim
+from ..formats import STEP_OPTIMIZERS, param_offset, qmax, row_bytes
+from ._common import (
+    TrainableLookup,
+    bag_inputs,
+    default_seed,
+    normalize_padding_idx,
+    row_chunks,
+)
 
 
 class _LowPrecisionTable(nn.Module):
@@ -65,7 +44,7 @@ class _LowPrecisionTable(nn.Module):
                  weight: torch.Tensor | None, device, dtype, *, bits: int, optimizer: str,
                  lr: float, eps: float, weight_decay: float, betas: tuple[float, float],
                  learn_step: bool, step_grad: str, step_lr: float, step_optimizer: str,
-                 step_per: str, rounding: str, seed: int, init_std: float,
+                 step_per: str, rounding: str, seed: int | None, init_std: float,
                  fused_update: bool):
         super().__init__()
         check_bits_dim(bits, embedding_dim)
@@ -84,7 +63,7 @@ class _LowPrecisionTable(nn.Module):
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"qembed: output dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
-        self.padding_idx = _normalize_padding_idx(padding_idx, num_embeddings)
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
         self.output_dtype = dtype or torch.float32
         self.format = "symmetric" if step_per == "row" else "symmetric_table"
         self.optimizer, self.lr, self.eps, self.weight_decay = optimizer, lr, eps, weight_decay
@@ -110,6 +89,7 @@ class _LowPrecisionTable(nn.Module):
         self.register_buffer("step_state", torch.zeros(num_steps, step_width, device=device))
         # The update counter keys stochastic rounding and drives Adam's bias correction.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        seed = default_seed() if seed is None else seed
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long, device=device))
         self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.long, device=device))
         self._init_table(weight, init_std)
@@ -117,11 +97,10 @@ class _LowPrecisionTable(nn.Module):
     # --- initialisation ---------------------------------------------------------------
 
     def _weight_chunks(self, weight: torch.Tensor | None, init_std: float):
-        """fp32 rows of the initial table, _INIT_CHUNK at a time: `weight`'s or N(0, std^2)
+        """fp32 rows of the initial table, a block at a time: `weight`'s or N(0, std^2)
         drawn from a generator seeded by `seed` (padding row zero)."""
         gen = torch.Generator(device=self.qweight.device).manual_seed(int(self.seed))
-        for start in range(0, self.num_embeddings, _INIT_CHUNK):
-            end = min(start + _INIT_CHUNK, self.num_embeddings)
+        for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
             if weight is None:
                 w = torch.randn(end - start, self.embedding_dim, generator=gen,
                                 device=self.qweight.device) * init_std
@@ -222,12 +201,22 @@ class _LowPrecisionTable(nn.Module):
         anchor = torch.empty(0, device=self.qweight.device, requires_grad=True)
         if self._step_pass:
             self._anchors.append(anchor)
-        return _TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
+        return TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
+
+    def _psw_backward(self, grad_out, indices, offsets, mode, include_last):
+        return ops.embedding_bag_psw_backward(
+            grad_out, self.qweight, indices, offsets, self.bits, self.embedding_dim,
+            self.format, self.step, mode, include_last, self.padding_idx)
 
     def _backward(self, grad_out, indices, offsets, psw, mode, include_last):
         rows, grad = ops.embedding_bag_backward(
             grad_out, indices, offsets, None if psw is None else psw.detach(), mode,
             include_last, self.padding_idx)
+        self._apply_row_grads(rows, grad)
+
+    def _apply_row_grads(self, rows, grad):
+        """What backward does with the gradients of the distinct rows it read: the step pass
+        of two-pass ALPT, accumulation for the caller's optimizer, or the fused update."""
         if self._step_pass:
             self._step_update(rows, grad)
         elif not self.fused_update:
@@ -317,7 +306,7 @@ class _LowPrecisionTable(nn.Module):
 
 _TRAIN_DEFAULTS = dict(bits=8, optimizer="adagrad", lr=0.01, eps=1e-8, weight_decay=0.0,
                        betas=(0.9, 0.999), learn_step=True, step_grad="one_pass", step_lr=0.1,
-                       step_optimizer="sgd", step_per="row", rounding="stochastic", seed=0,
+                       step_optimizer="sgd", step_per="row", rounding="stochastic", seed=None,
                        init_std=0.003, fused_update=True)
 
 
@@ -333,11 +322,15 @@ class LowPrecisionEmbeddingBag(_LowPrecisionTable):
     * ``learn_step`` (ALPT), ``step_grad`` ``"one_pass"`` | ``"two_pass"``, ``step_lr``,
       ``step_optimizer`` ``"sgd"`` | ``"adam"``, ``step_per`` ``"row"`` | ``"table"``;
     * ``rounding`` ``"stochastic"`` | ``"nearest"``, ``seed`` (stochastic rounding and the
-      initial table), ``init_std`` (w0 ~ N(0, init_std^2) when ``_weight`` is None);
+      initial table; by default drawn from torch's default generator, so ``torch.manual_seed``
+      reproduces a run; kept in ``state_dict``), ``init_std`` (w0 ~ N(0, init_std^2) when
+      ``_weight`` is None);
     * ``fused_update=False``: backward only accumulates ``.sparse_grad = (rows, grad_rows)``
       for the caller's own optimizer (see :meth:`update_rows`, :meth:`write_rows`).
 
-    ``dtype`` sets the output dtype. ``.nonfinite_rows`` counts rows whose update was skipped
+    Any ``embedding_dim`` works (rows stored padded to a multiple of 8 codes, see
+    :mod:`qembed.ops`; training's divisors count the real columns). ``dtype`` sets the output
+    dtype. ``.nonfinite_rows`` counts rows whose update was skipped
     for a non-finite gradient (on CPU the first such row also warns; on a GPU, read the count).
     """
 

@@ -1,52 +1,18 @@
 """Quantized drop-in replacements for ``nn.EmbeddingBag`` and ``nn.Embedding`` (inference)."""
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, format_id, param_offset, qmax, row_bytes
+from .._checks import check_bits_dim
+from ..formats import format_id, param_offset, row_bytes
+from ._common import bag_inputs, default_seed, normalize_padding_idx, row_chunks, symmetric_steps
 
 _AO_PARAM_DTYPE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
-
-
-def _normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
-    if padding_idx is None:
-        return None
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx {padding_idx} is out of range for {num_embeddings} rows")
-    return padding_idx % num_embeddings
-
-
-def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
-               per_sample_weights: torch.Tensor | None, include_last_offset: bool):
-    """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):
-    a 2-D input is fixed-length bags without offsets, a 1-D input needs offsets."""
-    if input.dim() == 2:
-        if offsets is not None:
-            raise ValueError("offsets must be None when input is 2-D (fixed-length bags)")
-        bags, length = input.shape
-        offsets = torch.arange(0, bags * length, length, device=input.device, dtype=input.dtype)
-        if include_last_offset:
-            offsets = torch.cat([offsets, offsets.new_tensor([bags * length])])
-        input = input.reshape(-1)
-        if per_sample_weights is not None:
-            per_sample_weights = per_sample_weights.reshape(-1)
-    elif input.dim() == 1:
-        if offsets is None:
-            raise ValueError("offsets is required when input is 1-D")
-    else:
-        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
-    return input, offsets, per_sample_weights
-
-
-def symmetric_steps(weight: torch.Tensor, bits: int, per_row: bool) -> torch.Tensor:
-    """Max-abs calibration of a symmetric step: the largest magnitude maps to Qp."""
-    peak = weight.abs().amax(1) if per_row else weight.abs().amax().reshape(1)
-    step = peak / max(qmax(bits), 1)
-    return torch.where(step > 0, step, torch.ones_like(step)).to(torch.float32)
 
 
 class _QuantizedTable(nn.Module):
@@ -66,33 +32,66 @@ class _QuantizedTable(nn.Module):
             raise TypeError(f"qembed: output dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.format = bits, format
-        self.padding_idx = _normalize_padding_idx(padding_idx, num_embeddings)
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
         self.output_dtype = dtype or torch.float32
         self.register_buffer("qweight", ops.table_zeros(
             num_embeddings, row_bytes(embedding_dim, bits, format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if format == "symmetric_table" else None)
-        if weight is None:
-            weight = torch.randn(num_embeddings, embedding_dim, device=device)
-            if self.padding_idx is not None:
-                weight[self.padding_idx] = 0
-        self.load_float_weight(weight)
+        if weight is None:  # N(0, 1) as nn.EmbeddingBag, drawn block by block
+            seed = default_seed()
+            if self.qweight.device.type != "meta":  # a meta table has no values to draw
+                self._load_chunks(lambda: self._random_chunks(seed))
+        else:
+            self.load_float_weight(weight)
+
+    def _random_chunks(self, seed: int):
+        gen = torch.Generator(device=self.qweight.device).manual_seed(seed)
+        for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+            w = torch.randn(end - start, self.embedding_dim, generator=gen,
+                            device=self.qweight.device)
+            if self.padding_idx is not None and start <= self.padding_idx < end:
+                w[self.padding_idx - start] = 0
+            yield start, end, w
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor, stochastic: bool = False,
                           seed: int = 0) -> None:
-        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default)."""
+        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default), a
+        block of rows at a time (stochastic rounding keys each block by its position)."""
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"({self.num_embeddings}, {self.embedding_dim})")
-        weight = weight.detach().to(device=self.qweight.device, dtype=torch.float32)
-        step = None
-        if self.format != "affine":
-            step = symmetric_steps(weight, self.bits, per_row=self.format == "symmetric")
-        qweight = ops.quantize(weight, self.bits, self.format, step, stochastic, seed)
+
+        def chunks():
+            for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+                yield start, end, weight[start:end].detach().to(self.qweight.device,
+                                                                 torch.float32)
+
+        for start, _, w in chunks():  # all checked before any row is written
+            bad = (~torch.isfinite(w)).nonzero()
+            if bad.numel():
+                raise ValueError(f"qembed.quantize: weight has a non-finite value at row "
+                                 f"{start + int(bad[0, 0])}, column {int(bad[0, 1])}")
+        self._load_chunks(chunks, stochastic, seed)
+
+    def _load_chunks(self, chunks, stochastic: bool = False, seed: int = 0) -> None:
+        """Quantizes the blocks ``chunks()`` yields (start, end, fp32 rows); a per-table step
+        needs the whole table's peak first, hence a factory that can run twice."""
+        table_step = None
+        if self.format == "symmetric_table":
+            peak = torch.zeros((), device=self.qweight.device)
+            for _, _, w in chunks():
+                peak = torch.maximum(peak, w.abs().amax() if w.numel() else peak)
+            table_step = symmetric_steps(peak.reshape(1, 1), self.bits, per_row=False)
+        for block, (start, end, w) in enumerate(chunks()):
+            step = table_step
+            if self.format == "symmetric":
+                step = symmetric_steps(w, self.bits, per_row=True)
+            self.qweight[start:end] = ops.quantize(w, self.bits, self.format, step, stochastic,
+                                                   seed, counter=block)
         if self.step is not None:  # only once quantize has accepted the weight
-            self.step.copy_(step)
-        self.qweight.copy_(qweight)
+            self.step.copy_(table_step)
 
     def dequantize(self) -> torch.Tensor:
         """The table's values as fp32 [R, D] (a copy, for inspection and export)."""
@@ -119,17 +118,21 @@ class _QuantizedTable(nn.Module):
 
     def to_torch_ao(self) -> torch.Tensor:
         """Rows in the layout of ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_prepack``:
-        codes then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits; fp16 rounds)."""
+        codes (``ceil(dim * bits / 8)`` bytes, the same bit stream as ours without the pad of
+        a last partial group) then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits;
+        fp16 rounds)."""
         if self.format != "affine" or self.bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist for the affine format at 8, 4 or 2 bits")
-        cb, po = code_bytes(self.embedding_dim, self.bits), param_offset(self.embedding_dim, self.bits)
+        cb = (self.embedding_dim * self.bits + 7) // 8
+        po = param_offset(self.embedding_dim, self.bits)
         params = self.qweight[:, po:].contiguous().view(torch.float32)
         params = params.to(_AO_PARAM_DTYPE[self.bits]).contiguous().view(torch.uint8)
         return torch.cat([self.qweight[:, :cb], params], dim=1)
 
     @classmethod
     def from_torch_ao(cls, packed: torch.Tensor, bits: int, **kwargs):
-        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits."""
+        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits
+        (the dim is read from the row width: every code byte full)."""
         if bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist at 8, 4 or 2 bits")
         pdt = _AO_PARAM_DTYPE[bits]
@@ -140,7 +143,7 @@ class _QuantizedTable(nn.Module):
         module = cls(packed.shape[0], dim, bits=bits, format="affine", device=packed.device,
                      _weight=torch.zeros(packed.shape[0], dim, device=packed.device), **kwargs)
         params = packed[:, -pbytes:].contiguous().view(pdt).to(torch.float32)
-        cb, po = code_bytes(dim, bits), param_offset(dim, bits)
+        cb, po = packed.shape[1] - pbytes, param_offset(dim, bits)
         with torch.no_grad():
             module.qweight.zero_()
             module.qweight[:, :cb] = packed[:, :cb]
@@ -153,7 +156,11 @@ class QuantizedEmbeddingBag(_QuantizedTable):
 
     Takes ``nn.EmbeddingBag``'s arguments plus ``bits`` (1..8) and ``format``
     (``"affine"``, ``"symmetric"`` or ``"symmetric_table"``); ``dtype`` sets the output
-    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``.
+    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``. Any
+    ``embedding_dim`` works: rows are stored padded to a multiple of 8 codes (:attr:`nbytes`
+    counts the padded rows) and lookups return ``embedding_dim`` columns (see
+    :mod:`qembed.ops`). Built without ``_weight``, the table is N(0, 1) drawn from torch's
+    default generator and quantized a block of rows at a time: no fp32 table is made.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
@@ -212,17 +219,37 @@ def quantize_(model: nn.Module, bits: int = 8, format: str = "affine",
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
               dtype: torch.dtype | None = None) -> nn.Module:
     """Replace, in place, every ``nn.EmbeddingBag`` and ``nn.Embedding`` of ``model`` for
-    which ``filter_fn(module, qualified_name)`` holds by its quantized twin; returns model."""
+    which ``filter_fn(module, qualified_name)`` holds by its quantized twin, and every
+    ``torchrec.EmbeddingBagCollection`` by :class:`qembed.torchrec.QuantizedEmbeddingBagCollection`
+    (its ``output_dtype`` is ``dtype`` or float32, as TorchRec's); returns model."""
     swaps = {nn.EmbeddingBag: QuantizedEmbeddingBag, nn.Embedding: QuantizedEmbedding}
-    if type(model) in swaps and (filter_fn is None or filter_fn(model, "")):
+    collections = _collection_swaps()
+    if type(model) in {**swaps, **collections} and (filter_fn is None or filter_fn(model, "")):
         raise ValueError("qembed.quantize_: pass the model containing the embedding; use "
-                         "QuantizedEmbeddingBag.from_float to convert a lone module")
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            fqn = f"{name}.{child_name}" if name else child_name
-            target = swaps.get(type(child))
-            if target is None or (filter_fn is not None and not filter_fn(child, fqn)):
-                continue
-            setattr(parent, child_name, target.from_float(child, bits=bits, format=format,
-                                                          dtype=dtype))
+                         "from_float (or from_torchrec) to convert a lone module")
+
+    def convert(child: nn.Module) -> nn.Module:
+        if type(child) in collections:
+            return collections[type(child)].from_torchrec(
+                child, bits=bits, format=format, output_dtype=dtype or torch.float32)
+        return swaps[type(child)].from_float(child, bits=bits, format=format, dtype=dtype)
+
+    # Collections first, so that the nn.EmbeddingBags inside them are not converted one by one.
+    for kinds in (collections, swaps):
+        for name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                fqn = f"{name}.{child_name}" if name else child_name
+                if type(child) in kinds and (filter_fn is None or filter_fn(child, fqn)):
+                    setattr(parent, child_name, convert(child))
     return model
+
+
+def _collection_swaps() -> dict:
+    """TorchRec's EmbeddingBagCollection -> qembed's, where TorchRec is loaded (a model that
+    holds one has loaded it): quantize_ never imports TorchRec itself."""
+    if "torchrec" not in sys.modules:
+        return {}
+    from torchrec import EmbeddingBagCollection
+
+    from ..torchrec import QuantizedEmbeddingBagCollection
+    return {EmbeddingBagCollection: QuantizedEmbeddingBagCollection}

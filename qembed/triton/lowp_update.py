@@ -1,11 +1,11 @@
-"""lowp_update in Triton: the fused low-precision training step of csrc/cpu/lowp_update.cpp.
+"""``lowp_update`` in Triton: the fused low-precision training step of csrc/cpu/lowp_update.cpp.
 
 A program updates BLOCK_R distinct rows, each row whole in registers: dequantize (or take the
 given weights), optimizer step, LSQ step update, re-quantize, every operation in the CPU
 kernel's order with correctly rounded division and square root, so that codes, steps and
-state come out bit-identical to the CPU's. The CPU's row sums (Adagrad's mean of squares,
-the LSQ sum) run strictly left to right; so do these (codes.ordered_sum), one column per
-step, which costs O(D) reductions per row.
+state come out bit-identical to the CPU's. The row sums (Adagrad's mean of squares, the LSQ
+sum) add in the CPU's order, 16 partial sums then their halves (common.lane_sum), which costs
+O(D / 16) reductions per row.
 
 With one step per table and learn_step, the step moves by the sum of every row's LSQ term in
 row order before any row is re-quantized: the update kernel keeps the rows' weights and LSQ
@@ -19,8 +19,18 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..formats import FORMATS, OPTIMIZERS, code_bytes, param_offset, qmax, qmin
-from .codes import f32_at, load_codes, ordered_sum, philox_uniform, rint, store_codes
+from .._checks import check_update_args, check_update_rows_values
+from ..formats import FORMATS, OPTIMIZERS, code_bytes, padded_dim, param_offset, qmax, qmin
+from .common import (
+    f32_at,
+    lane_sum,
+    load_codes,
+    philox_uniform,
+    rint,
+    store_codes,
+    validating,
+    word_aligned,
+)
 
 _SGD, _ADAGRAD, _ADAM = (tl.constexpr(OPTIMIZERS[name]) for name in ("sgd", "adagrad", "adam"))
 _MIN_STEP = tl.constexpr(reference.MIN_STEP)
@@ -95,14 +105,14 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
         s = tl.zeros([BLOCK_R], tl.float32) + tl.load(table_step)
     if not HAS_WEIGHTS:
         u = load_codes((rows + base)[:, None], cols[None, :], live, BITS, CODE_BYTES)
-        w = s[:, None] * (u + QN).to(tl.float32)
+        w = tl.where(live, s[:, None] * (u + QN).to(tl.float32), 0.0)  # the pad encodes as 0
 
     if OPT == _SGD:
         w = w - lr * (g + wd * w)
     elif OPT == _ADAGRAD:  # row-wise
         gd = g + wd * w
         acc = tl.load(state + r, mask=go, other=0.0)
-        acc = acc + tl.div_rn(ordered_sum(gd * gd, cols[None, :], DIM, BLOCK_R),
+        acc = acc + tl.div_rn(lane_sum(gd * gd, cols[None, :], DIM, BLOCK_R),
                               tl.cast(DIM, tl.float32))
         tl.store(state + r, acc, mask=go)
         w = w - lr * tl.div_rn(gd, (tl.sqrt_rn(acc) + eps)[:, None])
@@ -120,7 +130,7 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
     if LEARN:  # LSQ: sum_d g_d * dQ/ds at x = w / s
         x = tl.div_rn(w, s[:, None])
         dq = tl.where(x < QN, QN, tl.where(x > QP, QP, rint(x) - x))
-        gs = ordered_sum(g * dq, cols[None, :], DIM, BLOCK_R)
+        gs = lane_sum(g * dq, cols[None, :], DIM, BLOCK_R)
         if DEFER:
             tl.store(lsq + k, tl.where(go, gs, 0.0), mask=k_ok)
         else:
@@ -173,10 +183,29 @@ def _f32(x: float) -> float:
     return float(reference._f32(x))
 
 
-def launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim, fmt,
-           optimizer, lr, eps, weight_decay, beta1, beta2, iteration, learn_step,
-           step_optimizer, step_lr, stochastic, seed, counter) -> torch.Tensor:
-    """Runs the update in place (arguments already checked); returns the skipped-row count."""
+def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out,
+                bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
+                learn_step, step_optimizer, step_lr, stochastic, seed, counter):
+    """``torch.ops.qembed.lowp_update`` in Triton: in place; returns the number of rows skipped
+    for a non-finite gradient (int64 scalar tensor on the table's device)."""
+    uniq, grad = unique_rows.contiguous(), grad_rows.contiguous()
+    check_update_args(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim,
+                      fmt, optimizer, iteration, learn_step, step_optimizer)
+    if validating(rows.device):
+        check_update_rows_values(uniq, rows.shape[0])
+    table = word_aligned(rows)
+    skipped = _launch(table, step, state, step_state, uniq, grad, weights, weights_out, bits,
+                      dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
+                      learn_step, step_optimizer, step_lr, stochastic, seed, counter)
+    if table is not rows:
+        rows.copy_(table)
+    return skipped
+
+
+def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim, fmt,
+            optimizer, lr, eps, weight_decay, beta1, beta2, iteration, learn_step,
+            step_optimizer, step_lr, stochastic, seed, counter) -> torch.Tensor:
+    """Runs the update in place; returns the skipped-row count."""
     u = uniq.numel()
     skipped = torch.zeros(u, dtype=torch.int32, device=rows.device)
     if u == 0:
@@ -194,7 +223,7 @@ def launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits
     key = dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
                counter_lo=counter & 0xFFFFFFFF, BITS=bits, QN=qmin(bits), QP=qmax(bits),
                STOCHASTIC=stochastic)
-    block_d = triton.next_power_of_2(dim)
+    block_d = triton.next_power_of_2(padded_dim(dim))  # whole groups of 8 codes
     block_r = max(1, min(16, ELEMENTS_PER_PROGRAM // block_d))
     blocks = dict(BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False)
     grid = (triton.cdiv(u, block_r),)

@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..mpe import frequency_groups, report
+from ..nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_, retrain_model
 from . import data as qdata
 from .models import MODELS, evaluate, fit
-from .mpe import frequency_groups, report, retrain_model
-from .nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_
 
 
 @dataclass

@@ -1,0 +1,25 @@
+// embedding_bags_update's kernel, for one instruction set (compiled once per variant,
+// dispatch.h); the per-row work is update_row.h's, as in lowp_update.
+#include "embedding_bags_update.h"
+#include "../../layout.h"
+#include "../update_row.h"
+
+namespace qembed {
+QEMBED_ISA_BEGIN
+
+void embedding_bags_update_rows(const BagsUpdateArgs& a, int64_t begin, int64_t end,
+                                float* scratch) {
+  int64_t t = 0;
+  while (begin >= a.item_start[t + 1]) ++t;
+  for (int64_t i = begin; i < end; ++i) {
+    while (i >= a.item_start[t + 1]) ++t;
+    const UpdateArgs& table = a.tables[t];
+    const int64_t k = i - a.item_start[t];
+    if (k + kUpdatePrefetchDistance < table.num_unique && i + kUpdatePrefetchDistance < end)
+      prefetch_unique_row(table, k + kUpdatePrefetchDistance);
+    QEMBED_DISPATCH_BITS(table.bits, [&] { update_unique_row<BITS>(table, k, scratch); });
+  }
+}
+
+QEMBED_ISA_END
+}  // namespace qembed

@@ -1,0 +1,20 @@
+// The backward ops' sort of a batch's positions by row (the kernel of cpu/row_order.h), one
+// per instruction set.
+#pragma once
+#include <cstdint>
+#include "../dispatch.h"
+
+namespace qembed {
+
+// An LSD radix sort takes digits of this many bits: count holds kSortRadix + 1 entries.
+constexpr int kSortDigitBits = 11;
+constexpr int64_t kSortRadix = int64_t{1} << kSortDigitBits;
+
+// Positions [0, n) ordered by key[p] (each in [0, max_key]), equal keys in position order,
+// into pos[0, n) with their keys in sorted_key[0, n). scratch holds 2n words, count
+// kSortRadix + 1.
+QEMBED_DECLARE_CPU_KERNEL(void sort_positions(const int64_t* key, int64_t n, int64_t max_key,
+                                              uint64_t* scratch, int64_t* count, int64_t* pos,
+                                              int64_t* sorted_key))
+
+}  // namespace qembed
