@@ -11,6 +11,9 @@ Environment switches:
   QEMBED_NATIVE=1   compile everything, kernel variants included, for the build machine's CPU
                     (-march=native): the library then runs only on CPUs with its instruction
                     sets. For comparing against the portable build.
+  QEMBED_CPU_VARIANTS=0  the CPU kernels for the baseline alone, no AVX2/AVX-512 variants:
+                    a third of their compile time, for compile checks
+                    (scripts/check_cuda_build.sh); slower kernels
   QEMBED_EXTENSION=0  leave the library out: the package alone (CI installs it editable and
                     takes the library from the wheel it builds, scripts/setup_env.sh)
 """
@@ -25,18 +28,20 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.environ.get("QEMBED_NATIVE", "0") == "1"
-# Where the kernel variants are compiled; elsewhere (other architectures, MSVC) the scalar
-# one alone.
-X86 = platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+# Whether the AVX2 and AVX-512 kernel variants are compiled; elsewhere (other architectures,
+# MSVC), or with QEMBED_CPU_VARIANTS=0, the scalar one alone.
+X86_VARIANTS = (platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+       and os.environ.get("QEMBED_CPU_VARIANTS", "1") != "0")
 
 
 def kernel_variants():
     """Name -> compiler flags of each CPU kernel variant (csrc/cpu/dispatch.h)."""
     if NATIVE:
         native = ["-march=native", "-mprefer-vector-width=512"]
-        return {name: native for name in (("scalar", "avx2", "avx512") if X86 else ("scalar",))}
+        names = ("scalar", "avx2", "avx512") if X86_VARIANTS else ("scalar",)
+        return {name: native for name in names}
     variants = {"scalar": []}
-    if X86:
+    if X86_VARIANTS:
         variants["avx2"] = ["-march=x86-64-v3"]
         # 512-bit vectors wherever GCC vectorizes: its generic tuning prefers 256. GCC 12
         # warns about its own AVX-512 intrinsics (_mm512_undefined_*), thousands of lines.
@@ -76,7 +81,7 @@ def extension():
         cxx += ["-march=native", "-mprefer-vector-width=512"]
     args = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
-    macros = [("QEMBED_X86_KERNELS", "1")] if X86 else []
+    macros = [("QEMBED_X86_KERNELS", "1")] if X86_VARIANTS else []
     cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if want_cuda() and cuda_sources:

@@ -25,20 +25,25 @@ sdist=$(ls "$dist"/qembed-*.tar.gz)
 mkdir "$work/src"
 tar -xzf "$sdist" -C "$work/src"
 src=$(ls -d "$work"/src/qembed-*)
-for f in setup.py pyproject.toml csrc/qembed.cpp csrc/cpu/dispatch.h csrc/cpu/isa/embedding_bag.cpp; do
+for f in setup.py pyproject.toml csrc/qembed.cpp csrc/cpu/dispatch.h \
+    csrc/cpu/isa/embedding_bag.cpp; do
   [ -f "$src/$f" ] || { echo "check_wheel: the sdist lacks $f" >&2; exit 1; }
 done
 (cd "$src" && QEMBED_NATIVE=0 QEMBED_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
   "$py" -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir "$dist" . \
-  > "$work/wheel.log" 2>&1) || { tail -50 "$work/wheel.log"; echo "check_wheel: the wheel did not build" >&2; exit 1; }
+  > "$work/wheel.log" 2>&1) || {
+  tail -50 "$work/wheel.log"; echo "check_wheel: the wheel did not build" >&2; exit 1; }
 wheel=$(ls "$dist"/qembed-*.whl)
 echo "check_wheel: built $(basename "$sdist") and $(basename "$wheel") in $((SECONDS - start)) s"
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet "torch==${QEMBED_TORCH:-2.13.0}"
-"$work/venv/bin/pip" install --quiet "$wheel"
+# With the experiments extra: the `qembed` command is the experiment's (the library alone
+# loads none of it, tests/test_package.py).
+"$work/venv/bin/pip" install --quiet "$wheel[experiments]"
 # Run from outside the checkout: qembed must come from the installed wheel.
-(cd "$work" && "$work/venv/bin/python" -c "import qembed, sys; sys.exit(not qembed.__file__.startswith('$work/venv/'))") || {
+(cd "$work" && "$work/venv/bin/python" -c \
+  "import qembed, sys; sys.exit(not qembed.__file__.startswith('$work/venv/'))") || {
   echo "check_wheel: qembed was not imported from the fresh environment" >&2; exit 1; }
 (cd "$work" && "$work/venv/bin/python" "$root/scripts/smoke_test.py")
 (cd "$work" && "$work/venv/bin/python" "$root/scripts/check_isa_code.py" \
