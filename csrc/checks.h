@@ -264,8 +264,7 @@ inline void check_bags_tables(const char* op, at::TensorList tables, at::TensorL
   for (size_t t = 0; t < num_tables; ++t) {
     TORCH_CHECK_VALUE(bits[t] >= 1 && bits[t] <= 8, op, "table ", t, ": bits must be in 1..8, got ",
                       bits[t]);
-    TORCH_CHECK_VALUE(dims[t] > 0 && dims[t] % 8 == 0, op, "table ", t,
-                      ": dim must be a positive multiple of 8, got ", dims[t]);
+    TORCH_CHECK_VALUE(dims[t] > 0, op, "table ", t, ": dim must be positive, got ", dims[t]);
     TORCH_CHECK_VALUE(valid_format(formats[t]), op, "table ", t, ": unknown format ",
                       formats[t]);
     const at::Tensor& rows = tables[t];

@@ -295,9 +295,8 @@ def check_bags_tables(op: str, tables: list[torch.Tensor], steps: list[torch.Ten
     for t, rows in enumerate(tables):
         if not 1 <= bits[t] <= 8:
             fail(ValueError, op, "table ", t, ": bits must be in 1..8, got ", bits[t])
-        if dims[t] <= 0 or dims[t] % 8:
-            fail(ValueError, op, "table ", t, ": dim must be a positive multiple of 8, got ",
-                 dims[t])
+        if dims[t] <= 0:
+            fail(ValueError, op, "table ", t, ": dim must be positive, got ", dims[t])
         if formats[t] not in FORMATS.values():
             fail(ValueError, op, "table ", t, ": unknown format ", formats[t])
         if rows.dtype != torch.uint8:

@@ -45,7 +45,7 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
   const uint8_t* table = rows.data_ptr<uint8_t>();
   QEMBED_DISPATCH_BITS(bits, [&] {
     at::parallel_for(0, static_cast<int64_t>(bag.size()), 256, [&](int64_t begin, int64_t end) {
-      std::vector<float> value(dim);
+      std::vector<float> value(padded_dim(dim));
       for (int64_t p = begin; p < end; ++p) {
         if (idx[p] == padding_idx) continue;
         dst[p] = row_dot<BITS>(table + idx[p] * stride, dim, fmt, table_step, go + bag[p] * dim,

@@ -62,7 +62,8 @@ bool pool_chunk(const TableRef& t, const index_t* idx, const int64_t* off, int64
   bool valid = true;
   for (int64_t b = b0; b < b1; ++b) {
     const BagSum bag = pool_bag<BITS, FMT>(t.rows, t.num_rows, t.stride, idx, off[b],
-                                           off[b + 1], last, psw, t.dim, t.step, -1, acc);
+                                           off[b + 1], last, psw, padded_dim(t.dim), t.step, -1,
+                                           acc);
     valid = valid && !bag.bad_index;
     const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
     store_row(acc, bag.shift, t.dim, factor, out + b * width);
@@ -145,7 +146,7 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
     auto run = [&](auto* dst) {
       std::atomic<bool> all_valid{true};
       at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> acc(max_dim);
+        std::vector<float> acc(padded_dim(max_dim));
         bool valid = true;
         for (int64_t tid = begin; tid < end; ++tid) {
           for (int64_t c = tid; c < num_chunks; c += threads) {

@@ -46,7 +46,7 @@ at::Tensor embedding_bags_psw_backward_cpu(
     const float table_step = fmt == SYM_TABLE ? steps[t].item<float>() : 0.0f;
     QEMBED_DISPATCH_BITS(bits[t], [&] {
       at::parallel_for(f * batch, (f + 1) * batch, 256, [&](int64_t begin, int64_t end) {
-        std::vector<float> value(dim);
+        std::vector<float> value(padded_dim(dim));
         for (int64_t k = begin; k < end; ++k) {
           const float* g = go + (k - f * batch) * width + feature_columns[f];
           for (int64_t p = off[k]; p < off[k + 1]; ++p) {

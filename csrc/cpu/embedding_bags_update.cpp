@@ -10,6 +10,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
+#include "../padded_rows.h"
 #include "update_row.h"
 
 namespace qembed {
@@ -27,16 +28,16 @@ struct TableUpdate {
   UpdateConfig config;
   RoundingKey rounding;
   bool deferred;                // a learned per-table step: re-quantized after all rows
-  std::vector<float> kept;      // deferred: the rows' updated values [U, D]
+  std::vector<float> kept;      // deferred: the rows' updated values [U, padded D]
   std::vector<float> lsq;       // deferred: the rows' LSQ sums
   std::vector<uint8_t> skipped;
 };
 
 bool update_one(TableUpdate& t, int64_t k, float* local) {
-  const int64_t dim = t.config.dim;
-  float* w = t.deferred ? t.kept.data() + k * dim : local;
+  const int64_t width = padded_dim(t.config.dim);
+  float* w = t.deferred ? t.kept.data() + k * width : local;
   return QEMBED_DISPATCH_BITS(t.bits, [&] {
-    return update_table_row<BITS>(t.buffers, t.uniq[k], t.grad + k * dim, nullptr, w,
+    return update_table_row<BITS>(t.buffers, t.uniq[k], t.grad + k * width, nullptr, w,
                                   t.deferred ? &t.lsq[k] : nullptr, t.config, t.rounding);
   });
 }
@@ -54,6 +55,8 @@ at::Tensor embedding_bags_update_cpu(
   for (const at::Tensor& g : grad_rows_in) grads.push_back(g.contiguous());
   check_bags_update_args(tables, steps, states, step_states, unique_rows, grads, bits, dims,
                          formats, optimizer, learn_step, step_optimizer, seeds, counters);
+  // Rows are updated at their padded width (update_row.h): zero gradient on the pad columns.
+  for (at::Tensor& g : grads) g = pad_columns(g).contiguous();
   std::vector<at::Tensor> uniqs;
   std::vector<TableUpdate> work(num_tables);
   std::vector<int64_t> item_start(num_tables + 1, 0);
@@ -83,12 +86,12 @@ at::Tensor embedding_bags_update_cpu(
                   static_cast<uint64_t>(counters[t]), 0};
     w.deferred = learn_step && formats[t] == SYM_TABLE;
     if (w.deferred) {
-      w.kept.resize(u * dims[t]);
+      w.kept.resize(u * padded_dim(dims[t]));
       w.lsq.resize(u);
     }
     w.skipped.assign(u, 0);
     item_start[t + 1] = item_start[t] + u;
-    max_dim = std::max(max_dim, dims[t]);
+    max_dim = std::max(max_dim, padded_dim(dims[t]));
   }
 
   at::parallel_for(0, item_start[num_tables], 16, [&](int64_t begin, int64_t end) {
