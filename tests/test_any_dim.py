@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_bags, random_psw, random_table
+from conftest import random_bags, random_psw, random_table, same
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
@@ -25,18 +25,6 @@ needs_triton_interpreter = pytest.mark.skipif(
 
 def on(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
-
-
-def same(a, b):
-    """Bit-exact equality of tensors (floats by their bits, on the CPU), or both None."""
-    if a is None or b is None:
-        return a is None and b is None
-    a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        a, b = a.view(torch.int32), b.view(torch.int32)
-    return torch.equal(a, b)
 
 
 def pad_codes(rows, bits, dim):
