@@ -277,6 +277,14 @@ inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, 
   check_same_device(t, name, rows, "rows");
 }
 
+// Where a shard's rows and elements sit in the whole table, for its stochastic rounding:
+// offsets are not negative and columns move by whole groups of 8 codes.
+inline void check_key_offsets(int64_t row_offset, int64_t column_offset, const char* op) {
+  TORCH_CHECK_VALUE(row_offset >= 0, op, "row_offset must not be negative, got ", row_offset);
+  TORCH_CHECK_VALUE(column_offset >= 0 && column_offset % 8 == 0, op,
+                    "column_offset must be a non-negative multiple of 8, got ", column_offset);
+}
+
 // lowp_update's arguments, all but the values of unique_rows (range and order), which each
 // device checks its own way. `grad` is grad_rows made contiguous.
 inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,

@@ -37,6 +37,16 @@ def check_bits_dim(bits: int, dim: int) -> None:
         raise ValueError(f"qembed: embedding dim must be a positive multiple of 8, got {dim} (pad the table)")
 
 
+def check_key_offsets(row_offset: int, column_offset: int, op: str) -> None:
+    """Where a shard's rows and elements sit in its whole table (stochastic rounding keys):
+    not negative, columns by whole groups of 8 codes (csrc/checks.h)."""
+    if row_offset < 0:
+        raise ValueError(f"{op}: row_offset must not be negative, got {row_offset}")
+    if column_offset < 0 or column_offset % 8:
+        raise ValueError(f"{op}: column_offset must be a non-negative multiple of 8, got "
+                         f"{column_offset}")
+
+
 def code_bytes(dim: int, bits: int) -> int:
     return dim * bits // 8
 

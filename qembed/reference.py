@@ -10,6 +10,7 @@ from .formats import (
     OPTIMIZERS,
     STEP_OPTIMIZERS,
     check_bits_dim,
+    check_key_offsets,
     code_bytes,
     format_id,
     optimizer_id,
@@ -69,11 +70,13 @@ def philox4x32_10(c: list[torch.Tensor], k0: int, k1: int) -> list[torch.Tensor]
     return c
 
 
-def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int) -> torch.Tensor:
+def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int,
+                column_offset: int = 0) -> torch.Tensor:
     """Uniforms in [0, 1) [len(rows), dim] of stochastic rounding, keyed by
-    (seed, counter, row, element) exactly as the kernels draw them."""
+    (seed, counter, row, element) exactly as the kernels draw them; the elements are
+    ``column_offset`` (a multiple of 4) onwards."""
     rows = rows.long().view(-1, 1)
-    quad = torch.arange(dim // 4, device=rows.device).view(1, -1)
+    quad = torch.arange(dim // 4, device=rows.device).view(1, -1) + column_offset // 4
     zeros = torch.zeros_like(rows * quad)
     c = [quad + zeros, (rows & _MASK32) + zeros, ((rows >> 32) & _MASK32) + zeros,
          zeros + (counter & _MASK32)]
@@ -316,13 +319,16 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
                 learn_step: bool = False, step_optimizer: str = "sgd", step_lr: float = 0.0,
                 stochastic: bool = True, seed: int = 0, counter: int = 0,
                 weights: torch.Tensor | None = None,
-                weights_out: torch.Tensor | None = None) -> torch.Tensor:
+                weights_out: torch.Tensor | None = None, row_offset: int = 0,
+                column_offset: int = 0) -> torch.Tensor:
     """In place: the fused low-precision training step of csrc/cpu/lowp_update.cpp for the
-    distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient)."""
+    distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient).
+    Stochastic rounding keys row r and element d as row_offset + r, column_offset + d."""
     fmt, opt = format_id(fmt), optimizer_id(optimizer)
     sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
     if fmt == AFFINE:
         raise ValueError("qembed.lowp_update: training needs a symmetric format")
+    check_key_offsets(row_offset, column_offset, "qembed.lowp_update")
     uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
     ok = torch.isfinite(g).all(1)
     if weights is not None:
@@ -374,7 +380,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             new = next_step(step.reshape(1), _lsq_scale(qp, r.numel() * dim) * _seq_sum(gs), st)
             step.copy_(new.reshape(step.shape))
             s = new.expand(r.numel())
-    u = sr_uniforms(seed, counter, r, dim) if stochastic else None
+    u = sr_uniforms(seed, counter, r + row_offset, dim, column_offset) if stochastic else None
     codes = (round_codes(w / s[:, None], u, qn, qp) - qn).to(torch.uint8)
     rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
     if fmt == SYM_ROW:
@@ -490,8 +496,11 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
                           learn_step: bool = False, step_optimizer: str | int = "sgd",
                           step_lr: float = 0.0, stochastic: bool = True,
                           seeds: list[int] | None = None,
-                          counters: list[int] | None = None) -> torch.Tensor:
-    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t]."""
+                          counters: list[int] | None = None,
+                          row_offsets: list[int] | None = None,
+                          column_offsets: list[int] | None = None) -> torch.Tensor:
+    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t] and
+    key offsets row_offsets[t], column_offsets[t] (0 when not given)."""
     opt = optimizer if isinstance(optimizer, str) else \
         next(k for k, v in OPTIMIZERS.items() if v == optimizer)
     sopt = step_optimizer if isinstance(step_optimizer, str) else \
@@ -499,10 +508,16 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
     n = len(tables)
     seeds = [0] * n if seeds is None else seeds
     counters = [1] * n if counters is None else counters
+    row_offsets = [0] * n if row_offsets is None else row_offsets
+    column_offsets = [0] * n if column_offsets is None else column_offsets
+    if len(row_offsets) != n or len(column_offsets) != n:
+        raise ValueError(f"qembed.embedding_bags_update: every list needs one entry per table "
+                         f"({n})")
     skipped = [lowp_update(tables[t], _table_step(steps, formats, t), states[t], step_states[t],
                            unique_rows[t], grad_rows[t], bits[t], dims[t], formats[t], opt, lr,
                            eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
-                           step_lr, stochastic, seeds[t], counters[t]) for t in range(n)]
+                           step_lr, stochastic, seeds[t], counters[t], row_offset=row_offsets[t],
+                           column_offset=column_offsets[t]) for t in range(n)]
     return torch.stack([s.reshape(()) for s in skipped]).long() if skipped else \
         torch.zeros(0, dtype=torch.long)
 

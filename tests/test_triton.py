@@ -210,6 +210,14 @@ def test_update_bits_equal_cpu(bits, fmt):
                         step_lr=1e-3, seed=-bits, counter=2)  # a negative seed: its 64 bits
 
 
+@pytest.mark.parametrize("fmt", ["symmetric", "symmetric_table"])
+def test_update_key_offsets_equal_cpu(fmt):
+    """A shard's rounding keyed by its rows' and columns' places in the whole table."""
+    assert_update_equal(update_case(4, fmt, "adam", dim=16), bits=4, dim=16, fmt=fmt,
+                        optimizer="adam", seed=5, counter=2, row_offset=2**33 + 7,
+                        column_offset=24)
+
+
 @pytest.mark.parametrize("dim", [64, 136])
 def test_update_wide_rows_equal_cpu(dim):
     case = update_case(5, "symmetric", "adam", dim=dim, num_rows=12, bags=4)

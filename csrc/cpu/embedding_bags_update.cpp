@@ -47,14 +47,17 @@ at::Tensor embedding_bags_update_cpu(
     c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats, int64_t optimizer,
     double lr, double eps, double weight_decay, double beta1, double beta2, bool learn_step,
     int64_t step_optimizer, double step_lr, bool stochastic, c10::IntArrayRef seeds,
-    c10::IntArrayRef counters) {
+    c10::IntArrayRef counters, at::OptionalIntArrayRef row_offsets,
+    at::OptionalIntArrayRef column_offsets) {
   const char* op = "qembed.embedding_bags_update: ";
   const size_t num_tables = tables.size();
   TORCH_CHECK_VALUE(steps.size() == num_tables && states.size() == num_tables &&
                         step_states.size() == num_tables && unique_rows.size() == num_tables &&
                         grad_rows_in.size() == num_tables && bits.size() == num_tables &&
                         dims.size() == num_tables && formats.size() == num_tables &&
-                        seeds.size() == num_tables && counters.size() == num_tables,
+                        seeds.size() == num_tables && counters.size() == num_tables &&
+                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
+                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
                     op, "every list needs one entry per table (", num_tables, ")");
   std::vector<at::Tensor> grads, uniqs;
   std::vector<TableUpdate> work(num_tables);
@@ -89,8 +92,12 @@ at::Tensor embedding_bags_update_cpu(
     w.grad = grads[t].data_ptr<float>();
     w.config = make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
                                   beta2, counters[t], learn_step, step_optimizer, step_lr);
+    const int64_t row_offset = row_offsets.has_value() ? (*row_offsets)[t] : 0;
+    const int64_t column_offset = column_offsets.has_value() ? (*column_offsets)[t] : 0;
+    check_key_offsets(row_offset, column_offset, op);
     w.rounding = {stochastic, static_cast<uint64_t>(seeds[t]),
-                  static_cast<uint64_t>(counters[t]), 0};
+                  static_cast<uint64_t>(counters[t]), 0, static_cast<uint64_t>(row_offset),
+                  static_cast<uint64_t>(column_offset / 4)};
     w.deferred = learn_step && formats[t] == SYM_TABLE;
     if (w.deferred) {
       w.kept.resize(u * dims[t]);

@@ -64,7 +64,7 @@ inline float lsq_sum(const float* w, const float* g, int64_t dim, float s, int32
 template <int BITS>
 inline void requantize_row(uint8_t* table, int64_t stride, int64_t r, const float* w,
                            int64_t dim, float s, RoundingKey key) {
-  key.row_key = static_cast<uint64_t>(r);
+  key.row_key = key.row_offset + static_cast<uint64_t>(r);
   encode_row<BITS>(w, dim, RowParams{s, 0.0f, qmin(BITS)}, key, table + r * stride);
 }
 

@@ -69,10 +69,12 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            int64_t dim, int64_t fmt, int64_t optimizer, double lr, double eps,
                            double weight_decay, double beta1, double beta2, int64_t iteration,
                            bool learn_step, int64_t step_optimizer, double step_lr,
-                           bool stochastic, int64_t seed, int64_t counter) {
+                           bool stochastic, int64_t seed, int64_t counter, int64_t row_offset,
+                           int64_t column_offset) {
   const at::Tensor grad = grad_rows_in.contiguous();
   check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
                     bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer);
+  check_key_offsets(row_offset, column_offset, "qembed.lowp_update: ");
   const int64_t num_rows = rows.size(0);
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();
@@ -88,7 +90,9 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                                             beta2, iteration, learn_step, step_optimizer,
                                             step_lr);
   const RoundingKey rounding{stochastic, static_cast<uint64_t>(seed),
-                             static_cast<uint64_t>(counter), 0};
+                             static_cast<uint64_t>(counter), 0,
+                             static_cast<uint64_t>(row_offset),
+                             static_cast<uint64_t>(column_offset / 4)};
   const int64_t skipped = QEMBED_DISPATCH_BITS(bits, [&] {
     const UpdateTable t{rows.data_ptr<uint8_t>(), rows.size(1),
                         fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,

@@ -32,12 +32,16 @@ QEMBED_INLINE void add_at_width(Acc& acc, const uint8_t* codes, int bits, float 
   }
 }
 
-// Random stream position of a stochastic rounding: the uniforms of row `row_key`.
+// Random stream position of a stochastic rounding: the uniforms of row `row_key`, whose
+// element d is element quad_offset * 4 + d of the stream. row_offset is what a row index
+// within the tensor adds to give its row_key (a shard's first row in the whole table).
 struct RoundingKey {
   bool stochastic;
   uint64_t seed;
   uint64_t counter;
   uint64_t row_key;
+  uint64_t row_offset = 0;
+  uint64_t quad_offset = 0;
 };
 
 // codes[g] of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1].
@@ -50,7 +54,7 @@ inline void encode_row(const float* w, int64_t dim, const RowParams& p, const Ro
   for (int64_t g = 0; g < dim / 8; ++g) {
     if (k.stochastic) {
       for (int half = 0; half < 2; ++half) {
-        const Philox4 r = sr_block(k.seed, k.counter, k.row_key, 2 * g + half);
+        const Philox4 r = sr_block(k.seed, k.counter, k.row_key, k.quad_offset + 2 * g + half);
         for (int j = 0; j < 4; ++j) u[4 * half + j] = uniform_from_bits(r.v[j]);
       }
     }

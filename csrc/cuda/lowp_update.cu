@@ -49,6 +49,7 @@ struct UpdateArgs {
   UpdateConfig c;
   bool stochastic;
   uint64_t seed, counter;
+  uint64_t row_offset, quad_offset;  // where the table's rows and elements sit in the key
 };
 
 template <int BITS, int PHASE>
@@ -165,7 +166,8 @@ __global__ void update_kernel(UpdateArgs a) {
     if (a.stochastic) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const Philox4 q = sr_block(a.seed, a.counter, static_cast<uint64_t>(r), 2 * gi + half);
+        const Philox4 q = sr_block(a.seed, a.counter, a.row_offset + static_cast<uint64_t>(r),
+                                   a.quad_offset + 2 * gi + half);
 #pragma unroll
         for (int j = 0; j < 4; ++j) u[4 * half + j] = uniform_from_bits(q.v[j]);
       }
@@ -249,10 +251,12 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                             int64_t dim, int64_t fmt, int64_t optimizer, double lr, double eps,
                             double weight_decay, double beta1, double beta2, int64_t iteration,
                             bool learn_step, int64_t step_optimizer, double step_lr,
-                            bool stochastic, int64_t seed, int64_t counter) {
+                            bool stochastic, int64_t seed, int64_t counter,
+                            int64_t row_offset, int64_t column_offset) {
   const at::Tensor grad = grad_rows.contiguous();
   check_update_args(rows, step, state, step_state, unique_rows, grad, weights, weights_out, bits,
                     dim, fmt, optimizer, iteration, learn_step, step_optimizer);
+  check_key_offsets(row_offset, column_offset, "qembed.lowp_update: ");
   const c10::cuda::CUDAGuard guard(rows.device());
   at::Tensor skipped = at::zeros({}, rows.options().dtype(at::kLong));
   const int64_t u = unique_rows.numel();
@@ -288,7 +292,9 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                                   iteration, learn_step, step_optimizer, step_lr),
                stochastic,
                static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(counter)};
+               static_cast<uint64_t>(counter),
+               static_cast<uint64_t>(row_offset),
+               static_cast<uint64_t>(column_offset / 4)};
   const cudaStream_t stream = current_stream();
   QEMBED_DISPATCH_BITS(bits, [&] {
     if (!table_learn) {

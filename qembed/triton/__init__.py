@@ -20,7 +20,15 @@ import os
 
 import torch
 
-from ..formats import FORMATS, OPTIMIZERS, POOLINGS, STEP_OPTIMIZERS, check_bits_dim, row_bytes
+from ..formats import (
+    FORMATS,
+    OPTIMIZERS,
+    POOLINGS,
+    STEP_OPTIMIZERS,
+    check_bits_dim,
+    check_key_offsets,
+    row_bytes,
+)
 from . import lookup, update
 
 __all__ = ["embedding_bag", "lowp_update"]
@@ -167,10 +175,12 @@ def _check_f32(t, name, n0, n1):
 
 def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out,
                 bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
-                learn_step, step_optimizer, step_lr, stochastic, seed, counter):
+                learn_step, step_optimizer, step_lr, stochastic, seed, counter, row_offset=0,
+                column_offset=0):
     """``torch.ops.qembed.lowp_update`` in Triton: in place; returns the number of rows skipped
     for a non-finite gradient (int64 scalar tensor on the table's device)."""
     _check_rows(rows, dim, bits, fmt)
+    check_key_offsets(row_offset, column_offset, "qembed.lowp_update")
     if fmt == FORMATS["affine"]:
         _fail(ValueError, "qembed.lowp_update: training needs a symmetric format")
     if not rows.is_contiguous():
@@ -213,7 +223,7 @@ def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, 
     skipped = update.launch(table, step, state, step_state, uniq, grad, weights, weights_out,
                             bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2,
                             iteration, learn_step, step_optimizer, step_lr, stochastic, seed,
-                            counter)
+                            counter, row_offset, column_offset)
     if table is not rows:
         rows.copy_(table)
     return skipped
