@@ -73,6 +73,8 @@ class _QuantizedTable(nn.Module):
             num_embeddings, row_bytes(embedding_dim, bits, format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if format == "symmetric_table" else None)
+        if self.qweight.device.type == "meta":  # a meta table is sized, not filled
+            return
         if weight is None:
             weight = torch.randn(num_embeddings, embedding_dim, device=device)
             if self.padding_idx is not None:

@@ -101,6 +101,11 @@ class _Collection(nn.Module):
         return self._is_weighted
 
     @property
+    def device(self) -> torch.device:
+        """The tables' device (TorchRec's collections have this too)."""
+        return next(iter(self.embedding_bags.values())).qweight.device
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by all tables (see :attr:`nbytes_per_table`)."""
         return sum(self.nbytes_per_table.values())
@@ -170,14 +175,7 @@ class _Collection(nn.Module):
                       for b in order], permute)
 
     def _table_args(self):
-        """The op's per-table lists: tables, steps (empty where the format has none), bits,
-        dims, formats."""
-        modules = list(self.embedding_bags.values())
-        tables = [m.qweight for m in modules]
-        steps = [m.step if m.step is not None else m.qweight.new_empty(0, dtype=torch.float32)
-                 for m in modules]
-        return (tables, steps, [m.bits for m in modules], [m.embedding_dim for m in modules],
-                [m.format for m in modules])
+        return table_args(list(self.embedding_bags.values()))
 
     def _output_dtype(self) -> torch.dtype:
         return next(iter(self.embedding_bags.values())).output_dtype
@@ -368,7 +366,7 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
                 if m._step_pass:
                     m._apply_row_grads(r, g)
         elif self._fused(modules):
-            self._update_all(modules, rows, grads)
+            update_tables(modules, rows, grads)
         else:
             for m, r, g in zip(modules, rows, grads):
                 m._apply_row_grads(r, g)
@@ -381,23 +379,37 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
         return all(m.fused_update and not (m.learn_step and m.step_grad == "two_pass") and
                    tuple(getattr(m, o) for o in _UPDATE_OPTIONS) == first for m in modules)
 
-    @torch.no_grad()
-    def _update_all(self, modules: list[_LowPrecisionTable], rows, grads) -> None:
-        """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call."""
-        for m in modules:
-            m._finish_pending()
-        counters = [m._next_update() for m in modules]
-        m0 = modules[0]
-        tables, steps, bits, dims, formats = self._table_args()
-        skipped = ops.embedding_bags_update(
-            tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
-            grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
-            weight_decay=m0.weight_decay, betas=m0.betas, learn_step=m0.learn_step,
-            step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
-            stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
-            counters=counters)
-        for m, s in zip(modules, skipped.to(m0.qweight.device)):
-            m._count_skipped(s)
-
     def extra_repr(self) -> str:
         return f"tables={len(self.embedding_bags)}, is_weighted={self._is_weighted}"
+
+
+def table_args(modules: list[nn.Module]):
+    """The embedding_bags ops' per-table lists for these table modules: tables, steps
+    (empty where the format has none), bits, dims, formats."""
+    tables = [m.qweight for m in modules]
+    steps = [m.step if m.step is not None else m.qweight.new_empty(0, dtype=torch.float32)
+             for m in modules]
+    return (tables, steps, [m.bits for m in modules], [m.embedding_dim for m in modules],
+            [m.format for m in modules])
+
+
+@torch.no_grad()
+def update_tables(modules: list[_LowPrecisionTable], rows, grads) -> None:
+    """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call (the tables share
+    their update options); a table that is a shard keys its rounding by its place in the
+    whole table."""
+    for m in modules:
+        m._finish_pending()
+    counters = [m._next_update() for m in modules]
+    m0 = modules[0]
+    tables, steps, bits, dims, formats = table_args(modules)
+    skipped = ops.embedding_bags_update(
+        tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
+        grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
+        weight_decay=m0.weight_decay, betas=m0.betas, learn_step=m0.learn_step,
+        step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
+        stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
+        counters=counters, row_offsets=[m.row_offset for m in modules],
+        column_offsets=[m.column_offset for m in modules])
+    for m, s in zip(modules, skipped.to(m0.qweight.device)):
+        m._count_skipped(s)
