@@ -173,6 +173,7 @@ def plan_for(module, kinds: dict, world_size: int, local_size: int, sharder):
 
     make = {"row_wise": lambda: row_wise(), "data_parallel": lambda: data_parallel(),
             "column_wise": lambda: column_wise(ranks=list(range(world_size))),
+            "column_wise_swapped": lambda: column_wise(ranks=list(range(world_size))[::-1]),
             "table_row_wise": lambda: table_row_wise(host_index=0)}
     per_table = {}
     for name, kind in kinds.items():
@@ -540,3 +541,38 @@ def bad_plan_case(rank, world_size):
         except ValueError as e:
             messages.append(str(e))
     return messages
+
+
+def column_checkpoint_case(rank, world_size, path):
+    """Column-wise tables (Adam, fixed steps): trained 2 steps and saved with
+    torch.distributed.checkpoint, loaded into the same split placed on the other ranks, and
+    (separately) given the unsharded collection's plain state after 2 steps; each trains a
+    3rd step. Returns {source: {(table, what): bit-identical}} against 3 unsharded steps."""
+    import torch.distributed.checkpoint as dcp
+
+    options = dict(seed=5, optimizer="adam", learn_step=False)
+    kinds = {"t0": "column_wise", "t1": "table_wise:1", "t2": "column_wise",
+             "t3": "column_wise"}
+    swapped = {**kinds, "t0": "column_wise_swapped", "t2": "column_wise_swapped",
+               "t1": "table_wise:0"}
+    reference = collection("lowp", configs(), 8, **options)
+    train_steps(reference, 0, 2)
+    plain = {k: v.clone() for k, v in Model(reference).state_dict().items()}
+    module = collection("lowp", configs(), 8, **options)
+    dmp, sharded = shard(module, kinds, world_size)
+    train_steps(sharded, 0, 2, rank, world_size)
+    dcp.save(dmp.state_dict(), checkpoint_id=path)
+    train_steps(reference, 2, 3)
+    report = {}
+    for source in ("dcp", "plain"):
+        dmp, sharded = shard(collection("lowp", configs(), 8, **{**options, "seed": 99}),
+                             swapped, world_size)
+        if source == "dcp":
+            state = dmp.state_dict()
+            dcp.load(state, checkpoint_id=path)
+            dmp.load_state_dict(state)
+        else:
+            dmp.load_state_dict(plain)
+        train_steps(sharded, 2, 3, rank, world_size)
+        report[source] = compare_shards(sharded, reference)
+    return report

@@ -126,6 +126,15 @@ def test_checkpoint_2_to_1_to_2_continues_bit_exactly(tmp_path):
             assert compared and all(compared.values()), (source, compared)
 
 
+def test_column_wise_checkpoint_reloads_on_other_ranks(tmp_path):
+    """Column-wise shards saved stacked reload into the same split placed on the other
+    ranks, and take the unsharded collection's plain state, then train on bit-exactly."""
+    for report in cases.run("column_checkpoint_case", tmp_path, path=str(tmp_path / "ckpt"),
+                            timeout_s=BOUND_S):
+        for source, compared in report.items():
+            assert compared and all(compared.values()), (source, compared)
+
+
 def test_planner_places_tables_on_cpu_and_cuda(tmp_path):
     """TorchRec's planner offers every sharding type on CPU (its stock sharders offer
     row-wise only on CUDA) and on CUDA; the planned CPU models look up as the unsharded one."""
