@@ -239,7 +239,7 @@ def forward_case(rank, world_size, kind, bits, plans, exact_steps, batch_size=6,
                  output_dtype=torch.float32):
     """Each plan's sharded forward on this rank's batches against the unsharded
     collection's on the global batches, one-hot and multi-hot: {(plan, batches): {output
-    key: (max abs difference, bit-identical)}}."""
+    key: (max abs difference, bit-identical, the unsharded outputs' largest magnitude)}}."""
     cfg = configs()
     options = {"format": "symmetric"} if kind == "quantized" else {"seed": 5}
     module = collection(kind, cfg, bits, output_dtype=output_dtype, **options)
@@ -262,8 +262,10 @@ def forward_case(rank, world_size, kind, bits, plans, exact_steps, batch_size=6,
                     ref = want[key][rows]
                     assert value.dtype == ref.dtype == output_dtype
                     diff = float((value.float() - ref.float()).abs().max())
-                    old = diffs.get(key, (0.0, True))
-                    diffs[key] = (max(old[0], diff), old[1] and torch.equal(value, ref))
+                    scale = float(ref.float().abs().max())
+                    old = diffs.get(key, (0.0, True, 0.0))
+                    diffs[key] = (max(old[0], diff), old[1] and torch.equal(value, ref),
+                                  max(old[2], scale))
             report[(plan, name)] = diffs
     return report
 

@@ -22,7 +22,7 @@ def test_forward_equals_unsharded_for_every_sharding(tmp_path):
     for report in cases.run("forward_case", tmp_path, kind="quantized", bits=8, plans=PLANS,
                             exact_steps=True, timeout_s=BOUND_S):
         for (plan, batches), diffs in report.items():
-            assert all(same for _, same in diffs.values()), (plan, batches, diffs)
+            assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
 
 
 def test_forward_of_training_tables(tmp_path):
@@ -35,9 +35,10 @@ def test_forward_of_training_tables(tmp_path):
     for rank_report in report:
         for (plan, batches), diffs in rank_report.items():
             if batches == "one-hot" or plan in ("table_wise", "column_wise"):
-                assert all(same for _, same in diffs.values()), (plan, batches, diffs)
-            else:  # fp16 outputs of a few rows of about 0.01: a last-bit difference at most
-                assert max(d for d, _ in diffs.values()) <= 2 ** -17, (plan, batches, diffs)
+                assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
+            else:  # fp16 sums of a few rows added in another order: a last bit or two
+                assert all(d <= 2 ** -10 * scale for d, _, scale in diffs.values()), \
+                    (plan, batches, diffs)
 
 
 BIT_IDENTICAL = [("table_wise", 8, {}), ("row_wise", 4, {}), ("table_row_wise", 8, {}),
