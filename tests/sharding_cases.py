@@ -91,20 +91,22 @@ def run(case: str, tmp_path, world_size: int = 2, local_size: int | None = None,
 
 # --- collections, batches, plans --------------------------------------------------------------
 
-def configs(dims=(16, 8, 32, 16), rows=(40, 30, 50, 20)):
-    """Four tables, sum and mean pooling, the first read by two features."""
+def configs(dims=(16, 8, 32, 16), rows=(40, 30, 50, 20), mean=True):
+    """Four tables, sum and (with `mean`) mean pooling, the first read by two features."""
     from torchrec import EmbeddingBagConfig
     from torchrec.modules.embedding_configs import PoolingType
 
     names = [["f0", "f1"], ["f2"], ["f3"], ["f4"]]
-    pooling = [PoolingType.SUM, PoolingType.MEAN, PoolingType.SUM, PoolingType.MEAN]
+    pooling = [PoolingType.SUM, PoolingType.MEAN if mean else PoolingType.SUM,
+               PoolingType.SUM, PoolingType.MEAN if mean else PoolingType.SUM]
     return [EmbeddingBagConfig(num_embeddings=r, embedding_dim=d, name=f"t{i}",
                                feature_names=n, pooling=p)
             for i, (r, d, n, p) in enumerate(zip(rows, dims, names, pooling))]
 
 
-def batch(cfg, batch_size, seed, max_len=3, one_hot=False):
-    """A key-major KJT of all features in config order, drawn from `seed`."""
+def batch(cfg, batch_size, seed, max_len=3, one_hot=False, weighted=False):
+    """A key-major KJT of all features in config order, drawn from `seed`; with `weighted`,
+    per-sample weights in eighths (products with power-of-two steps stay exact)."""
     from torchrec import KeyedJaggedTensor
 
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +118,10 @@ def batch(cfg, batch_size, seed, max_len=3, one_hot=False):
             keys.append(name)
             lengths.append(n)
             values.append(torch.randint(0, c.num_embeddings, (int(n.sum()),), generator=gen))
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    values = torch.cat(values)
+    weights = (torch.randint(1, 17, values.shape, generator=gen) / 8.0 if weighted else None)
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=torch.cat(lengths),
+                             weights=weights)
 
 
 def local_batch(kjt, rank, world_size):
@@ -126,14 +131,17 @@ def local_batch(kjt, rank, world_size):
     batch = kjt.stride() // world_size
     lengths = kjt.lengths().view(len(kjt.keys()), -1)
     offsets = kjt.offsets()
-    values, mine = [], []
+    values, weights, mine = [], [], []
     for f in range(len(kjt.keys())):
         start = int(offsets[f * kjt.stride() + rank * batch])
         end = int(offsets[f * kjt.stride() + (rank + 1) * batch])
         values.append(kjt.values()[start:end])
+        if kjt.weights_or_none() is not None:
+            weights.append(kjt.weights()[start:end])
         mine.append(lengths[f, rank * batch: (rank + 1) * batch])
     return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values),
-                             lengths=torch.cat(mine))
+                             lengths=torch.cat(mine),
+                             weights=torch.cat(weights) if weights else None)
 
 
 def collection(kind, cfg, bits, **options):
@@ -236,16 +244,19 @@ PLANS = {
 
 
 def forward_case(rank, world_size, kind, bits, plans, exact_steps, batch_size=6,
-                 output_dtype=torch.float32):
+                 output_dtype=torch.float32, weighted=False):
     """Each plan's sharded forward on this rank's batches against the unsharded
-    collection's on the global batches, one-hot and multi-hot: {(plan, batches): {output
-    key: (max abs difference, bit-identical, the unsharded outputs' largest magnitude)}}."""
-    cfg = configs()
+    collection's on the global batches, one-hot and multi-hot (weighted: every table pooled
+    by sum, per-sample weights): {(plan, batches): {output key: (max abs difference,
+    bit-identical, the unsharded outputs' largest magnitude)}}."""
+    cfg = configs(mean=not weighted)
     options = {"format": "symmetric"} if kind == "quantized" else {"seed": 5}
-    module = collection(kind, cfg, bits, output_dtype=output_dtype, **options)
+    module = collection(kind, cfg, bits, output_dtype=output_dtype, is_weighted=weighted,
+                        **options)
     if exact_steps:
         power_of_two_steps(module)
-    batches = {name: [batch(cfg, batch_size * world_size, seed, one_hot=name == "one-hot")
+    batches = {name: [batch(cfg, batch_size * world_size, seed, one_hot=name == "one-hot",
+                            weighted=weighted)
                       for seed in (11, 12)] for name in ("one-hot", "multi-hot")}
     rows = slice(rank * batch_size, (rank + 1) * batch_size)
     report = {}

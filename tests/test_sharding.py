@@ -25,6 +25,14 @@ def test_forward_equals_unsharded_for_every_sharding(tmp_path):
             assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
 
 
+def test_weighted_forward_equals_unsharded_for_every_sharding(tmp_path):
+    """A weighted collection (per-sample weights carried with the ids to every shard)."""
+    for report in cases.run("forward_case", tmp_path, kind="quantized", bits=4, plans=PLANS,
+                            exact_steps=True, weighted=True, timeout_s=BOUND_S):
+        for (plan, batches), diffs in report.items():
+            assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
+
+
 def test_forward_of_training_tables(tmp_path):
     """Low-precision tables (steps from the data), fp16 output: one-id bags are bit-identical
     under every sharding; multi-id bags too where a bag's rows are pooled on one rank

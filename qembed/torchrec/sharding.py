@@ -230,7 +230,6 @@ class _ShardLookup(nn.Module):
                 self.feature_columns.append(column)
                 self.poolings.append("sum" if row_split else pooling)
                 column += m.embedding_dim
-        self.width = column
         self.training_tables = bool(self.tables) and isinstance(self.tables[0], _LowPrecisionTable)
 
     def _pool(self, values, offsets, weights) -> torch.Tensor:
