@@ -589,3 +589,49 @@ def column_checkpoint_case(rank, world_size, path):
         train_steps(sharded, 2, 3, rank, world_size)
         report[source] = compare_shards(sharded, reference)
     return report
+
+
+def torchrec_divisor_case(rank, world_size):
+    """TorchRec 1.8's own sharded collection (fp32, its stock sharder) on the mix that trips
+    its mean-pooling divisor: a table-wise sum table beside a row-wise mean one. Returns per
+    feature (pooling, max |sharded - unsharded|, max |sharded * (bag length + 1e-6) -
+    unsharded|)."""
+    from torchrec import EmbeddingBagCollection
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import (
+        construct_module_sharding_plan,
+        row_wise,
+        table_wise,
+    )
+    from torchrec.distributed.types import ShardingPlan
+
+    cfg = configs()[:2]  # t0: sum (f0, f1); t1: mean (f2)
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=cfg)
+    sharder = EmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(
+        ebc, {"t0": table_wise(rank=1, compute_kernel="fused"),
+              "t1": row_wise(compute_kernel="fused")},
+        sharder=sharder, local_size=world_size, world_size=world_size, device_type="cpu")
+    kjt = batch(cfg, 6 * world_size, seed=3)
+    with torch.no_grad():
+        want = ebc(kjt).to_dict()
+    weights = {c.name: ebc.embedding_bags[c.name].weight.detach().clone() for c in cfg}
+    dmp = DistributedModelParallel(Model(ebc), device=torch.device("cpu"),
+                                   plan=ShardingPlan({"sparse": plan}), sharders=[sharder])
+    state = dmp.state_dict()  # its shards start from their own values: set the tables'
+    with torch.no_grad():
+        for name, full in weights.items():
+            for piece in state[f"sparse.embedding_bags.{name}.weight"].local_shards():
+                (r0, c0), (r, c) = piece.metadata.shard_offsets, piece.metadata.shard_sizes
+                piece.tensor.copy_(full[r0:r0 + r, c0:c0 + c])
+        got = lookup(dmp.module.sparse, local_batch(kjt, rank, world_size))
+    rows = slice(rank * 6, (rank + 1) * 6)
+    lengths = kjt.lengths().view(len(kjt.keys()), -1)[:, rows].float()
+    report = {}
+    for i, (key, pooling) in enumerate((("f0", "sum"), ("f1", "sum"), ("f2", "mean"))):
+        ref = want[key][rows]
+        report[key] = (pooling, float((got[key] - ref).abs().max()),
+                       float((got[key] * (lengths[i][:, None] + 1e-6) - ref).abs().max()))
+    return report

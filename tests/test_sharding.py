@@ -49,6 +49,19 @@ def test_forward_of_training_tables(tmp_path):
                     (plan, batches, diffs)
 
 
+def test_torchrec_divisor_defect_is_what_qembed_avoids(tmp_path):
+    """TorchRec 1.8's sharded collection, a table-wise sum table beside a row-wise mean one:
+    its mean table is right, its sum table comes back divided by the bag lengths (plus its
+    1e-6). qembed's sharded collections give the unsharded bits on that mix (the "mixed"
+    plan of the forward tests)."""
+    for report in cases.run("torchrec_divisor_case", tmp_path, timeout_s=BOUND_S):
+        for key, (pooling, diff, diff_times_length) in report.items():
+            if pooling == "mean":
+                assert diff < 1e-6, (key, diff)
+            else:
+                assert diff > 1e-2 and diff_times_length < 1e-6, (key, diff, diff_times_length)
+
+
 BIT_IDENTICAL = [("table_wise", 8, {}), ("row_wise", 4, {}), ("table_row_wise", 8, {}),
                  ("mixed", 4, {"optimizer": "sgd", "learn_step": False}),
                  ("row_wise", 8, {"optimizer": "adam", "step_optimizer": "adam"}),
