@@ -26,27 +26,31 @@ def test_forward_equals_unsharded_for_every_sharding(tmp_path):
 
 
 def test_weighted_forward_equals_unsharded_for_every_sharding(tmp_path):
-    """A weighted collection (per-sample weights carried with the ids to every shard)."""
+    """A weighted collection (per-sample weights carried with the ids to every shard),
+    fp16 output."""
     for report in cases.run("forward_case", tmp_path, kind="quantized", bits=4, plans=PLANS,
-                            exact_steps=True, weighted=True, timeout_s=BOUND_S):
+                            exact_steps=True, weighted=True, output_dtype=cases.torch.float16,
+                            timeout_s=BOUND_S):
         for (plan, batches), diffs in report.items():
             assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
 
 
 def test_forward_of_training_tables(tmp_path):
-    """Low-precision tables (steps from the data), fp16 output: one-id bags are bit-identical
-    under every sharding; multi-id bags too where a bag's rows are pooled on one rank
-    (table-wise, column-wise), within float reordering where ranks add partial bags."""
+    """Low-precision tables (steps from the data): one-id bags are bit-identical under every
+    sharding; multi-id bags too where a bag's rows are pooled on one rank (table-wise,
+    column-wise), within float reordering (a few last bits) where ranks add partial bags."""
     report = cases.run("forward_case", tmp_path, kind="lowp", bits=4, plans=PLANS,
-                       exact_steps=False, output_dtype=cases.torch.float16,
-                       timeout_s=BOUND_S)
+                       exact_steps=False, timeout_s=BOUND_S)
+    reordered = False
     for rank_report in report:
         for (plan, batches), diffs in rank_report.items():
             if batches == "one-hot" or plan in ("table_wise", "column_wise"):
                 assert all(same for _, same, _ in diffs.values()), (plan, batches, diffs)
-            else:  # fp16 sums of a few rows added in another order: a last bit or two
-                assert all(d <= 2 ** -10 * scale for d, _, scale in diffs.values()), \
+            else:
+                assert all(d <= 2 ** -20 * scale for d, _, scale in diffs.values()), \
                     (plan, batches, diffs)
+                reordered |= not all(same for _, same, _ in diffs.values())
+    assert reordered  # the partial sums do add in another order here
 
 
 def test_torchrec_divisor_defect_is_what_qembed_avoids(tmp_path):
