@@ -1,4 +1,6 @@
 """Builds qembed._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+The package's metadata, dependencies (torch, numpy) and extras (triton, experiments, test) are
+in pyproject.toml.
 
 Environment switches:
   QEMBED_CUDA=0|1   force the CUDA kernels off or on (default: auto-detect)

@@ -31,6 +31,7 @@ import gc
 import math
 import os
 import statistics
+import time
 
 import torch
 
@@ -125,7 +126,7 @@ def lines(row: int) -> float:
     return statistics.mean(-(-(o + row) // 64) for o in range(0, 64, step))
 
 
-def lookup_rows(cfg, inputs, repeats, tbe, ebc, bits_list):
+def lookup_rows(cfg, inputs, repeats, tbe, ebc, bits_list, clock):
     ids = inputs[0][0].values().numel()
     fp32_row = cfg[0].embedding_dim * 4
     cands = {"torchrec fp32": (lambda kjt: ebc(kjt).values(), nbytes_of(tbe), fp32_row),
@@ -145,7 +146,8 @@ def lookup_rows(cfg, inputs, repeats, tbe, ebc, bits_list):
                                                row)
         cands[f"qembed int{bits}"] = (lambda kjt, m=coll: m(kjt).values(), coll.nbytes, row)
     with torch.no_grad():
-        times = interleaved_median_times({k: v[0] for k, v in cands.items()}, inputs, repeats)
+        times = interleaved_median_times({k: v[0] for k, v in cands.items()}, inputs, repeats,
+                                         clock)
     rows = []
     for name, (_, nbytes, row) in cands.items():
         t = times[name]
@@ -164,7 +166,7 @@ def lookup_rows(cfg, inputs, repeats, tbe, ebc, bits_list):
     return rows
 
 
-def training_rows(cfg, inputs, repeats, tbe, ebc, train_bits):
+def training_rows(cfg, inputs, repeats, tbe, ebc, train_bits, clock):
     batch = inputs[0][0].stride()
     width = sum(c.embedding_dim for c in cfg)
     grad = torch.randn(batch, width)
@@ -181,7 +183,7 @@ def training_rows(cfg, inputs, repeats, tbe, ebc, train_bits):
             m(kjt).values().backward(grad)
 
         cands[f"qembed lowp int{bits}"] = (step, coll.nbytes)
-    times = interleaved_median_times({k: v[0] for k, v in cands.items()}, inputs, repeats)
+    times = interleaved_median_times({k: v[0] for k, v in cands.items()}, inputs, repeats, clock)
     base = times["fbgemm fp32 adagrad"]
     return [dict(candidate=name, ms=times[name] * 1e3, state_GB=nbytes / 1e9,
                  vs_fbgemm_fp32_adagrad=base / times[name])
@@ -218,11 +220,17 @@ def main():
     p.add_argument("--batches", type=int, default=4, help="batches rotated through")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("--train-bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); with 1, CPU time of the thread is "
+                        "timed, which a loaded machine disturbs least")
     p.add_argument("--quick", action="store_true", help="small tables and batch: a smoke run")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     if a.quick:
         a.max_rows, a.batch, a.repeats, a.batches, a.multi_hot = 20_000, 256, 3, 2, 4
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     lookup, train = [], []
     for dim in a.dims:
@@ -231,12 +239,12 @@ def main():
         ebc = torchrec_fp32(cfg, tbe)
         for ids in (1, a.multi_hot):
             inputs = batches(cfg, a.batch, ids, a.batches, a.dist, gen)
-            for r in lookup_rows(cfg, inputs, a.repeats, tbe, ebc, a.bits):
+            for r in lookup_rows(cfg, inputs, a.repeats, tbe, ebc, a.bits, clock):
                 lookup.append(dict(dim=dim, ids_per_bag=ids, **r))
                 print(lookup[-1], flush=True)
             gc.collect()
         inputs = batches(cfg, a.batch, 1, a.batches, a.dist, gen)
-        for r in training_rows(cfg, inputs, a.repeats, tbe, ebc, a.train_bits):
+        for r in training_rows(cfg, inputs, a.repeats, tbe, ebc, a.train_bits, clock):
             train.append(dict(dim=dim, ids_per_bag=1, **r))
             print(train[-1], flush=True)
         del tbe, ebc

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network, no pip): builds qembed._C with its CUDA kernels in place,
-# runs the GPU tests (under compute-sanitizer's memcheck too, where installed), the Triton
-# kernels' GPU tests (where triton is installed), the GPU lookup benchmark and the
-# training-step benchmark. Everything it prints and writes goes to OUT_DIR.
+# runs the GPU tests (`pytest -m gpu`: the cuda backend's, under compute-sanitizer's memcheck
+# too where installed; the triton-cuda backend's where triton is installed), the GPU lookup
+# benchmark and the training-step benchmark. Everything it prints and writes goes to OUT_DIR.
 #   bash benchmarks/gpu_run.sh OUT_DIR [STEP ...]
 # STEPs (default: all, in this order): build tests triton_tests memcheck bench bench_train.
 # Naming some lets a machine that limits each command's time run them over several calls
@@ -26,7 +26,7 @@ die() { echo "gpu_run: $*" >&2; exit 1; }
 # Preflight: everything the steps need, named if missing.
 missing=$("$py" - <<'PY'
 import importlib.util
-need = ["torch", "numpy", "tqdm", "pytest", "setuptools", "ninja"]
+need = ["torch", "numpy", "tqdm", "matplotlib", "pytest", "hypothesis", "setuptools", "ninja"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PY
 ) || die "cannot run $py"
@@ -64,9 +64,9 @@ step() {  # step NAME COMMAND...: runs it if wanted, logs to OUT_DIR/NAME.log, r
   [ "$rc" -eq 0 ] || { echo "gpu_run: $name failed (exit $rc)" >&2; status=1; }
 }
 
-step tests "$py" -m pytest tests/test_cuda.py -m gpu -v -p no:cacheprovider
+step tests "$py" -m pytest tests -m "gpu and not triton" -v -p no:cacheprovider
 if "$py" -c "import triton" 2>/dev/null; then
-  step triton_tests "$py" -m pytest tests/test_triton_cuda.py -m gpu -v -p no:cacheprovider
+  step triton_tests "$py" -m pytest tests -m "gpu and triton" -v -p no:cacheprovider
 elif want triton_tests; then
   echo "triton not installed: the Triton kernels' GPU tests skipped" | tee "$out/triton_tests.log"
 fi
@@ -74,8 +74,8 @@ sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer
 if [ -n "$sanitizer" ]; then
   # memcheck slows kernels down a lot: the kernel tests only, no compiler
   step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 \
-    "$py" -m pytest tests/test_cuda.py -m gpu -q -x -p no:cacheprovider \
-    -k "not compiled and not opcheck"
+    "$py" -m pytest tests -m "gpu and not triton" -q -x -p no:cacheprovider \
+    -k "not compile and not opcheck"
 elif want memcheck; then
   echo "compute-sanitizer not found: memcheck skipped" | tee "$out/memcheck.log"
 fi

@@ -24,27 +24,12 @@ def format_id(fmt: str | int) -> int:
     return FORMATS[fmt]
 
 
-def pooling_id(mode: str) -> int:
+def pooling_id(mode: str | int) -> int:
+    if isinstance(mode, int) and mode in POOLINGS.values():
+        return mode
     if mode not in POOLINGS:
         raise ValueError(f"qembed: unsupported mode {mode!r}; choose one of {sorted(POOLINGS)}")
     return POOLINGS[mode]
-
-
-def check_bits_dim(bits: int, dim: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"qembed: bits must be an integer in 1..8, got {bits!r}")
-    if dim <= 0 or dim % 8:
-        raise ValueError(f"qembed: embedding dim must be a positive multiple of 8, got {dim} (pad the table)")
-
-
-def check_key_offsets(row_offset: int, column_offset: int, op: str) -> None:
-    """Where a shard's rows and elements sit in its whole table (stochastic rounding keys):
-    not negative, columns by whole groups of 8 codes (csrc/checks.h)."""
-    if row_offset < 0:
-        raise ValueError(f"{op}: row_offset must not be negative, got {row_offset}")
-    if column_offset < 0 or column_offset % 8:
-        raise ValueError(f"{op}: column_offset must be a non-negative multiple of 8, got "
-                         f"{column_offset}")
 
 
 def code_bytes(dim: int, bits: int) -> int:

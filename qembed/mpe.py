@@ -1,7 +1,7 @@
-"""Mixed-precision embeddings (MPE): frequency groups, sampling the searched widths, the
-size report, and the retrain flow.
+"""Mixed-precision embeddings (MPE), the algorithm: frequency groups, sampling the searched
+widths, and the size report. The tables are in :mod:`qembed.nn`.
 
-The whole flow on a CTR model (see :mod:`qembed.experiment`, method ``"mpe"``)::
+The whole flow on a CTR model (see :mod:`qembed.experiments.runner`, method ``"mpe"``)::
 
     counts = train.feature_counts()           # ids by training frequency within each field:
     train, valid = train.renumbered(counts), valid.renumbered(counts)   # groups are id runs
@@ -9,17 +9,15 @@ The whole flow on a CTR model (see :mod:`qembed.experiment`, method ``"mpe"``)::
     model = DNN(field_dims, embedding_factory=lambda r, d: MixedPrecisionSearchEmbedding(
         r, d, groups=groups, reg_lambda=1e-6))
     fit(model, train, valid, opt, regularizer=model.embedding.bit_loss)   # search
-    retrained = retrain_model(model)          # initial table at the sampled widths
+    retrained = qembed.retrain_model(model)   # initial table at the sampled widths
     fit(retrained, train, valid, opt2)        # retrain: packed codes, lowp updates
     retrained.embedding.export()              # inference table
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -118,24 +116,3 @@ def report(table) -> MixedPrecisionReport:
         group_sizes=[int(s) for s in table.group_sizes] if table.group_sizes is not None else [],
         average_bits=float(widths.mean()), fp32_bytes=table.num_embeddings * table.embedding_dim * 4,
         table_bytes=table.nbytes, code_bytes=table.nbytes - table.location.numel() * table.location.element_size())
-
-
-def retrain_model(search_model: nn.Module, **train) -> nn.Module:
-    """The retrain phase's model: a copy of ``search_model`` (dense network and everything
-    else as searched) whose search tables become :class:`MixedPrecisionEmbedding` /
-    ``Bag`` tables built by ``from_search``: the table reset to its initial values, each
-    group fixed at its sampled width, the searched alpha and beta kept. ``train`` goes to
-    the tables (optimizer, lr, rounding, ...). Train it again with any dense optimizer loop:
-    the tables update themselves in backward through ``lowp_update``."""
-    from .nn.mpe import _SearchTable, from_search
-
-    model = copy.deepcopy(search_model)
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, _SearchTable)]
-    if not swaps and not isinstance(model, _SearchTable):
-        raise ValueError("qembed.retrain_model: the model has no mixed-precision search table")
-    if isinstance(model, _SearchTable):
-        return from_search(model, **train)
-    for parent, name, child in swaps:
-        setattr(parent, name, from_search(child, **train))
-    return model

@@ -20,21 +20,14 @@ where the extension has no CUDA kernel for them:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import threading
 
 import torch
 
-from . import reference
-from .formats import (
-    STEP_OPTIMIZERS,
-    check_bits_dim,
-    code_bytes,
-    format_id,
-    optimizer_id,
-    pooling_id,
-    row_bytes,
-)
+from . import _checks, reference
+from .formats import STEP_OPTIMIZERS, code_bytes, format_id, optimizer_id, pooling_id, row_bytes
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
@@ -143,8 +136,7 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
             pooling_id(mode), include_last_offset, -1 if padding_idx is None else padding_idx,
             output_dtype)
     if triton:
-        from . import triton as kernels
-        return kernels.embedding_bag(*args)
+        return _triton_op("embedding_bag")(*args)
     return torch.ops.qembed.embedding_bag(*args)
 
 
@@ -223,8 +215,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             betas[1], iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS),
             step_lr, stochastic, seed, counter, row_offset, column_offset)
     if triton:
-        from . import triton as kernels
-        return kernels.lowp_update(*args)
+        return _triton_op("lowp_update")(*args)
     return torch.ops.qembed.lowp_update(*args)
 
 
@@ -296,7 +287,7 @@ def _format_ids(formats) -> list[int]:
 
 
 def _pooling_ids(poolings) -> list[int]:
-    return [p if isinstance(p, int) else pooling_id(p) for p in poolings]
+    return [pooling_id(p) for p in poolings]
 
 
 def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
@@ -401,25 +392,21 @@ def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> t
     return t.zero_()
 
 
-def _check_same_device(base: torch.Tensor, base_name: str, **tensors) -> None:
-    # The fake implementations below also serve the Meta key, which the dispatcher picks
-    # when any argument is a meta tensor: the C++ device checks never run then.
-    for name, t in tensors.items():
-        if t is not None and t.device != base.device:
-            raise ValueError(f"qembed: {name} is on {t.device} but {base_name} is on {base.device}")
+def _triton_op(op: str):
+    """The Triton entry point of op (qembed/triton/<op>.py); triton is imported on the first
+    call, not with qembed."""
+    return getattr(importlib.import_module(f"qembed.triton.{op}"), op)
 
 
 def _register_triton_cuda_kernels() -> None:
-    """Triton as the CUDA kernel of the ops the extension has none for; triton is imported
-    on the first call, not with qembed."""
+    """Triton as the CUDA kernel of the ops the extension has none for."""
     for op in TRITON_OPS:
         name = f"qembed::{op}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
             continue
 
         def kernel(*args, _op=op):
-            from . import triton as kernels
-            return getattr(kernels, _op)(*args)
+            return _triton_op(_op)(*args)
 
         torch.library.register_kernel(name, "cuda", kernel)
 
@@ -428,46 +415,43 @@ if HAS_EXTENSION and HAS_TRITON:
     _register_triton_cuda_kernels()
 
 if HAS_EXTENSION:
+    # The fakes check what the C++ kernels check before they read data (qembed._checks): they
+    # also serve the Meta key, which the dispatcher picks when any argument is a meta tensor,
+    # and then no C++ check runs.
 
     @torch.library.register_fake("qembed::pack")
     def _pack_fake(codes, bits):
-        check_bits_dim(bits, codes.shape[1])
+        _checks.check_pack_args(codes, bits)
         return codes.new_empty(codes.shape[0], code_bytes(codes.shape[1], bits))
 
     @torch.library.register_fake("qembed::unpack")
     def _unpack_fake(packed, bits, dim):
-        check_bits_dim(bits, dim)
+        _checks.check_unpack_args(packed, bits, dim)
         return packed.new_empty(packed.shape[0], dim)
 
     @torch.library.register_fake("qembed::quantize")
     def _quantize_fake(weight, bits, fmt, step, stochastic, seed, counter):
-        check_bits_dim(bits, weight.shape[1])
-        _check_same_device(weight, "weight", step=step)
+        _checks.check_quantize_args(weight, bits, fmt, step)
         return weight.new_empty(weight.shape[0], row_bytes(weight.shape[1], bits, fmt),
                                 dtype=torch.uint8)
 
     @torch.library.register_fake("qembed::dequantize")
     def _dequantize_fake(rows, bits, dim, fmt, step):
-        check_bits_dim(bits, dim)
-        _check_same_device(rows, "rows", step=step)
+        _checks.check_rows(rows, dim, bits, fmt)
+        _checks.check_table_step(step, fmt, rows)
         return rows.new_empty(rows.shape[0], dim, dtype=torch.float32)
 
     @torch.library.register_fake("qembed::embedding_bag")
     def _embedding_bag_fake(rows, indices, offsets, psw, step, bits, dim, fmt, mode,
                             include_last_offset, padding_idx, output_dtype):
-        check_bits_dim(bits, dim)
-        _check_same_device(rows, "rows", step=step)
-        _check_same_device(rows, "the table", indices=indices, per_sample_weights=psw,
-                           offsets=offsets if mode != 2 else None)
-        if mode == 2:
-            n = indices.shape[0]
-        else:
-            n = offsets.shape[0] - (1 if include_last_offset else 0)
+        n = _checks.check_lookup_args(rows, indices, offsets, psw, step, bits, dim, fmt, mode,
+                                      include_last_offset, output_dtype)
         return rows.new_empty(n, dim, dtype=output_dtype)
 
     @torch.library.register_fake("qembed::embedding_bag_backward")
     def _embedding_bag_backward_fake(grad_out, indices, offsets, psw, mode,
                                      include_last_offset, padding_idx):
+        _checks.check_backward_args(grad_out, indices, offsets, psw, mode, include_last_offset)
         u = torch.library.get_ctx().new_dynamic_size()
         return (indices.new_empty(u, dtype=torch.long),
                 grad_out.new_empty(u, grad_out.shape[1], dtype=torch.float32))
@@ -475,11 +459,19 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::embedding_bag_psw_backward")
     def _embedding_bag_psw_backward_fake(grad_out, rows, indices, offsets, step, bits, dim, fmt,
                                          mode, include_last_offset, padding_idx):
+        _checks.check_psw_backward_args(grad_out, rows, indices, offsets, step, bits, dim, fmt,
+                                        mode, include_last_offset)
         return grad_out.new_empty(indices.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("qembed::lowp_update")
     def _lowp_update_fake(rows, step, state, step_state, unique_rows, grad_rows, weights,
-                          weights_out, *args):
+                          weights_out, bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1,
+                          beta2, iteration, learn_step, step_optimizer, step_lr, stochastic, seed,
+                          counter, row_offset=0, column_offset=0):
+        _checks.check_update_args(rows, step, state, step_state, unique_rows,
+                                  grad_rows.contiguous(), weights, weights_out, bits, dim, fmt,
+                                  optimizer, iteration, learn_step, step_optimizer, row_offset,
+                                  column_offset)
         return rows.new_empty((), dtype=torch.long)
 
     # embedding_bag's autograd is in C++ (csrc/autograd.cpp).
@@ -487,32 +479,33 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::mpe_search_forward")
     def _mpe_search_forward_fake(weight, indices, offsets, row_group, probs, alpha, beta, bits,
                                  mode, include_last_offset):
-        _check_same_device(weight, "weight", indices=indices, row_group=row_group, probs=probs,
-                           alpha=alpha, beta=beta)
-        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        _checks.check_search_args("mpe_search_forward", weight, row_group, probs, alpha, beta,
+                                  bits)
+        n = _checks.check_search_lookup_args(weight, indices, offsets, mode, include_last_offset)
         return weight.new_empty(n, weight.shape[1])
 
     @torch.library.register_fake("qembed::mpe_search_backward")
     def _mpe_search_backward_fake(weight, unique_rows, grad_rows, row_group, probs, alpha, beta,
                                   bits, numel):
+        _checks.check_search_args("mpe_search_backward", weight, row_group, probs, alpha, beta,
+                                  bits)
+        _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
         return (grad_rows.new_empty(grad_rows.shape), alpha.new_empty(alpha.shape),
                 beta.new_empty(beta.shape), probs.new_empty(probs.shape))
 
     @torch.library.register_fake("qembed::embedding_bags")
     def _embedding_bags_fake(tables, steps, bits, dims, formats, feature_tables, feature_columns,
                              poolings, values, offsets, psw, output_dtype):
-        if not feature_tables:
-            raise ValueError("qembed.embedding_bags: at least one feature is needed")
-        for t, table in enumerate(tables):
-            _check_same_device(values, "the values", **{f"table {t}": table})
-        _check_same_device(values, "the values", offsets=offsets, per_sample_weights=psw)
-        width = sum(dims[t] for t in feature_tables)
-        batch = (offsets.shape[0] - 1) // len(feature_tables)
+        batch, width = _checks.check_bags_args(tables, steps, bits, dims, formats,
+                                               feature_tables, feature_columns, poolings,
+                                               values, offsets, psw, output_dtype)
         return values.new_empty(batch, width, dtype=output_dtype)
 
     @torch.library.register_fake("qembed::embedding_bags_backward")
     def _embedding_bags_backward_fake(grad_out, dims, feature_tables, feature_columns, poolings,
                                       values, offsets, psw):
+        _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                         poolings, values, offsets, psw)
         ctx = torch.library.get_ctx()
         sizes = [ctx.new_dynamic_size() for _ in dims]
         return ([values.new_empty(u, dtype=torch.long) for u in sizes],
@@ -521,10 +514,19 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::embedding_bags_psw_backward")
     def _embedding_bags_psw_backward_fake(grad_out, tables, steps, bits, dims, formats,
                                           feature_tables, feature_columns, values, offsets):
+        _checks.check_bags_psw_backward_args(grad_out, tables, steps, bits, dims, formats,
+                                             feature_tables, feature_columns, values, offsets)
         return grad_out.new_empty(values.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("qembed::embedding_bags_update")
-    def _embedding_bags_update_fake(tables, *args):
+    def _embedding_bags_update_fake(tables, steps, states, step_states, unique_rows, grad_rows,
+                                    bits, dims, formats, optimizer, lr, eps, weight_decay, beta1,
+                                    beta2, learn_step, step_optimizer, step_lr, stochastic, seeds,
+                                    counters, row_offsets=None, column_offsets=None):
+        _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                       [g.contiguous() for g in grad_rows], bits, dims, formats,
+                                       optimizer, learn_step, step_optimizer, seeds, counters,
+                                       row_offsets, column_offsets)
         return tables[0].new_empty(len(tables), dtype=torch.long)
 
     # embedding_bags' tables get no gradient (training updates them in its own backward, see
@@ -549,7 +551,8 @@ if HAS_EXTENSION:
             grad_psw = torch.ops.qembed.embedding_bags_psw_backward(
                 grad, tables, steps, bits, dims, formats, feature_tables, feature_columns,
                 values, offsets).to(ctx.psw_dtype)
-        return (None,) * 10 + (grad_psw, None)
+        no_grads = [None] * ctx.num_tables  # one per table and per step: the same structure
+        return (no_grads, list(no_grads)) + (None,) * 8 + (grad_psw, None)
 
     torch.library.register_autograd("qembed::embedding_bags", _embedding_bags_backward_autograd,
                                     setup_context=_embedding_bags_setup_context)
@@ -561,9 +564,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::mpe_embedding_bag")
     def _mpe_embedding_bag_fake(segments, bits, steps, beta, location, indices, offsets, psw,
                                 mode, include_last_offset, output_dtype):
-        _check_same_device(beta, "beta", steps=steps, location=location, indices=indices,
-                           per_sample_weights=psw)
-        n = indices.shape[0] if mode == 2 else offsets.shape[0] - (1 if include_last_offset else 0)
+        n = _checks.check_mixed_lookup_args(segments, bits, steps, beta, location, indices,
+                                            offsets, psw, mode, include_last_offset,
+                                            output_dtype)
         return beta.new_empty(n, beta.shape[0], dtype=output_dtype)
 
     # The search's backward: the rows' gradients (repeats summed, mean applied) come from

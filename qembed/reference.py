@@ -1,16 +1,17 @@
 """Pure-PyTorch version of every qembed op: the oracle for tests and the fallback when the
 compiled extension is absent. Arithmetic follows the kernels operation by operation, so
-deterministic results agree bit for bit and pooled sums up to float reordering."""
+deterministic results agree bit for bit and pooled sums up to float reordering. Arguments are
+checked as the kernels check them (:mod:`qembed._checks`), with the same exceptions."""
 from __future__ import annotations
 
 import torch
 
+from . import _checks
 from .formats import (
     FORMATS,
     OPTIMIZERS,
+    POOLINGS,
     STEP_OPTIMIZERS,
-    check_bits_dim,
-    check_key_offsets,
     code_bytes,
     format_id,
     optimizer_id,
@@ -29,8 +30,8 @@ _MASK32 = 0xFFFFFFFF
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [N, D] -> uint8 [N, D*bits/8]: 8 codes per `bits` bytes, low bits first."""
+    _checks.check_pack_args(codes, bits)
     n, dim = codes.shape
-    check_bits_dim(bits, dim)
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"qembed.pack: code {int(codes.max())} does not fit in {bits} bits")
     shifts = torch.arange(bits, device=codes.device)
@@ -42,7 +43,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """uint8 [N, >= D*bits/8] -> uint8 codes [N, D]."""
-    check_bits_dim(bits, dim)
+    _checks.check_unpack_args(packed, bits, dim)
     n = packed.shape[0]
     data = packed[:, : code_bytes(dim, bits)].long().view(n, dim // 8, bits, 1)
     stream = (data >> torch.arange(8, device=packed.device)) & 1
@@ -102,8 +103,8 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
              counter: int = 0) -> torch.Tensor:
     """fp32 [N, D] -> packed rows [N, row_bytes] with parameters inline."""
     fmt = format_id(fmt)
+    _checks.check_quantize_args(weight, bits, fmt, step)
     n, dim = weight.shape
-    check_bits_dim(bits, dim)
     if not torch.isfinite(weight).all():
         raise ValueError("qembed.quantize: weight has a non-finite value")
     mask = (1 << bits) - 1
@@ -114,8 +115,6 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         bias, offset = lo, 0
     else:
-        if step is None:
-            raise ValueError("qembed.quantize: symmetric formats need a step")
         if not (torch.isfinite(step).all() and (step > 0).all()):
             raise ValueError("qembed.quantize: steps must be positive and finite")
         scale = step.to(torch.float32).reshape(-1).expand(n)
@@ -152,10 +151,8 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
                step: torch.Tensor | None = None) -> torch.Tensor:
     """Packed rows -> fp32 [N, dim]."""
     fmt = format_id(fmt)
-    check_bits_dim(bits, dim)
-    if rows.dim() != 2 or rows.shape[1] != row_bytes(dim, bits, fmt):
-        raise ValueError(f"qembed: packed rows of shape {tuple(rows.shape)} do not match "
-                         f"dim={dim}, bits={bits}, format={fmt}")
+    _checks.check_rows(rows, dim, bits, fmt)
+    _checks.check_table_step(step, fmt, rows)
     scale, bias, offset = row_params(rows, bits, dim, fmt, step)
     q = (unpack(rows, bits, dim).to(torch.int32) + offset).to(torch.float32)
     return scale[:, None] * q + bias[:, None]
@@ -164,19 +161,10 @@ def dequantize(rows: torch.Tensor, bits: int, dim: int, fmt: str | int = "affine
 # --- fused lookup -----------------------------------------------------------------------
 
 def bag_lengths(offsets: torch.Tensor, num_indices: int, include_last_offset: bool) -> torch.Tensor:
-    """Length of each bag; checks offsets as the kernels do."""
+    """Length of each bag; checks the offsets' values as the kernels do."""
+    _checks.check_offsets_values(offsets, num_indices)
     off = offsets.long()
-    if off.numel():
-        if int(off[0]) != 0:
-            raise ValueError(f"qembed.embedding_bag: offsets[0] must be 0, got {int(off[0])}")
-        if (off[1:] < off[:-1]).any():
-            raise ValueError("qembed.embedding_bag: offsets must be non-decreasing")
-        if int(off[-1]) > num_indices:
-            raise ValueError(f"qembed.embedding_bag: offsets[-1] = {int(off[-1])} is past the "
-                             f"end of indices ({num_indices})")
     if include_last_offset:
-        if not off.numel():
-            raise ValueError("qembed: with include_last_offset, offsets needs at least one element")
         ends = off[1:]
     else:
         ends = torch.cat([off[1:], off.new_tensor([num_indices])])
@@ -190,12 +178,9 @@ def embedding_bag(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
                   include_last_offset: bool = False, padding_idx: int | None = None,
                   output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """out[b] = pool over i in bag b of psw_i * dequantize(rows[indices[i]])."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows.shape[0]):
-        raise IndexError(f"qembed.embedding_bag: an index is out of range for a table of "
-                         f"{rows.shape[0]} rows")
+    _checks.check_lookup_args(rows, indices, offsets, per_sample_weights, step, bits, dim,
+                              format_id(fmt), pooling_id(mode), include_last_offset, output_dtype)
+    _checks.check_indices_values(indices, rows.shape[0])
     values = dequantize(rows[indices.long()], bits, dim, fmt, step)
     if per_sample_weights is not None:
         values = values * per_sample_weights.to(torch.float32)[:, None]
@@ -239,19 +224,21 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor,
                            padding_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unique_rows [U] ascending, grad_rows fp32 [U, D]): the gradient of embedding_bag with
     respect to each distinct row it read, repeats summed in batch order."""
-    pooling_id(mode)
+    _checks.check_backward_args(grad_out, indices, offsets, per_sample_weights, pooling_id(mode),
+                                include_last_offset)
     grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     pad = -1 if padding_idx is None else padding_idx
     if per_sample_weights is not None:
         factor = per_sample_weights[: bag.numel()].to(torch.float32)
     elif mode == "mean":
-        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=idx.device)
+        count = torch.zeros(grad_out.shape[0], dtype=torch.long, device=device)
         count.index_add_(0, bag, (idx != pad).long())
-        factor = (torch.ones(count.shape) / count.clamp(min=1).to(torch.float32))[bag]
+        factor = (1.0 / count.clamp(min=1).to(torch.float32))[bag]
     else:
-        factor = torch.ones(bag.numel())
+        factor = torch.ones(bag.numel(), device=device)
     return _sum_by_row(idx, grad_out[bag] * factor[:, None], pad)
 
 
@@ -264,7 +251,7 @@ def _sum_by_row(idx: torch.Tensor, contrib: torch.Tensor, skip: int = -1
     keys, perm = keys[keep], perm[keep]
     unique_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    grad_rows = torch.zeros(unique_rows.numel(), contrib.shape[1])
+    grad_rows = torch.zeros(unique_rows.numel(), contrib.shape[1], device=contrib.device)
     for k in range(int(counts.max()) if counts.numel() else 0):
         sel = counts > k
         grad_rows[sel] = grad_rows[sel] + contrib[perm[starts[sel] + k]]
@@ -278,11 +265,14 @@ def embedding_bag_psw_backward(grad_out: torch.Tensor, rows: torch.Tensor,
                                include_last_offset: bool = False,
                                padding_idx: int | None = None) -> torch.Tensor:
     """d out / d per_sample_weights: <grad_out[bag(i)], row[indices[i]]>, 0 for padding."""
+    _checks.check_psw_backward_args(grad_out, rows, indices, offsets, step, bits, dim,
+                                    format_id(fmt), pooling_id(mode), include_last_offset)
+    _checks.check_indices_values(indices, rows.shape[0])
     bag = _bag_of(indices, offsets, mode, include_last_offset)
     idx = indices[: bag.numel()].long()
     values = dequantize(rows[idx], bits, dim, fmt, step)
     dot = _seq_sum(grad_out.to(torch.float32)[bag] * values)
-    out = torch.zeros(indices.numel())
+    out = torch.zeros(indices.numel(), device=grad_out.device)
     out[: bag.numel()] = torch.where(idx != (-1 if padding_idx is None else padding_idx), dot, 0.0)
     return out
 
@@ -326,9 +316,10 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     Stochastic rounding keys row r and element d as row_offset + r, column_offset + d."""
     fmt, opt = format_id(fmt), optimizer_id(optimizer)
     sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
-    if fmt == AFFINE:
-        raise ValueError("qembed.lowp_update: training needs a symmetric format")
-    check_key_offsets(row_offset, column_offset, "qembed.lowp_update")
+    _checks.check_update_args(rows, step, state, step_state, unique_rows,
+                              grad_rows.contiguous(), weights, weights_out, bits, dim, fmt, opt,
+                              iteration, learn_step, sopt, row_offset, column_offset)
+    _checks.check_update_rows_values(unique_rows, rows.shape[0])
     uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
     ok = torch.isfinite(g).all(1)
     if weights is not None:
@@ -391,29 +382,18 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
 
 # --- many tables in one call (TorchRec's KeyedJaggedTensor layout) ------------------------
 
-def _features(feature_tables, offsets: torch.Tensor, num_values: int):
-    """(batch size, offsets as int64) of a key-major batch, checked as the kernels check it."""
-    num_features = len(feature_tables)
-    if num_features < 1:
-        raise ValueError("qembed.embedding_bags: at least one feature is needed")
-    if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
-        raise ValueError(f"qembed.embedding_bags: offsets must have F * B + 1 entries for "
-                         f"F = {num_features} features, got {offsets.numel()}")
-    off = offsets.long()
-    if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()) or int(off[-1]) != num_values:
-        raise ValueError("qembed.embedding_bags: offsets must start at 0, be non-decreasing "
-                         f"and end at the number of values ({num_values})")
-    return (offsets.numel() - 1) // num_features, off
-
-
-def _feature_slice(off: torch.Tensor, f: int, batch: int):
+def _feature_slice(offsets: torch.Tensor, f: int, batch: int):
     """(first position, last position + 1, the feature's offsets from 0 [B + 1])."""
-    part = off[f * batch: (f + 1) * batch + 1]
+    part = offsets.long()[f * batch: (f + 1) * batch + 1]
     return int(part[0]), int(part[-1]), part - part[0]
 
 
 def _table_step(steps, formats, t):
     return steps[t] if format_id(formats[t]) == SYM_TABLE else None
+
+
+def _pooling_name(pooling: int) -> str:
+    return next(k for k, v in POOLINGS.items() if v == pooling)
 
 
 def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: list[int],
@@ -422,17 +402,22 @@ def embedding_bags(tables: list[torch.Tensor], steps: list[torch.Tensor], bits: 
                    offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
                    output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Each feature looked up by embedding_bag on its table, written at its columns."""
-    batch, off = _features(feature_tables, offsets, values.numel())
-    width = sum(dims[t] for t in feature_tables)
+    op = "qembed.embedding_bags: "
+    poolings = [pooling_id(p) for p in poolings]
+    batch, width = _checks.check_bags_args(
+        tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, poolings, values, offsets, per_sample_weights, output_dtype)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
     out = torch.zeros(batch, width, device=values.device)
-    for f, t in enumerate(feature_tables):
-        start, end, local = _feature_slice(off, f, batch)
-        mode = poolings[f] if isinstance(poolings[f], str) else ("sum", "mean")[poolings[f]]
+    for f, (t, pooling) in enumerate(zip(feature_tables, poolings)):
+        start, end, local = _feature_slice(offsets, f, batch)
         psw = None if per_sample_weights is None else per_sample_weights[start:end]
         col = feature_columns[f]
         out[:, col: col + dims[t]] = embedding_bag(
             tables[t], values[start:end], local, bits[t], dims[t], formats[t],
-            _table_step(steps, formats, t), psw, mode, include_last_offset=True)
+            _table_step(steps, formats, t), psw, _pooling_name(pooling), include_last_offset=True)
     return out.to(output_dtype)
 
 
@@ -443,24 +428,29 @@ def embedding_bags_backward(grad_out: torch.Tensor, dims: list[int], feature_tab
                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per table: (distinct rows ascending, their gradients), the contributions of all the
     table's features summed in the order of values."""
-    batch, off = _features(feature_tables, offsets, values.numel())
+    poolings = [pooling_id(p) for p in poolings]
+    batch, _ = _checks.check_bags_backward_args(grad_out, dims, feature_tables, feature_columns,
+                                                poolings, values, offsets, per_sample_weights)
+    _checks.check_bags_offsets_values("qembed.embedding_bags_backward: ", offsets, max(batch, 1),
+                                      values.numel())
     grad_out = grad_out.to(torch.float32)
+    device = grad_out.device
     rows, grads = [], []
     for t, dim in enumerate(dims):
-        idx, contrib = [values.new_zeros(0, dtype=torch.long)], [torch.zeros(0, dim)]
+        idx = [values.new_zeros(0, dtype=torch.long)]
+        contrib = [torch.zeros(0, dim, device=device)]
         for f, ft in enumerate(feature_tables):
             if ft != t:
                 continue
-            start, end, local = _feature_slice(off, f, batch)
+            start, end, local = _feature_slice(offsets, f, batch)
             lengths = local[1:] - local[:-1]
-            bag = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
-            mode = poolings[f] if isinstance(poolings[f], str) else ("sum", "mean")[poolings[f]]
+            bag = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
             if per_sample_weights is not None:
                 factor = per_sample_weights[start:end].to(torch.float32)
-            elif mode == "mean":
+            elif poolings[f] == POOLINGS["mean"]:
                 factor = (1.0 / lengths.clamp(min=1).to(torch.float32))[bag]
             else:
-                factor = torch.ones(end - start)
+                factor = torch.ones(end - start, device=device)
             col = feature_columns[f]
             idx.append(values[start:end].long())
             contrib.append(grad_out[bag, col: col + dim] * factor[:, None])
@@ -476,10 +466,16 @@ def embedding_bags_psw_backward(grad_out: torch.Tensor, tables: list[torch.Tenso
                                 feature_columns: list[int], values: torch.Tensor,
                                 offsets: torch.Tensor) -> torch.Tensor:
     """embedding_bag_psw_backward of each feature on its table and columns."""
-    batch, off = _features(feature_tables, offsets, values.numel())
-    out = torch.zeros(values.numel())
+    op = "qembed.embedding_bags_psw_backward: "
+    batch, _ = _checks.check_bags_psw_backward_args(
+        grad_out, tables, steps, bits, dims, [format_id(f) for f in formats], feature_tables,
+        feature_columns, values, offsets)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    out = torch.zeros(values.numel(), device=grad_out.device)
     for f, t in enumerate(feature_tables):
-        start, end, local = _feature_slice(off, f, batch)
+        start, end, local = _feature_slice(offsets, f, batch)
         col = feature_columns[f]
         out[start:end] = embedding_bag_psw_backward(
             grad_out[:, col: col + dims[t]], tables[t], values[start:end], local, bits[t],
@@ -501,25 +497,25 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
                           column_offsets: list[int] | None = None) -> torch.Tensor:
     """lowp_update on each table with iteration = counter = counters[t], seed seeds[t] and
     key offsets row_offsets[t], column_offsets[t] (0 when not given)."""
-    opt = optimizer if isinstance(optimizer, str) else \
-        next(k for k, v in OPTIMIZERS.items() if v == optimizer)
-    sopt = step_optimizer if isinstance(step_optimizer, str) else \
-        next(k for k, v in STEP_OPTIMIZERS.items() if v == step_optimizer)
+    opt, sopt = optimizer_id(optimizer), optimizer_id(step_optimizer, STEP_OPTIMIZERS)
     n = len(tables)
     seeds = [0] * n if seeds is None else seeds
     counters = [1] * n if counters is None else counters
     row_offsets = [0] * n if row_offsets is None else row_offsets
     column_offsets = [0] * n if column_offsets is None else column_offsets
-    if len(row_offsets) != n or len(column_offsets) != n:
-        raise ValueError(f"qembed.embedding_bags_update: every list needs one entry per table "
-                         f"({n})")
-    skipped = [lowp_update(tables[t], _table_step(steps, formats, t), states[t], step_states[t],
-                           unique_rows[t], grad_rows[t], bits[t], dims[t], formats[t], opt, lr,
+    fmts = [format_id(f) for f in formats]
+    _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
+                                   [g.contiguous() for g in grad_rows], bits, dims, fmts, opt,
+                                   learn_step, sopt, seeds, counters, row_offsets, column_offsets)
+    for t in range(n):
+        _checks.check_bags_update_rows_values(unique_rows[t], tables[t].shape[0], t)
+    skipped = [lowp_update(tables[t], _table_step(steps, fmts, t), states[t], step_states[t],
+                           unique_rows[t], grad_rows[t], bits[t], dims[t], fmts[t], opt, lr,
                            eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
                            step_lr, stochastic, seeds[t], counters[t], row_offset=row_offsets[t],
-                           column_offset=column_offsets[t]) for t in range(n)]
-    return torch.stack([s.reshape(()) for s in skipped]).long() if skipped else \
-        torch.zeros(0, dtype=torch.long)
+                           column_offset=column_offsets[t])
+               for t in range(n)]
+    return torch.stack([s.reshape(()) for s in skipped]).long()
 
 
 # --- mixed-precision embeddings (MPE) -----------------------------------------------------
@@ -572,9 +568,10 @@ def mpe_search_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: tor
                        include_last_offset: bool = False) -> torch.Tensor:
     """Pooled sum_b probs[g(r), b] * Q_b(w_r) over the looked-up rows; differentiable in
     weight, probs, alpha and beta with the gradients mpe_search_backward computes."""
-    pooling_id(mode)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
-        raise IndexError("qembed.mpe_search_forward: an index is out of range")
+    _checks.check_search_args("mpe_search_forward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_lookup_args(weight, indices, offsets, pooling_id(mode),
+                                     include_last_offset)
+    _checks.check_indices_values(indices, weight.shape[0])
     rows = indices.long()
     w, p = weight[rows], probs[row_group[rows]]
     numel = max(rows.numel() * weight.shape[1], 1)
@@ -591,6 +588,9 @@ def mpe_search_backward(weight: torch.Tensor, unique_rows: torch.Tensor,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of the rows unique_rows [U, D], grad_alpha [m], grad_beta [D], grad_probs [G, m])
     of the search, from the rows' gradients grad_rows [U, D], in closed form."""
+    _checks.check_search_args("mpe_search_backward", weight, row_group, probs, alpha, beta, bits)
+    _checks.check_search_rows_args(weight, unique_rows, grad_rows, numel)
+    _checks.check_indices_values(unique_rows, weight.shape[0])
     rows = unique_rows.long()
     w, g, groups = weight[rows], grad_rows.to(torch.float32), row_group[rows]
     p = probs[groups]
@@ -638,12 +638,11 @@ def mpe_embedding_bag(segments: list[torch.Tensor], bits: list[int], steps: torc
     """Lookup over a mixed-width table: each segment dequantized on its own (steps[s] * q +
     beta), pruned rows (location -1) zero, then pooled. ``location`` is a row map [R] or
     row ranges [K + 1, 2] (see :func:`row_map`)."""
-    pooling_id(mode)
-    if per_sample_weights is not None and mode == "mean":
-        raise ValueError("qembed: per_sample_weights are only supported with mode 'sum' or 'none'")
+    _checks.check_mixed_lookup_args(segments, bits, steps, beta, location, indices, offsets,
+                                    per_sample_weights, pooling_id(mode), include_last_offset,
+                                    output_dtype)
     location = row_map(location)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= location.numel()):
-        raise IndexError("qembed.mpe_embedding_bag: an index is out of range")
+    _checks.check_indices_values(indices, location.numel())
     dim = beta.numel()
     values = [steps[s] * (unpack(seg, b, dim).to(torch.int32) + qmin(b)).to(torch.float32)
               + beta for s, (seg, b) in enumerate(zip(segments, bits))]

@@ -24,9 +24,8 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
-import qembed.triton as kernels
 from qembed import formats
-from qembed.triton import lookup, update
+from qembed.triton import embedding_bag, lowp_update
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 INEXACT = re.compile(r"\b(div\.(approx|full)|sqrt\.approx|rsqrt|fma\.rn\.f32)")
@@ -78,8 +77,8 @@ def lookups():
         indices, offsets = torch.tensor([1], dtype=index), torch.tensor([0], dtype=index)
         psw = None if mode == "mean" else torch.ones(1, dtype=torch.float16)
         out = torch.bfloat16 if bits == 3 else torch.float32
-        kernels.embedding_bag(rows, indices, offsets, psw, step, bits, dim,
-                              formats.FORMATS[fmt], formats.POOLINGS[mode], False, 1, out)
+        embedding_bag.embedding_bag(rows, indices, offsets, psw, step, bits, dim,
+                                    formats.FORMATS[fmt], formats.POOLINGS[mode], False, 1, out)
 
 
 def updates():
@@ -94,9 +93,10 @@ def updates():
         state = torch.zeros(4, {"adagrad": 1, "adam": 2 * dim}.get(opt, 0))
         step_state = torch.zeros(4 if fmt == "symmetric" else 1, 2)
         weights = torch.zeros(1, dim) if opt == "none" else None
-        kernels.lowp_update(rows, step, state, step_state, torch.tensor([1]), torch.zeros(1, dim),
-                            weights, None, bits, dim, formats.FORMATS[fmt], optimizer, 0.1, 1e-8,
-                            0.0, 0.9, 0.999, 1, learn, step_opt, 1e-3, stochastic, 1, 1)
+        lowp_update.lowp_update(rows, step, state, step_state, torch.tensor([1]),
+                                torch.zeros(1, dim), weights, None, bits, dim,
+                                formats.FORMATS[fmt], optimizer, 0.1, 1e-8, 0.0, 0.9, 0.999, 1,
+                                learn, step_opt, 1e-3, stochastic, 1, 1)
 
 
 def main():
@@ -104,8 +104,9 @@ def main():
         sys.exit("check_triton_build: unset TRITON_INTERPRET (this checks the compiler)")
     start = time.time()
     stubs = {}
-    for module, names in ((lookup, ["_pool_kernel", "_rows_kernel"]),
-                          (update, ["_update_kernel", "_table_step_kernel", "_encode_kernel"])):
+    for module, names in ((embedding_bag, ["_pool_kernel", "_rows_kernel"]),
+                          (lowp_update, ["_update_kernel", "_table_step_kernel",
+                                         "_encode_kernel"])):
         for name in names:
             stubs[name] = CompileOnly(getattr(module, name))
             setattr(module, name, stubs[name])

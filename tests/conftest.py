@@ -1,22 +1,37 @@
-"""Shared parameter grids, random tables and random bags for qembed's tests.
+"""What qembed's tests share: the backends an op runs on, parameter grids, random tables,
+bags and training inputs, and comparisons.
 
 Every test starts from torch's global generator seeded by its own node id (the autouse
 fixture below), so each test case sees fresh random data that is reproducible run to run.
+
+An op's tests take the backend as a parameter (:func:`backends`, :func:`backend_cases`):
+``cpu`` and ``reference`` run everywhere; ``triton-interpreter`` runs the Triton kernels on
+CPU tensors in Triton's interpreter, on machines without a CUDA device (and with triton);
+``cuda`` and ``triton-cuda`` need a CUDA device and are marked ``gpu`` (the Triton ones also
+``triton``), so ``-m gpu`` selects what benchmarks/gpu_run.sh runs on a GPU machine.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from qembed import formats, ops, reference
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
+
+from qembed import formats, ops, reference  # noqa: E402
 
 BITS = list(range(1, 9))
 FORMATS = ["affine", "symmetric", "symmetric_table"]
 DIMS = [8, 16, 64, 128, 136]
 MODES = ["sum", "mean", "none"]
+OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int32, torch.int64]
 
 # One thread per test process: pytest-xdist already fills the cores, and two OpenMP threads
 # per worker on a busy 2-core machine make small ops 100x slower. The multi-threaded paths of
@@ -27,6 +42,140 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# --- backends -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test runs an op: the tensors' device and the route :mod:`qembed.ops` takes."""
+
+    name: str
+    device: str
+    route: str | None = None  # None: by device; "reference" or "triton": forced
+
+    @property
+    def triton(self) -> bool:
+        return self.route == "triton"
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton's interpreter: exact but slow, so its tests take small shapes."""
+        return self.triton and self.device == "cpu"
+
+    def context(self):
+        if self.route == "reference":
+            return ops.use_reference()
+        if self.route == "triton":
+            return ops.use_triton()
+        return contextlib.nullcontext()
+
+    def to(self, x):
+        """x on this backend's device: a tensor, or a list or tuple of them (None passes)."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device)
+        if isinstance(x, (list, tuple)):
+            return [self.to(t) for t in x]
+        return x
+
+    def run(self, fn, *args, **kwargs):
+        """fn with its tensor arguments moved to the device, on this backend's route."""
+        args = [self.to(a) for a in args]
+        kwargs = {k: self.to(v) for k, v in kwargs.items()}
+        with self.context():
+            return fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+BACKENDS = {b.name: b for b in (Backend("cpu", "cpu"), Backend("reference", "cpu", "reference"),
+                                Backend("cuda", "cuda"),
+                                Backend("triton-interpreter", "cpu", "triton"),
+                                Backend("triton-cuda", "cuda", "triton"))}
+_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_NEEDS_TRITON = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton")
+_MARKS = {
+    "cpu": [], "reference": [],
+    "cuda": [pytest.mark.gpu, _NEEDS_CUDA],
+    "triton-interpreter": [
+        pytest.mark.triton, _NEEDS_TRITON,
+        pytest.mark.skipif(not _INTERPRETER, reason="Triton's interpreter runs where no CUDA "
+                           "device is (TRITON_INTERPRET=1)"),
+        # the interpreter computes with numpy, which warns about the NaN and inf fed in
+        pytest.mark.filterwarnings("ignore::RuntimeWarning")],
+    "triton-cuda": [pytest.mark.gpu, pytest.mark.triton, _NEEDS_CUDA, _NEEDS_TRITON,
+                    pytest.mark.skipif(_INTERPRETER, reason="runs compiled Triton kernels")],
+}
+# embedding_bag and lowp_update have Triton kernels too; the other ops compiled ones only.
+TRITON_OP_BACKENDS = ["cpu", "triton-interpreter", "cuda", "triton-cuda"]
+COMPILED_BACKENDS = ["cpu", "cuda"]
+
+
+def backends(*names: str) -> list:
+    """pytest parameters of the named backends, with their marks."""
+    return [pytest.param(BACKENDS[n], marks=_MARKS[n], id=n) for n in names]
+
+
+def _param_id(value) -> str:
+    if isinstance(value, torch.dtype):
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int32: "int32", torch.int64: "int64"}.get(value, str(value))
+    if isinstance(value, (list, tuple)):
+        return "-".join(_param_id(v) for v in value)
+    return str(value)
+
+
+def backend_cases(names, thin=(), **axes):
+    """``("backend,<axes>", params)`` for ``pytest.mark.parametrize``: each backend of
+    ``names`` with the product of ``axes`` (name -> values). A Triton backend compiles a kernel
+    (or, interpreted, runs slowly) per specialisation, so it takes the product of the axes not
+    in ``thin`` with one value of each axis in ``thin``, taken in turn from case to case; the
+    compiled kernels take every combination."""
+    keys = list(axes)
+    full = [k for k in keys if k not in thin]
+    params = []
+    for name in names:
+        backend = BACKENDS[name]
+        for i, combo in enumerate(itertools.product(*(axes[k] for k in full))):
+            if backend.triton:
+                rest = [tuple(axes[k][i % len(axes[k])] for k in thin)]
+            else:
+                rest = itertools.product(*(axes[k] for k in thin))
+            for tail in rest:
+                values = {**dict(zip(full, combo)), **dict(zip(thin, tail))}
+                row = [values[k] for k in keys]
+                params.append(pytest.param(backend, *row, marks=_MARKS[name],
+                                           id="-".join([name] + [_param_id(v) for v in row])))
+    return "backend," + ",".join(keys), params
+
+
+# --- comparisons ----------------------------------------------------------------------------
+
+def assert_close(actual, expected, dtype=torch.float32):
+    """fp32: float reordering only; fp16/bf16: one rounding of the fp32 result (1 ulp). Either
+    side may be on any device."""
+    assert actual.dtype == dtype
+    actual, expected = actual.cpu(), expected.cpu()
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(actual.float(), expected.to(dtype).float(), rtol=eps, atol=1e-4)
+
+
+def same(a, b):
+    """Bit-exact equality (NaN equal to NaN, either side on any device), None equal to None."""
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(bits), b.view(bits)
+    return torch.equal(a, b)
 
 
 @dataclass
@@ -107,3 +256,164 @@ def pool_per_bag(per_index: torch.Tensor, offsets: torch.Tensor, mean: bool = Fa
     bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     out = torch.zeros(lengths.numel()).index_add_(0, bag, per_index[: bag.numel()])
     return out / lengths.clamp(min=1) if mean else out
+
+
+# --- training ops ---------------------------------------------------------------------------
+
+STATE_WIDTH = {"sgd": lambda d: 0, "adagrad": lambda d: 1, "adam": lambda d: 2 * d,
+               "none": lambda d: 0}
+
+
+def make_table(rows, dim, bits, fmt, gen):
+    """A symmetric table with random steps and codes spread over the whole range, and its
+    step ([1] for symmetric_table, else None)."""
+    steps = torch.rand(rows if fmt == "symmetric" else 1, generator=gen) * 0.05 + 0.01
+    w = torch.randn(rows, dim, generator=gen) * steps.view(-1, 1) * (formats.qmax(bits) + 1) * 0.6
+    table = ops.quantize(w, bits, fmt, steps)
+    return table, (steps.clone() if fmt == "symmetric_table" else None)
+
+
+def make_batch(rows, bags, gen, dtype=torch.int64):
+    """indices, offsets of `bags` bags of 0..8 random rows."""
+    lengths = torch.randint(0, 9, (bags,), generator=gen)
+    indices = torch.randint(0, rows, (int(lengths.sum()),), generator=gen, dtype=dtype)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).to(dtype)
+    return indices, offsets
+
+
+def run_update(impl, table, step, state, step_state, uniq, grad, **kw):
+    """impl (a lowp_update) on copies of the tensors it updates: (table, step, state,
+    step_state, skipped count)."""
+    t, s, st, sst = table.clone(), None if step is None else step.clone(), state.clone(), \
+        step_state.clone()
+    skipped = impl(t, s, st, sst, uniq, grad, **kw)
+    return t, s, st, sst, int(skipped)
+
+
+# --- mixed-precision embeddings -------------------------------------------------------------
+
+MPE_BITS = [0, 1, 2, 3, 4, 5, 6]
+LAYOUTS = ["map16", "map32", "ranges"]
+
+
+def search_inputs(rows=60, dim=16, groups=5, bits=MPE_BITS):
+    """An MPE search's fp32 table, row groups, logits, alpha and beta."""
+    weight = torch.randn(rows, dim) * 0.1
+    alpha = (torch.rand(len(bits)) * 0.04 + 0.01)  # some values clip at every width
+    beta = torch.randn(dim) * 0.02
+    logits = torch.randn(groups, len(bits))
+    row_group = torch.randint(0, groups, (rows,))
+    return weight, row_group, logits, alpha, beta
+
+
+def mixed_table(rows, dim, widths, layout="map32"):
+    """Random segments (padded rows for some widths), steps, beta and the rows' locations:
+    a row map with rows at random positions, or row ranges (random runs of one width, each
+    run at a random place in its width's segment). Also returns the positions (int64 [R],
+    -1 pruned) that the locations describe."""
+    if layout == "ranges":
+        cuts = torch.randperm(rows - 1)[: max(rows // 6, 1)].add(1).sort().values.tolist()
+        runs = list(zip([0] + cuts, cuts + [rows]))
+        run_bits = torch.tensor(widths)[torch.randint(0, len(widths), (len(runs),))].tolist()
+    else:
+        row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,))]
+        perm = torch.randperm(rows)
+    segments, steps, positions, start = [], [], torch.full((rows,), -1), 0
+    seg_bits = sorted(set(widths) - {0})
+    ranges = []
+    for b in seg_bits:
+        if layout == "ranges":
+            mine = [runs[i] for i in torch.randperm(len(runs)).tolist() if run_bits[i] == b]
+            for first, next_ in mine:
+                positions[first:next_] = torch.arange(start, start + next_ - first)
+                ranges.append((first, start))
+                start += next_ - first
+            n = sum(next_ - first for first, next_ in mine)
+        else:
+            members = perm[row_bits[perm] == b]
+            positions[members] = torch.arange(start, start + members.numel())
+            start += members.numel()
+            n = members.numel()
+        width = formats.code_bytes(dim, b) + int(torch.randint(0, 3, ()))
+        segments.append(torch.randint(0, 256, (n, width), dtype=torch.uint8))
+        steps.append(float(torch.rand(())) + 0.1)
+    if layout == "ranges":
+        ranges += [(first, -1) for (first, _), b in zip(runs, run_bits) if b == 0]
+        location = torch.tensor(sorted(ranges) + [(rows, -1)], dtype=torch.int32)
+    else:
+        location = positions.to(torch.int16 if layout == "map16" else torch.int32)
+    return segments, seg_bits, torch.tensor(steps), torch.randn(dim), location, positions
+
+
+# --- many tables in one call (embedding_bags) -----------------------------------------------
+
+class KeyedBatch:
+    """Random tables and a key-major batch over them (TorchRec's KeyedJaggedTensor layout):
+    feature f reads table ``tables_of[f]``; by default its block of the output follows the
+    previous feature's."""
+
+    def __init__(self, specs, tables_of, batch, max_len=4, poolings=None, weighted=False,
+                 index_dtype=torch.int64, offset_dtype=None):
+        """specs: (rows, dim, bits, format) per table."""
+        self.tables = [random_table(rows, dim, bits, fmt) for rows, dim, bits, fmt in specs]
+        self.tables_of = list(tables_of)
+        self.poolings = poolings or ["sum"] * len(tables_of)
+        self.sample(batch, max_len, weighted, index_dtype, offset_dtype)
+        dims = [self.tables[t].dim for t in tables_of]
+        self.columns = [sum(dims[:f]) for f in range(len(dims))]
+
+    def sample(self, batch, max_len=4, weighted=False, index_dtype=torch.int64,
+               offset_dtype=None):
+        """A new batch of ``batch`` bags per feature, 0..max_len ids each."""
+        self.batch = batch
+        lengths = torch.randint(0, max_len + 1, (len(self.tables_of), batch))
+        values = [torch.randint(0, self.tables[t].rows.shape[0], (int(lengths[f].sum()),))
+                  for f, t in enumerate(self.tables_of)]
+        self.values = torch.cat(values).to(index_dtype)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                                  lengths.reshape(-1).cumsum(0)]).to(offset_dtype or index_dtype)
+        self.weights = torch.randn(self.values.numel()) if weighted else None
+        return self
+
+    @property
+    def width(self) -> int:
+        return sum(self.tables[t].dim for t in self.tables_of)
+
+    def table_args(self):
+        """tables, steps (empty where the format has none), bits, dims, formats."""
+        return ([t.rows for t in self.tables],
+                [t.step if t.step is not None else torch.empty(0) for t in self.tables],
+                [t.bits for t in self.tables], [t.dim for t in self.tables],
+                [t.fmt for t in self.tables])
+
+    def lookup_args(self):
+        """embedding_bags' arguments but the output dtype."""
+        return (*self.table_args(), self.tables_of, self.columns, self.poolings, self.values,
+                self.offsets, self.weights)
+
+    def feature(self, f):
+        """(values, offsets with the end, weights) of feature f alone."""
+        off = self.offsets.long()[f * self.batch: (f + 1) * self.batch + 1]
+        start, end = int(off[0]), int(off[-1])
+        w = None if self.weights is None else self.weights[start:end]
+        return self.values[start:end], (off - start).to(self.offsets.dtype), w
+
+
+def mixed_specs(bits_list, dims=(8, 16, 64, 24), fmts=FORMATS):
+    """(rows, dim, bits, format) of tables of the given widths, dims and formats in turn."""
+    return [(int(torch.randint(1, 300, ())), dims[i % len(dims)], b, fmts[i % len(fmts)])
+            for i, b in enumerate(bits_list)]
+
+
+def trainable_tables(specs):
+    """Symmetric tables with random steps and optimizer state, as dicts of embedding_bags_update's
+    per-table arguments; specs: (rows, dim, bits, format, optimizer, step optimizer or None)."""
+    out = []
+    for rows, dim, bits, fmt, optimizer, step_optimizer in specs:
+        t = random_table(rows, dim, bits, fmt)
+        step_state = torch.rand(rows if fmt == "symmetric" else 1,
+                                2 if step_optimizer == "adam" else 0)
+        out.append(dict(rows=t.rows, step=t.step if t.step is not None else torch.empty(0),
+                        state=torch.rand(rows, STATE_WIDTH[optimizer](dim)),
+                        step_state=step_state, bits=bits, dim=dim, fmt=fmt))
+    return out

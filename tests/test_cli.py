@@ -3,7 +3,7 @@ import csv
 
 import torch
 
-from qembed.__main__ import main
+from qembed.experiments.cli import main
 from qembed.formats import row_bytes
 
 
@@ -29,7 +29,7 @@ def test_train_command_writes_results(tmp_path, capsys):
 
 
 def test_claims_compare_methods_on_the_same_split():
-    from qembed.experiment import claims, summarize
+    from qembed.experiments.runner import claims, summarize
 
     rows = []
     for seed, base in enumerate([0.90, 0.95]):  # split-to-split spread larger than the effects

@@ -1,8 +1,8 @@
 """Modules over packed tables traced whole by torch.compile(fullgraph=True): same output as
-eager with the eager, aot_eager and (one case) inductor backends."""
+eager with the eager, aot_eager and (one case on the CPU) inductor backends."""
 import pytest
 import torch
-from conftest import random_bags
+from conftest import backends, random_bags
 from torch import nn
 
 from qembed import QuantizedEmbedding, QuantizedEmbeddingBag
@@ -46,3 +46,17 @@ def test_compiled_matches_eager(bits, fmt, backend):
         for _ in range(batches):
             args = inputs()
             torch.testing.assert_close(compiled(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", backends("cuda"))
+def test_compiled_module_on_device(backend, compiler):
+    torch._dynamo.reset()
+    module = QuantizedEmbeddingBag(1000, 64, mode="sum", padding_idx=0, bits=4, format="affine")
+    module.load_float_weight(torch.randn(1000, 64))
+    module = module.to(backend.device)
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)
+    indices, offsets = backend.to(random_bags(1000, 128, padding_idx=0))
+    psw = backend.to(torch.randn(indices.numel()))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(indices, offsets, psw), module(indices, offsets, psw))

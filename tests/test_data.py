@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from qembed import data as D
+from qembed.experiments import data as D
 
 
 def write(path, lines):

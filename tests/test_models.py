@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from qembed import data as D
-from qembed import models as M
+from qembed.experiments import data as D
+from qembed.experiments import models as M
 
 FIELD_DIMS = [7, 3, 11, 5]
 

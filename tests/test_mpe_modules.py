@@ -5,8 +5,9 @@ import io
 import pytest
 import torch
 
+import qembed
 from qembed import formats, mpe, reference
-from qembed.models import DNN
+from qembed.experiments.models import DNN
 from qembed.nn import (
     MixedPrecisionEmbedding,
     MixedPrecisionEmbeddingBag,
@@ -224,7 +225,7 @@ def test_retrain_model_keeps_dense_network():
                 MixedPrecisionSearchEmbedding(r, d, groups=counts, num_groups=4))
     with torch.no_grad():
         model.embedding.weight.add_(1.0)
-    retrained = mpe.retrain_model(model, optimizer="sgd", lr=0.1)
+    retrained = qembed.retrain_model(model, optimizer="sgd", lr=0.1)
     assert isinstance(retrained.embedding, MixedPrecisionEmbedding)
     assert torch.equal(retrained.mlp[0].weight, model.mlp[0].weight)
     assert retrained.mlp[0].weight is not model.mlp[0].weight
@@ -234,7 +235,7 @@ def test_retrain_model_keeps_dense_network():
     retrained(x).sum().backward()
     assert not torch.equal(before, retrained.embedding.dequantize())
     with pytest.raises(ValueError, match="no mixed-precision search table"):
-        mpe.retrain_model(DNN([3], 8))
+        qembed.retrain_model(DNN([3], 8))
 
 
 def test_module_errors():

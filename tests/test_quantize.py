@@ -1,11 +1,20 @@
-"""quantize / dequantize: compiled kernels bit-exact against the reference, error bounds,
-stochastic rounding (unbiasedness, keying, thread independence) and the Philox stream
-checked against an independent pure-Python Philox4x32-10."""
+"""quantize and dequantize: the CPU and CUDA kernels bit-exact against the reference, error
+bounds, stochastic rounding (unbiasedness, keying, thread independence), the Philox stream
+checked against an independent pure-Python Philox4x32-10, and bad input."""
 import contextlib
 
 import pytest
 import torch
-from conftest import BITS, DIMS, FORMATS, random_bags, random_steps, random_table
+from conftest import (
+    BITS,
+    COMPILED_BACKENDS,
+    DIMS,
+    FORMATS,
+    backends,
+    random_bags,
+    random_steps,
+    random_table,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,24 +62,31 @@ def num_threads(n):
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("fmt,how", STEP_KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("bits", BITS)
-def test_quantize_dequantize_match_reference(bits, fmt, how, stochastic, dim):
+@pytest.mark.parametrize("backend", backends(*COMPILED_BACKENDS))
+def test_quantize_dequantize_match_reference(backend, bits, fmt, how, stochastic, dim):
+    """The same bytes as the reference for the same weights and seed (64-bit seed and
+    counter), and the reference's values back."""
     w = trained_weight(33, dim)
     step = make_step(w, bits, how)
     seed, counter = torch.randint(0, 2**62, (2,)).tolist()
-    rows = ops.quantize(w, bits, fmt, step, stochastic, seed, counter)
+    rows = backend.run(ops.quantize, w, bits, fmt, step, stochastic, seed, counter)
     assert rows.shape == (33, formats.row_bytes(dim, bits, fmt)) and rows.dtype == torch.uint8
-    assert torch.equal(rows, reference.quantize(w, bits, fmt, step, stochastic, seed, counter))
+    assert rows.device.type == backend.device
+    assert torch.equal(rows.cpu(), reference.quantize(w, bits, fmt, step, stochastic, seed,
+                                                      counter))
     table_step = step if fmt == "symmetric_table" else None
-    deq = ops.dequantize(rows, bits, dim, fmt, table_step)
-    assert torch.equal(deq, reference.dequantize(rows, bits, dim, fmt, table_step))
+    deq = backend.run(ops.dequantize, rows, bits, dim, fmt, table_step)
+    assert torch.equal(deq.cpu(), reference.dequantize(rows.cpu(), bits, dim, fmt, table_step))
 
 
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bits", BITS)
-def test_dequantize_random_table_matches_reference(bits, fmt, dim):
-    t = random_table(21, dim, bits, fmt)
-    assert torch.equal(ops.dequantize(t.rows, bits, dim, fmt, t.step), t.dequantize())
+@pytest.mark.parametrize("backend", backends(*COMPILED_BACKENDS))
+def test_dequantize_random_table_matches_reference(backend, bits, fmt, dim):
+    t = random_table(41, dim, bits, fmt)
+    got = backend.run(ops.dequantize, t.rows, bits, dim, fmt, t.step)
+    assert torch.equal(got.cpu(), t.dequantize())
 
 
 @pytest.mark.parametrize("fmt,how", STEP_KINDS, ids=KIND_IDS)
@@ -228,3 +244,50 @@ def test_kernel_stochastic_codes_follow_philox(seed):
     rows = ops.quantize(w, bits, "symmetric", torch.ones(1), True, seed, counter)
     codes = ops.unpack(rows, bits, dim).long() + formats.qmin(bits)
     assert torch.equal(codes, expected.long())
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backends("cpu", "reference", "cuda"))
+def test_quantize_rejects_non_finite(backend):
+    weight = torch.randn(4, 8)
+    weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        backend.run(ops.quantize, weight, 4)
+
+
+# (id, call, exception, message)
+ERRORS = [
+    ("quantize-nan", lambda: ops.quantize(torch.tensor([[0.0] * 7 + [float("nan")]]), 4),
+     ValueError, r"non-finite value at row 0, column 7"),
+    ("quantize-float64", lambda: ops.quantize(torch.zeros(2, 8, dtype=torch.float64), 4),
+     TypeError, r"weight must be float32, got Double"),
+    ("quantize-no-step", lambda: ops.quantize(torch.zeros(2, 8), 4, "symmetric"), ValueError,
+     r"symmetric formats need a step"),
+    ("quantize-step-zero", lambda: ops.quantize(torch.zeros(2, 8), 4, "symmetric",
+                                                torch.tensor([1.0, 0.0])),
+     ValueError, r"steps must be positive and finite, got 0"),
+    ("quantize-step-count", lambda: ops.quantize(torch.zeros(3, 8), 4, "symmetric",
+                                                 torch.ones(2)),
+     ValueError, r"step must have 1 or N elements, got 2"),
+    ("quantize-table-step-count", lambda: ops.quantize(torch.zeros(3, 8), 4, "symmetric_table",
+                                                       torch.ones(3)),
+     ValueError, r"step must have 1 elements, got 3"),
+    ("quantize-step-on-meta", lambda: ops.quantize(torch.zeros(3, 8), 4, "symmetric",
+                                                   torch.ones(1, device="meta")),
+     ValueError, r"step is on meta but weight is on cpu"),
+    ("quantize-dim-12", lambda: ops.quantize(torch.zeros(2, 12), 4), ValueError,
+     r"multiple of 8, got 12"),
+    ("dequantize-wrong-width", lambda: ops.dequantize(torch.zeros(2, 15, dtype=torch.uint8), 8,
+                                                      8, "affine"),
+     ValueError, r"packed rows have 15 bytes but dim=8, bits=8, format=2 needs 16"),
+    ("dequantize-step-on-meta", lambda: ops.dequantize(
+        torch.zeros(2, 4, dtype=torch.uint8), 4, 8, "symmetric_table",
+        torch.ones(1, device="meta")), ValueError, r"step is on meta but rows is on cpu"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [pytest.param(*c[1:], id=c[0]) for c in ERRORS])
+def test_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torchrec")
 
-from qembed.__main__ import main  # noqa: E402
+from qembed.experiments.cli import main  # noqa: E402
 from qembed.formats import row_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -307,3 +307,27 @@ def test_training_from_torchrec_and_state_dict():
     for key, value in coll.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     assert coll.nbytes == sum(m.nbytes for m in coll.embedding_bags.values())
+
+
+# --- serving by TorchRec's inference stack --------------------------------------------------
+
+def test_trained_collection_served_by_torchrec():
+    """A collection trained in low precision, converted to TorchRec's
+    QuantEmbeddingBagCollection, serves the same lookups up to fp16 scale and bias."""
+    cfg = configs()
+    coll = LowPrecisionEmbeddingBagCollection(cfg, bits={"t0": 8, "t1": 4, "t2": 3, "t3": 2},
+                                              optimizer="adagrad", lr=0.05)
+    for _ in range(2):
+        (coll(batch(cfg)).values() * torch.randn(6, 72)).sum().backward()
+    served = coll.to_torchrec()
+    kjt = batch(cfg)
+    with torch.no_grad():
+        mine = coll(kjt).to_dict()
+    theirs = served(kjt).to_dict()  # TorchRec's keys go pooling by pooling
+    assert sorted(theirs) == sorted(mine)
+    for key, value in mine.items():
+        torch.testing.assert_close(theirs[key], value, rtol=2e-3, atol=2e-3)
+    back = QuantizedEmbeddingBagCollection.from_quant_ebc(
+        served, bits={"t0": 8, "t1": 4, "t2": 3, "t3": 2})
+    for key, value in back(kjt).to_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-3, atol=1e-4)  # sum orders

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BACKENDS, backends, random_bags, same
 from torch import nn
 
 import qembed
@@ -208,3 +209,26 @@ def test_sparse_grad_mode_and_from_float():
     assert not torch.equal(m.qweight, before) and int(m.num_updates) == 1
     m.write_rows(rows, torch.zeros(rows.numel(), 16))
     assert not m.dequantize_rows(rows).any()
+
+
+@pytest.mark.parametrize("step_per", ["row", "table"])
+@pytest.mark.parametrize("backend", backends("cuda"))
+def test_training_on_device_equals_cpu(backend, step_per):
+    """LowPrecisionEmbeddingBag trained on the device (lookup, both backwards, fused update)
+    ends bit for bit where the same module trained on the CPU does."""
+    torch.manual_seed(0)
+    module = qembed.LowPrecisionEmbeddingBag(500, 64, mode="sum", bits=4, optimizer="adagrad",
+                                             step_per=step_per)
+    on_device = qembed.LowPrecisionEmbeddingBag(500, 64, mode="sum", bits=4, optimizer="adagrad",
+                                                step_per=step_per)
+    on_device.load_state_dict(module.state_dict())
+    on_device = on_device.to(backend.device)
+    for _ in range(3):
+        indices, offsets = random_bags(500, 64, max_len=30)
+        psw = torch.rand(indices.numel())
+        grad_out = torch.randn(64, 64)
+        for m, b in ((module, BACKENDS["cpu"]), (on_device, backend)):
+            w = b.to(psw).requires_grad_()
+            m(b.to(indices), b.to(offsets), w).backward(b.to(grad_out))
+    for name, buf in module.state_dict().items():
+        assert same(on_device.state_dict()[name], buf), name

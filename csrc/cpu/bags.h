@@ -8,19 +8,11 @@
 namespace qembed {
 
 // Lookups prefetch the row this many positions ahead: a gather from a large table waits on
-// memory, not on arithmetic. 32 rather than 16: int8 Zipf lookups into 4M rows ran ~10%
-// faster relative to torch.ops.quantized's (8 was slower, 48 no better).
+// memory, not on arithmetic.
 constexpr int64_t kPrefetchDistance = 32;
-// ... and in bursts of this many rows, into the cache level kPrefetchLocality (the
-// __builtin_prefetch hint: 3 = L1, prefetcht0; 2 = L2, prefetcht1). Machines disagree. On
-// Zen 3 (AVX2) out of cache each prefetch waited for a free miss buffer, and one per row
-// left too few in the out-of-order window to take the buffers as they freed: int8 lookups
-// ran 10-20% and mixed-width ones ~20% faster in bursts of 8 (16 no better). On Zen 4
-// (AVX-512) bursts of 8 made the int8 and int4 lookups 15-25% slower than one prefetch per
-// row (4M rows, 1 thread), and prefetching into L2 instead of L1 made int8 lookups 1.1x
-// (D = 128) to 1.6x (D = 64) and int4 ones 1.5x faster (4M rows on huge pages, 2 threads).
-// L2 prefetches are not measured on AVX2 machines. The build targets its own CPU
-// (-march=native), so the vector width stands in for the machine.
+// ... in bursts of this many rows, into the cache level kPrefetchLocality (the
+// __builtin_prefetch hint: 3 = L1, 2 = L2). Machines disagree (measurements in
+// benchmarks/README.md); the build targets its own CPU, so the vector width stands in for it.
 #if defined(__AVX512F__)
 constexpr int64_t kPrefetchBurst = 1;
 constexpr int kPrefetchLocality = 2;
@@ -33,9 +25,7 @@ constexpr int kPrefetchLocality = 3;
 // two lines, those between. Rows start at multiples of gcd(stride, 64) within a line (tables
 // are 64-byte aligned), so the offset of the last line's prefetch is known per table: the
 // last byte where that can lie in a further line than the last 64-byte step, else that step.
-// Redundant prefetches are not free: for 136-byte int8 rows they cost about 10%. Two
-// straight prefetches rather than a loop over the row: with the loop's counters the int8
-// lookup ran out of registers, 10% slower at D = 64 and 25% at D = 128 (4M rows, Zen 3).
+// Two straight prefetches rather than a loop: the loop's counters cost the lookup registers.
 class RowPrefetch {
  public:
   explicit RowPrefetch(int64_t stride) {  // stride > 0

@@ -21,35 +21,23 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, int64_t mode, bool include_last_offset,
     int64_t padding_idx) {
-  check_backward_args(grad_out_in, indices_in, mode);
+  check_backward_args(grad_out_in, indices_in, offsets_in, psw_in, mode, include_last_offset);
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel(), dim = grad_out.size(1);
 
   at::Tensor psw_t;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices");
-    psw_t = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
 
   // bag[p] and the factor each position's gradient is scaled by.
   std::vector<int64_t> bag;
   if (mode == POOL_NONE) {
-    TORCH_CHECK_VALUE(grad_out.size(0) == n, "qembed.embedding_bag_backward: grad_out has ",
-                      grad_out.size(0), " rows, expected one per index (", n, ")");
     bag.resize(n);
     for (int64_t p = 0; p < n; ++p) bag[p] = p;
   } else {
-    check_index_dtype(offsets_in, "offsets");
     const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-    const int64_t num_bags = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_bags >= 0 && grad_out.size(0) == num_bags,
-                      "qembed.embedding_bag_backward: grad_out has ", grad_out.size(0),
-                      " rows, expected one per bag (", num_bags, ")");
+    const int64_t num_bags = grad_out.size(0);
     bag = bag_of_positions(bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_bags, n));
   }
   const int64_t used = static_cast<int64_t>(bag.size());

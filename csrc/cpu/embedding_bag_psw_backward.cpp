@@ -6,7 +6,7 @@
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
-#include "row_codec.h"
+#include "row_dot.h"
 
 namespace qembed {
 namespace {
@@ -45,14 +45,8 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
       std::vector<float> value(dim);
       for (int64_t p = begin; p < end; ++p) {
         if (idx[p] == padding_idx) continue;
-        const uint8_t* row = table + idx[p] * stride;
-        const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-        std::fill(value.begin(), value.end(), 0.0f);
-        accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
-        const float* g = go + bag[p] * dim;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
-        dst[p] = dot;
+        dst[p] = row_dot<BITS>(table + idx[p] * stride, dim, fmt, table_step, go + bag[p] * dim,
+                               value.data());
       }
     });
   });

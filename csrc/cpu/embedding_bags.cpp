@@ -1,10 +1,10 @@
 // embedding_bags: every feature of a batch in one lookup (TorchRec's KeyedJaggedTensor
-// layout). The bags are cut into chunks, each a run of one feature's consecutive bags of
-// about kChunkPositions values, and the chunks are dealt to the threads in turn, so that
-// every thread gets a share of every table: small and large tables share the threads
-// evenly, where a split of the feature-major bag list into one range per thread would hand
-// one thread the large tables. Each bag is pooled as the single-table lookup pools it
-// (pool_bag.h) and written straight into its block of the output row.
+// layout). The batch is cut into chunks of consecutive bags, about kChunkPositions values of
+// all features each, dealt to the threads in turn: every thread gets a share of every
+// table, so small and large tables share the threads evenly. Within a chunk the features
+// go one after another, each pooled as the single-table lookup pools it (pool_bag.h) and
+// written straight into its block of the chunk's output rows; the next feature's first
+// rows are prefetched before the current one's are read.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -17,15 +17,21 @@
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
+#include "huge_pages.h"
 #include "pool_bag.h"
 #include "row_codec.h"
 
 namespace qembed {
 namespace {
 
-// Values per chunk: enough that the chunk's first kPrefetchDistance rows, read before the
-// prefetches run ahead of them, are a small share.
+// Values per chunk: enough to keep the prefetches ahead of the reads, few enough that the
+// chunk's output rows stay in cache and in the TLB while every feature writes its block of
+// them (a chunk per feature, writing one block of every output row, missed the TLB on each
+// row of a wide output).
 constexpr int64_t kChunkPositions = 2048;
+// ... but at least this many values of each feature in a row: a run's first rows wait for
+// the prefetches to get ahead, and every run pays for its dispatch.
+constexpr int64_t kRunPositions = 256;
 
 struct TableRef {
   const uint8_t* rows;
@@ -34,8 +40,17 @@ struct TableRef {
 };
 
 struct Chunk {
-  int64_t feature, first_bag, end_bag;
+  int64_t first_bag, end_bag;
 };
+
+// Prefetches the rows of the first kPrefetchDistance positions from p: pool_bag prefetches
+// that far ahead of the row it reads, so these are the rows it would find missing.
+template <typename index_t>
+void prefetch_first_rows(const TableRef& t, const index_t* idx, int64_t p, int64_t end) {
+  const RowPrefetch prefetch(t.stride);
+  for (int64_t q = p; q < std::min(p + kPrefetchDistance, end); ++q)
+    prefetch(t.rows + static_cast<int64_t>(idx[q]) * t.stride);  // a wild index never faults
+}
 
 // Pools bags [b0, b1) of one feature (`off`: its B + 1 offsets) into out + b * width;
 // returns false if an index was out of range (its rows were skipped).
@@ -44,10 +59,6 @@ bool pool_chunk(const TableRef& t, const index_t* idx, const int64_t* off, int64
                 int64_t b1, const float* psw, bool mean, int64_t width, out_t* out,
                 float* acc) {
   const int64_t last = off[b1];
-  const RowPrefetch prefetch(t.stride);
-  // pool_bag prefetches kPrefetchDistance values ahead of the one it reads: start it off.
-  for (int64_t q = off[b0]; q < std::min(off[b0] + kPrefetchDistance, last); ++q)
-    prefetch(t.rows + static_cast<int64_t>(idx[q]) * t.stride);  // a wild index never faults
   bool valid = true;
   for (int64_t b = b0; b < b1; ++b) {
     const BagSum bag = pool_bag<BITS, FMT>(t.rows, t.num_rows, t.stride, idx, off[b],
@@ -72,45 +83,18 @@ bool pool_chunk_any(const TableRef& t, const index_t* idx, const int64_t* off, i
   });
 }
 
-// Each feature's bags in chunks of about kChunkPositions values; a feature with more than
-// that is cut into a multiple of `threads` chunks, so each thread gets an equal share.
-std::vector<Chunk> make_chunks(const int64_t* off, int64_t num_features, int64_t batch,
+// Runs of consecutive bags of about kChunkPositions values over all features (or
+// kRunPositions per feature), at least one per thread.
+std::vector<Chunk> make_chunks(int64_t num_values, int64_t num_features, int64_t batch,
                                int64_t threads) {
   std::vector<Chunk> chunks;
-  for (int64_t f = 0; f < num_features && batch > 0; ++f) {
-    const int64_t values = off[(f + 1) * batch] - off[f * batch];
-    int64_t n = std::max<int64_t>(1, (values + kChunkPositions - 1) / kChunkPositions);
-    if (n > 1) n = (n + threads - 1) / threads * threads;
-    n = std::min(n, batch);
-    for (int64_t j = 0; j < n; ++j) chunks.push_back({f, batch * j / n, batch * (j + 1) / n});
-  }
+  if (batch == 0) return chunks;
+  const int64_t per_bag = std::max<int64_t>(1, num_values / batch);
+  const int64_t per_feature_bag = std::max<int64_t>(1, per_bag / num_features);
+  int64_t bags = std::max({int64_t{1}, kChunkPositions / per_bag, kRunPositions / per_feature_bag});
+  bags = std::min(bags, (batch + threads - 1) / threads);
+  for (int64_t b = 0; b < batch; b += bags) chunks.push_back({b, std::min(batch, b + bags)});
   return chunks;
-}
-
-// offsets: start at 0, non-decreasing, end at num_values; the message names the feature.
-void check_offsets(const int64_t* off, int64_t num_offsets, int64_t batch, int64_t num_values) {
-  const char* op = "qembed.embedding_bags: ";
-  TORCH_CHECK_VALUE(off[0] == 0, op, "offsets[0] must be 0, got ", off[0]);
-  for (int64_t k = 1; k < num_offsets; ++k)
-    TORCH_CHECK_VALUE(off[k] >= off[k - 1], op, "offsets must be non-decreasing, but bag ",
-                      (k - 1) % batch, " of feature ", (k - 1) / batch, " has offsets ",
-                      off[k - 1], " to ", off[k]);
-  TORCH_CHECK_VALUE(off[num_offsets - 1] == num_values, op, "offsets end at ",
-                    off[num_offsets - 1], " but there are ", num_values,
-                    " values (lengths and values disagree)");
-}
-
-template <typename index_t>
-void raise_bad_index(const index_t* idx, const int64_t* off, int64_t num_features,
-                     int64_t batch, c10::IntArrayRef feature_tables,
-                     const std::vector<TableRef>& tables) {
-  for (int64_t f = 0; f < num_features; ++f) {
-    const int64_t t = feature_tables[f], rows = tables[t].num_rows;
-    for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p)
-      TORCH_CHECK_INDEX(idx[p] >= 0 && idx[p] < rows, "qembed.embedding_bags: feature ", f,
-                        " (table ", t, ") has id ", static_cast<int64_t>(idx[p]),
-                        " at position ", p, ", outside its table of ", rows, " rows");
-  }
 }
 
 at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
@@ -136,19 +120,28 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
   const at::Tensor values = values_in.contiguous();
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  check_offsets(off, offsets.numel(), std::max<int64_t>(batch, 1), values.numel());
+  check_bags_offsets_values("qembed.embedding_bags: ", off, offsets.numel(),
+                            std::max<int64_t>(batch, 1), values.numel());
   at::Tensor psw_t;
   if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({batch, width}, values.options().dtype(out_dtype));
+  // A batch's output is tens of MB (4096 x 26 x 128 fp32: 54 MB), fresh memory each call:
+  // on 4 KiB pages its first writes cost more than the lookup (a fault per page; 30 ms for
+  // 54 MB against 7 ms on huge pages, 1 thread, loaded machine).
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   int64_t max_dim = 0;
   for (const int64_t d : dims) max_dim = std::max(max_dim, d);
 
   const int64_t threads = at::get_num_threads();
-  const std::vector<Chunk> chunks = make_chunks(off, num_features, batch, threads);
+  const std::vector<Chunk> chunks = make_chunks(values.numel(), num_features, batch, threads);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "qembed_embedding_bags", [&] {
     const index_t* idx = values.data_ptr<index_t>();
+    auto first_rows = [&](int64_t f, const Chunk& ch) {
+      prefetch_first_rows(tables[feature_tables[f]], idx, off[f * batch + ch.first_bag],
+                          off[f * batch + ch.end_bag]);
+    };
     auto run = [&](auto* dst) {
       std::atomic<bool> all_valid{true};
       at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t begin, int64_t end) {
@@ -157,11 +150,15 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
         for (int64_t tid = begin; tid < end; ++tid) {
           for (int64_t c = tid; c < num_chunks; c += threads) {
             const Chunk& ch = chunks[c];
-            const TableRef& t = tables[feature_tables[ch.feature]];
-            valid = pool_chunk_any(t, idx, off + ch.feature * batch, ch.first_bag, ch.end_bag,
-                                   psw, poolings[ch.feature] == POOL_MEAN, width,
-                                   dst + feature_columns[ch.feature], acc.data()) &&
-                    valid;
+            first_rows(0, ch);
+            for (int64_t f = 0; f < num_features; ++f) {
+              if (f + 1 < num_features) first_rows(f + 1, ch);
+              valid = pool_chunk_any(tables[feature_tables[f]], idx, off + f * batch,
+                                     ch.first_bag, ch.end_bag, psw,
+                                     poolings[f] == POOL_MEAN, width,
+                                     dst + feature_columns[f], acc.data()) &&
+                      valid;
+            }
           }
         }
         if (!valid) all_valid = false;
@@ -172,7 +169,12 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
     if (out_dtype == at::kFloat) valid = run(out.data_ptr<float>());
     else if (out_dtype == at::kHalf) valid = run(out.data_ptr<at::Half>());
     else valid = run(out.data_ptr<at::BFloat16>());
-    if (!valid) raise_bad_index(idx, off, num_features, batch, feature_tables, tables);
+    if (!valid) {  // an id was out of range and skipped: name it
+      std::vector<int64_t> num_rows;
+      for (const TableRef& t : tables) num_rows.push_back(t.num_rows);
+      check_bags_ids_values("qembed.embedding_bags: ", idx, off, batch, feature_tables,
+                            num_rows);
+    }
   });
   return out;
 }

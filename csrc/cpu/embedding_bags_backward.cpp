@@ -16,6 +16,9 @@
 namespace qembed {
 namespace {
 
+// Distinct rows ahead whose first gradient row is prefetched.
+constexpr int64_t kGradPrefetch = 8;
+
 // One table's sorted positions: pos[j] (global positions) ordered by row, and the starts
 // of the runs of equal rows.
 struct TableRuns {
@@ -27,41 +30,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     c10::IntArrayRef feature_columns, c10::IntArrayRef poolings, const at::Tensor& values_in,
     const at::Tensor& offsets_in, const c10::optional<at::Tensor>& psw_in) {
   const char* op = "qembed.embedding_bags_backward: ";
-  check_index_dtype(values_in, "values");
-  check_index_dtype(offsets_in, "offsets");
+  const BagsShape shape = check_bags_backward_args(grad_out_in, dims, feature_tables,
+                                                   feature_columns, poolings, values_in,
+                                                   offsets_in, psw_in);
+  const int64_t batch = shape.batch_size, width = shape.width;
   const int64_t num_tables = static_cast<int64_t>(dims.size());
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
-  TORCH_CHECK_VALUE(num_features >= 1 && static_cast<int64_t>(feature_columns.size()) ==
-                                             num_features &&
-                        static_cast<int64_t>(poolings.size()) == num_features,
-                    op, "feature_tables, feature_columns and poolings need one entry per ",
-                    "feature");
-  TORCH_CHECK_VALUE(offsets_in.numel() >= 1 && (offsets_in.numel() - 1) % num_features == 0, op,
-                    "offsets must have F * B + 1 entries for F = ", num_features, " features");
-  const int64_t batch = (offsets_in.numel() - 1) / num_features;
-  int64_t width = 0;
-  for (int64_t f = 0; f < num_features; ++f) {
-    TORCH_CHECK_VALUE(feature_tables[f] >= 0 && feature_tables[f] < num_tables, op, "feature ",
-                      f, " reads table ", feature_tables[f], " of ", num_tables);
-    width += dims[feature_tables[f]];
-  }
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == batch &&
-                        grad_out_in.size(1) == width,
-                    op, "grad_out must be [", batch, ", ", width, "], got ", grad_out_in.sizes());
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor values = values_in.to(at::kLong).contiguous();
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const int64_t* idx = values.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t n = values.numel();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[num_features * batch] == n, op,
-                    "offsets must run from 0 to the number of values (", n, ")");
+  check_bags_offsets_values(op, off, offsets.numel(), std::max<int64_t>(batch, 1), n);
   at::Tensor psw_t;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n, op,
-                      "per_sample_weights must have one weight per value");
-    psw_t = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
 
   // Each position's bag (row of grad_out) and the factor its gradient is scaled by: the
@@ -69,7 +52,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
   std::vector<int64_t> bag(n);
   std::vector<float> factor(n, 1.0f);
   for (int64_t k = 0; k < num_features * batch; ++k) {
-    TORCH_CHECK_VALUE(off[k + 1] >= off[k], op, "offsets must be non-decreasing");
     const bool mean = poolings[k / batch] == POOL_MEAN;
     const float f = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
     for (int64_t p = off[k]; p < off[k + 1]; ++p) {
@@ -120,6 +102,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
       while (i >= item_start[t + 1]) ++t;
       const TableRuns& r = runs[t];
       const int64_t k = i - item_start[t], dim = dims[t];
+      // Rows in row order read grad_out's rows in no order: fetch a later row's first early.
+      if (k + kGradPrefetch < static_cast<int64_t>(r.starts.size())) {
+        const int64_t p = r.pos[r.starts[k + kGradPrefetch]];
+        const float* g = go + bag[p] * width + column[p];
+        for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(g + d, 0, 3);
+      }
       const int64_t j0 = r.starts[k];
       const int64_t j1 = k + 1 < static_cast<int64_t>(r.starts.size()) ? r.starts[k + 1]
                                                                       : static_cast<int64_t>(r.key.size());

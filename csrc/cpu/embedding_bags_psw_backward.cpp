@@ -3,9 +3,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <vector>
 #include "../checks.h"
-#include "row_codec.h"
+#include "row_dot.h"
 
 namespace qembed {
 namespace {
@@ -15,14 +16,10 @@ at::Tensor embedding_bags_psw_backward_cpu(
     c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats,
     c10::IntArrayRef feature_tables, c10::IntArrayRef feature_columns,
     const at::Tensor& values_in, const at::Tensor& offsets_in) {
-  std::vector<int64_t> poolings(feature_tables.size(), POOL_SUM);
-  const BagsShape shape = check_bags_args(tables, steps, bits, dims, formats, feature_tables,
-                                          feature_columns, poolings, values_in, offsets_in,
-                                          c10::nullopt, at::kFloat);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == shape.batch_size &&
-                        grad_out_in.size(1) == shape.width,
-                    "qembed.embedding_bags_psw_backward: grad_out must be [", shape.batch_size,
-                    ", ", shape.width, "], got ", grad_out_in.sizes());
+  const char* op = "qembed.embedding_bags_psw_backward: ";
+  const BagsShape shape = check_bags_psw_backward_args(grad_out_in, tables, steps, bits, dims,
+                                                       formats, feature_tables, feature_columns,
+                                                       values_in, offsets_in);
   const int64_t batch = shape.batch_size, width = shape.width;
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor values = values_in.to(at::kLong).contiguous();
@@ -30,11 +27,14 @@ at::Tensor embedding_bags_psw_backward_cpu(
   const int64_t* idx = values.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t n = values.numel(), num_features = static_cast<int64_t>(feature_tables.size());
-  TORCH_CHECK_VALUE(off[0] == 0 && off[num_features * batch] == n,
-                    "qembed.embedding_bags_psw_backward: offsets must run from 0 to the number "
-                    "of values (", n, ")");
+  check_bags_offsets_values(op, off, offsets.numel(), std::max<int64_t>(batch, 1), n);
   std::vector<at::Tensor> rows;
-  for (const at::Tensor& t : tables) rows.push_back(t.contiguous());
+  std::vector<int64_t> num_rows;
+  for (const at::Tensor& t : tables) {
+    rows.push_back(t.contiguous());
+    num_rows.push_back(t.size(0));
+  }
+  check_bags_ids_values(op, idx, off, batch, feature_tables, num_rows);
   at::Tensor out = at::zeros({n}, grad_out.options());
   float* dst = out.data_ptr<float>();
   const float* go = grad_out.data_ptr<float>();
@@ -42,28 +42,16 @@ at::Tensor embedding_bags_psw_backward_cpu(
   for (int64_t f = 0; f < num_features; ++f) {
     const int64_t t = feature_tables[f], dim = dims[t], fmt = formats[t];
     const uint8_t* table = rows[t].data_ptr<uint8_t>();
-    const int64_t num_rows = rows[t].size(0), stride = rows[t].size(1);
+    const int64_t stride = rows[t].size(1);
     const float table_step = fmt == SYM_TABLE ? steps[t].item<float>() : 0.0f;
-    for (int64_t k = f * batch; k < (f + 1) * batch; ++k)
-      TORCH_CHECK_VALUE(off[k + 1] >= off[k], "qembed.embedding_bags_psw_backward: offsets ",
-                        "must be non-decreasing");
-    for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p)
-      TORCH_CHECK_INDEX(idx[p] >= 0 && idx[p] < num_rows, "qembed.embedding_bags_psw_backward: ",
-                        "feature ", f, " has id ", idx[p], " outside its table of ", num_rows,
-                        " rows");
     QEMBED_DISPATCH_BITS(bits[t], [&] {
       at::parallel_for(f * batch, (f + 1) * batch, 256, [&](int64_t begin, int64_t end) {
         std::vector<float> value(dim);
         for (int64_t k = begin; k < end; ++k) {
           const float* g = go + (k - f * batch) * width + feature_columns[f];
           for (int64_t p = off[k]; p < off[k + 1]; ++p) {
-            const uint8_t* row = table + idx[p] * stride;
-            const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-            std::fill(value.begin(), value.end(), 0.0f);
-            accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value.data());
-            float dot = 0.0f;
-            for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
-            dst[p] = dot;
+            dst[p] = row_dot<BITS>(table + idx[p] * stride, dim, fmt, table_step, g,
+                                   value.data());
           }
         }
       });

@@ -51,27 +51,16 @@ at::Tensor embedding_bags_update_cpu(
     at::OptionalIntArrayRef column_offsets) {
   const char* op = "qembed.embedding_bags_update: ";
   const size_t num_tables = tables.size();
-  TORCH_CHECK_VALUE(steps.size() == num_tables && states.size() == num_tables &&
-                        step_states.size() == num_tables && unique_rows.size() == num_tables &&
-                        grad_rows_in.size() == num_tables && bits.size() == num_tables &&
-                        dims.size() == num_tables && formats.size() == num_tables &&
-                        seeds.size() == num_tables && counters.size() == num_tables &&
-                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
-                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
-                    op, "every list needs one entry per table (", num_tables, ")");
-  std::vector<at::Tensor> grads, uniqs;
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& g : grad_rows_in) grads.push_back(g.contiguous());
+  check_bags_update_args(tables, steps, states, step_states, unique_rows, grads, bits, dims,
+                         formats, optimizer, learn_step, step_optimizer, seeds, counters,
+                         row_offsets, column_offsets);
+  std::vector<at::Tensor> uniqs;
   std::vector<TableUpdate> work(num_tables);
   std::vector<int64_t> item_start(num_tables + 1, 0);
   int64_t max_dim = 0;
   for (size_t t = 0; t < num_tables; ++t) {
-    grads.push_back(grad_rows_in[t].contiguous());
-    const c10::optional<at::Tensor> step =
-        formats[t] == SYM_TABLE ? c10::optional<at::Tensor>(steps[t]) : c10::nullopt;
-    at::Tensor state = states[t], step_state = step_states[t];
-    check_update_args(tables[t], step, state, step_state, unique_rows[t], grads[t],
-                      c10::nullopt, c10::nullopt, bits[t], dims[t], formats[t], optimizer,
-                      counters[t], learn_step, step_optimizer);
-    check_same_device(tables[t], "every table", tables[0], "table 0");
     uniqs.push_back(unique_rows[t].to(at::kLong).contiguous());
     const int64_t u = uniqs[t].numel(), num_rows = tables[t].size(0);
     const int64_t* uniq = uniqs[t].data_ptr<int64_t>();
@@ -85,19 +74,17 @@ at::Tensor embedding_bags_update_cpu(
     TableUpdate& w = work[t];
     w.buffers = {tables[t].data_ptr<uint8_t>(), tables[t].size(1),
                  formats[t] == SYM_TABLE ? steps[t].data_ptr<float>() : nullptr,
-                 state.data_ptr<float>(), step_state.data_ptr<float>()};
+                 states[t].data_ptr<float>(), step_states[t].data_ptr<float>()};
     w.bits = bits[t];
     w.uniq = uniq;
     w.num_unique = u;
     w.grad = grads[t].data_ptr<float>();
     w.config = make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
                                   beta2, counters[t], learn_step, step_optimizer, step_lr);
-    const int64_t row_offset = row_offsets.has_value() ? (*row_offsets)[t] : 0;
-    const int64_t column_offset = column_offsets.has_value() ? (*column_offsets)[t] : 0;
-    check_key_offsets(row_offset, column_offset, op);
     w.rounding = {stochastic, static_cast<uint64_t>(seeds[t]),
-                  static_cast<uint64_t>(counters[t]), 0, static_cast<uint64_t>(row_offset),
-                  static_cast<uint64_t>(column_offset / 4)};
+                  static_cast<uint64_t>(counters[t]), 0,
+                  static_cast<uint64_t>(key_offset(row_offsets, t)),
+                  static_cast<uint64_t>(key_offset(column_offsets, t) / 4)};
     w.deferred = learn_step && formats[t] == SYM_TABLE;
     if (w.deferred) {
       w.kept.resize(u * dims[t]);

@@ -73,8 +73,8 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            int64_t column_offset) {
   const at::Tensor grad = grad_rows_in.contiguous();
   check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
-                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer);
-  check_key_offsets(row_offset, column_offset, "qembed.lowp_update: ");
+                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
+                    column_offset);
   const int64_t num_rows = rows.size(0);
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();

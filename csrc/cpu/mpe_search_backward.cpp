@@ -30,15 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpe_search_backward_c
   const at::Tensor probs = probs_in.contiguous(), alpha = alpha_in.contiguous();
   const at::Tensor beta = beta_in.contiguous();
   const SearchQuantizer q = search_quantizer(op, weight, row_group, probs, alpha, beta, bits);
-  check_index_dtype(unique_rows_in, "unique_rows");
+  check_search_rows_args(weight, unique_rows_in, grad_rows_in, numel);
   const at::Tensor uniq_t = unique_rows_in.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel(), dim = q.dim, m = q.num_candidates();
   const int64_t* uniq = uniq_t.data_ptr<int64_t>();
   check_indices_in_range(uniq, u, weight.size(0));
   const at::Tensor grad = grad_rows_in.contiguous();
-  check_f32_shape(grad, op, "grad_rows", {u, dim});
-  TORCH_CHECK_VALUE(numel > 0 || u == 0, "qembed.", op, ": numel (values looked up) must be ",
-                    "positive, got ", numel);
 
   at::Tensor grad_w = at::zeros({u, dim}, weight.options());
   at::Tensor grad_alpha = at::zeros({m}, weight.options());

@@ -17,15 +17,13 @@ at::Tensor mpe_search_forward_cpu(const at::Tensor& weight_in, const at::Tensor&
                                   const at::Tensor& probs_in, const at::Tensor& alpha_in,
                                   const at::Tensor& beta_in, c10::IntArrayRef bits, int64_t mode,
                                   bool include_last_offset) {
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
   const at::Tensor weight = weight_in.contiguous(), row_group = row_group_in.contiguous();
   const at::Tensor probs = probs_in.contiguous(), alpha = alpha_in.contiguous();
   const at::Tensor beta = beta_in.contiguous();
   const SearchQuantizer q =
       search_quantizer("mpe_search_forward", weight, row_group, probs, alpha, beta, bits);
-  check_index_dtype(indices_in, "indices");
-  check_same_device(indices_in, "indices", weight, "weight");
+  const int64_t num_out =
+      check_search_lookup_args(weight, indices_in, offsets_in, mode, include_last_offset);
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel(), dim = q.dim;
   const int64_t* idx = indices.data_ptr<int64_t>();
@@ -41,11 +39,8 @@ at::Tensor mpe_search_forward_cpu(const at::Tensor& weight_in, const at::Tensor&
     });
     return out;
   }
-  check_index_dtype(offsets_in, "offsets");
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  const int64_t num_bags = offsets.numel() - (include_last_offset ? 1 : 0);
-  TORCH_CHECK_VALUE(num_bags >= 0, "qembed: with include_last_offset, offsets needs at least "
-                    "one element");
+  const int64_t num_bags = num_out;
   const std::vector<int64_t> starts =
       bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_bags, n);
   at::Tensor out = at::empty({num_bags, dim}, weight.options());

@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, int64_t mode, bool include_last_offset,
     int64_t padding_idx) {
-  check_backward_args(grad_out_in, indices_in, mode);
+  check_backward_args(grad_out_in, indices_in, offsets_in, psw_in, mode, include_last_offset);
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
   const at::Tensor indices = indices_in.contiguous();
@@ -120,28 +120,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cuda(
   const bool per_index = mode == POOL_NONE;
 
   at::Tensor psw;
-  if (psw_in.has_value()) {
-    TORCH_CHECK_VALUE(mode != POOL_MEAN,
-                      "qembed: per_sample_weights are only supported with mode 'sum' or 'none'");
-    TORCH_CHECK_VALUE(psw_in->dim() == 1 && psw_in->numel() == n,
-                      "qembed: per_sample_weights must have the shape of indices");
-    check_same_device(*psw_in, "per_sample_weights", grad_out_in, "grad_out");
-    psw = psw_in->to(at::kFloat).contiguous();
-  }
+  if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
   at::Tensor offsets;
-  int64_t num_bags = n;
-  if (per_index) {
-    TORCH_CHECK_VALUE(grad_out.size(0) == n, "qembed.embedding_bag_backward: grad_out has ",
-                      grad_out.size(0), " rows, expected one per index (", n, ")");
-  } else {
-    check_index_dtype(offsets_in, "offsets");
-    check_same_device(offsets_in, "offsets", grad_out_in, "grad_out");
-    offsets = offsets_in.to(at::kLong).contiguous();
-    num_bags = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_bags >= 0 && grad_out.size(0) == num_bags,
-                      "qembed.embedding_bag_backward: grad_out has ", grad_out.size(0),
-                      " rows, expected one per bag (", num_bags, ")");
-  }
+  const int64_t num_bags = grad_out.size(0);
+  if (!per_index) offsets = offsets_in.to(at::kLong).contiguous();
   const auto long_opts = grad_out.options().dtype(at::kLong);
   const int64_t num_offsets = per_index ? 0 : offsets.numel();
   const int64_t threads = n > num_offsets ? n : num_offsets;

@@ -2,6 +2,7 @@
 // features' gradient columns, ids and per-position factors (the weight, 1 / bag length for
 // mean, or 1) are put end to end and embedding_bag_backward (sort-based, deterministic)
 // sums them as one weighted bag list, repeats in the order of values, as the CPU does.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +10,7 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/repeat_interleave.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <tuple>
 #include <vector>
 #include "../checks.h"
@@ -34,18 +36,18 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     c10::IntArrayRef feature_columns, c10::IntArrayRef poolings, const at::Tensor& values,
     const at::Tensor& offsets_in, const c10::optional<at::Tensor>& psw) {
   const char* op = "qembed.embedding_bags_backward: ";
-  check_index_dtype(values, "values");
-  check_index_dtype(offsets_in, "offsets");
+  const BagsShape shape = check_bags_backward_args(grad_out_in, dims, feature_tables,
+                                                   feature_columns, poolings, values,
+                                                   offsets_in, psw);
+  const int64_t batch = shape.batch_size;
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
-  TORCH_CHECK_VALUE(num_features >= 1 && offsets_in.numel() >= 1 &&
-                        (offsets_in.numel() - 1) % num_features == 0,
-                    op, "offsets must have F * B + 1 entries for F = ", num_features);
-  const int64_t batch = (offsets_in.numel() - 1) / num_features;
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
   const at::Tensor grad_out = grad_out_in.to(at::kFloat);
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const at::Tensor bounds = offsets.cpu();  // where each feature's values start and end
   const int64_t* off = bounds.data_ptr<int64_t>();
+  check_bags_offsets_values(op, off, bounds.numel(), std::max<int64_t>(batch, 1),
+                            values.numel());
   const at::Tensor lengths = offsets.slice(0, 1) - offsets.slice(0, 0, -1);
   std::vector<at::Tensor> rows, grads;
   for (int64_t t = 0; t < static_cast<int64_t>(dims.size()); ++t) {
@@ -54,7 +56,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     for (int64_t f = 0; f < num_features; ++f) {
       if (feature_tables[f] != t) continue;
       const int64_t s = off[f * batch], e = off[(f + 1) * batch];
-      TORCH_CHECK_VALUE(e >= s, op, "offsets must be non-decreasing");
       ids.push_back(values.slice(0, s, e));
       cols.push_back(grad_out.slice(1, feature_columns[f], feature_columns[f] + dims[t]));
       starts.push_back(offsets.slice(0, f * batch, (f + 1) * batch) - (s - base));

@@ -1,8 +1,10 @@
 // embedding_bags_psw_backward on CUDA, composed of the single-table one: each feature's
 // values, its columns of grad_out and its table go through embedding_bag_psw_backward.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <vector>
 #include "../checks.h"
 #include "launch.cuh"
@@ -28,15 +30,16 @@ at::Tensor embedding_bags_psw_backward_cuda(
     c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats,
     c10::IntArrayRef feature_tables, c10::IntArrayRef feature_columns, const at::Tensor& values,
     const at::Tensor& offsets_in) {
-  std::vector<int64_t> poolings(feature_tables.size(), POOL_SUM);
-  const BagsShape shape = check_bags_args(tables, steps, bits, dims, formats, feature_tables,
-                                          feature_columns, poolings, values, offsets_in,
-                                          c10::nullopt, at::kFloat);
+  const BagsShape shape = check_bags_psw_backward_args(grad_out, tables, steps, bits, dims,
+                                                       formats, feature_tables, feature_columns,
+                                                       values, offsets_in);
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t batch = shape.batch_size;
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const at::Tensor bounds = offsets.cpu();
   const int64_t* off = bounds.data_ptr<int64_t>();
+  check_bags_offsets_values("qembed.embedding_bags_psw_backward: ", off, bounds.numel(),
+                            std::max<int64_t>(batch, 1), values.numel());
   at::Tensor out = at::zeros({values.numel()}, grad_out.options().dtype(at::kFloat));
   for (int64_t f = 0; f < static_cast<int64_t>(feature_tables.size()); ++f) {
     const int64_t t = feature_tables[f], s = off[f * batch], e = off[(f + 1) * batch];

@@ -27,31 +27,25 @@ at::Tensor embedding_bags_update_cuda(
     c10::IntArrayRef counters, at::OptionalIntArrayRef row_offsets,
     at::OptionalIntArrayRef column_offsets) {
   const size_t num_tables = tables.size();
-  TORCH_CHECK_VALUE(num_tables >= 1 && steps.size() == num_tables &&
-                        states.size() == num_tables && step_states.size() == num_tables &&
-                        unique_rows.size() == num_tables && grad_rows.size() == num_tables &&
-                        bits.size() == num_tables && dims.size() == num_tables &&
-                        formats.size() == num_tables && seeds.size() == num_tables &&
-                        counters.size() == num_tables &&
-                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
-                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
-                    "qembed.embedding_bags_update: every list needs one entry per table (",
-                    num_tables, ")");
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& g : grad_rows) grads.push_back(g.contiguous());
+  check_bags_update_args(tables, steps, states, step_states, unique_rows, grads, bits, dims,
+                         formats, optimizer, learn_step, step_optimizer, seeds, counters,
+                         row_offsets, column_offsets);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qembed::lowp_update", "")
                              .typed<UpdateFn>();
   std::vector<at::Tensor> skipped;
   for (size_t t = 0; t < num_tables; ++t) {
-    check_same_device(tables[t], "every table", tables[0], "table 0");
     at::Tensor rows = tables[t], state = states[t], step_state = step_states[t];
     const c10::optional<at::Tensor> step =
         formats[t] == SYM_TABLE ? c10::optional<at::Tensor>(steps[t]) : c10::nullopt;
-    skipped.push_back(op.call(rows, step, state, step_state, unique_rows[t], grad_rows[t],
+    skipped.push_back(op.call(rows, step, state, step_state, unique_rows[t], grads[t],
                               c10::nullopt, c10::nullopt, bits[t], dims[t], formats[t],
                               optimizer, lr, eps, weight_decay, beta1, beta2, counters[t],
                               learn_step, step_optimizer, step_lr, stochastic, seeds[t],
-                              counters[t], row_offsets.has_value() ? (*row_offsets)[t] : 0,
-                              column_offsets.has_value() ? (*column_offsets)[t] : 0));
+                              counters[t], key_offset(row_offsets, t),
+                              key_offset(column_offsets, t)));
   }
   return at::stack(skipped);
 }

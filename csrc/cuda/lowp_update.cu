@@ -255,8 +255,8 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                             int64_t row_offset, int64_t column_offset) {
   const at::Tensor grad = grad_rows.contiguous();
   check_update_args(rows, step, state, step_state, unique_rows, grad, weights, weights_out, bits,
-                    dim, fmt, optimizer, iteration, learn_step, step_optimizer);
-  check_key_offsets(row_offset, column_offset, "qembed.lowp_update: ");
+                    dim, fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
+                    column_offset);
   const c10::cuda::CUDAGuard guard(rows.device());
   at::Tensor skipped = at::zeros({}, rows.options().dtype(at::kLong));
   const int64_t u = unique_rows.numel();

@@ -127,17 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpe_search_backward_c
     const at::Tensor& beta, c10::IntArrayRef bits, int64_t numel) {
   const char* op = "mpe_search_backward";
   const SearchTensors t = search_tensors(op, weight, row_group, probs, alpha, beta, bits);
-  check_index_dtype(unique_rows_in, "unique_rows");
-  check_same_device(unique_rows_in, "unique_rows", weight, "weight");
-  check_same_device(grad_rows_in, "grad_rows", weight, "weight");
+  check_search_rows_args(weight, unique_rows_in, grad_rows_in, numel);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor uniq = unique_rows_in.to(at::kLong).contiguous();
   const int64_t u = uniq.numel(), dim = weight.size(1), m = static_cast<int64_t>(bits.size());
   const int64_t groups = probs.size(0);
   const at::Tensor grad = grad_rows_in.contiguous();
-  check_f32_shape(grad, op, "grad_rows", {u, dim});
-  TORCH_CHECK_VALUE(numel > 0 || u == 0, "qembed.", op, ": numel (values looked up) must be ",
-                    "positive, got ", numel);
   const auto opts = t.weight.options();
   at::Tensor grad_w = at::zeros({u, dim}, opts);
   at::Tensor grad_alpha = at::zeros({m}, opts);

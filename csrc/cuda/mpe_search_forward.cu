@@ -54,25 +54,15 @@ at::Tensor mpe_search_forward_cuda(const at::Tensor& weight, const at::Tensor& i
                                    const at::Tensor& probs, const at::Tensor& alpha,
                                    const at::Tensor& beta, c10::IntArrayRef bits, int64_t mode,
                                    bool include_last_offset) {
-  TORCH_CHECK_VALUE(mode >= POOL_SUM && mode <= POOL_NONE, "qembed: mode must be 0 (sum), ",
-                    "1 (mean) or 2 (none), got ", mode);
   const SearchTensors t =
       search_tensors("mpe_search_forward", weight, row_group, probs, alpha, beta, bits);
-  check_index_dtype(indices_in, "indices");
-  check_same_device(indices_in, "indices", weight, "weight");
+  const int64_t num_out =
+      check_search_lookup_args(weight, indices_in, offsets_in, mode, include_last_offset);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = indices.numel(), dim = weight.size(1);
   at::Tensor offsets;
-  int64_t num_out = n;
-  if (mode != POOL_NONE) {
-    check_index_dtype(offsets_in, "offsets");
-    check_same_device(offsets_in, "offsets", weight, "weight");
-    offsets = offsets_in.to(at::kLong).contiguous();
-    num_out = offsets.numel() - (include_last_offset ? 1 : 0);
-    TORCH_CHECK_VALUE(num_out >= 0, "qembed: with include_last_offset, offsets needs at least "
-                      "one element");
-  }
+  if (mode != POOL_NONE) offsets = offsets_in.to(at::kLong).contiguous();
   at::Tensor out = at::empty({num_out, dim}, t.weight.options());
   if (num_out == 0 || dim == 0) return out;
   const bool validate = validate_on_host();

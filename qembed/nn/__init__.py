@@ -5,10 +5,11 @@ from .mpe import (
                   MixedPrecisionEmbeddingBag,
                   MixedPrecisionSearchEmbedding,
                   MixedPrecisionSearchEmbeddingBag,
+                  retrain_model,
 )
 from .quantized import QuantizedEmbedding, QuantizedEmbeddingBag, quantize_
 
 __all__ = ["LowPrecisionEmbedding", "LowPrecisionEmbeddingBag", "MixedPrecisionEmbedding",
            "MixedPrecisionEmbeddingBag", "MixedPrecisionSearchEmbedding",
            "MixedPrecisionSearchEmbeddingBag", "QuantizedEmbedding", "QuantizedEmbeddingBag",
-           "quantize_", "two_pass_backward"]
+           "quantize_", "retrain_model", "two_pass_backward"]

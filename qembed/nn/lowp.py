@@ -15,10 +15,8 @@ ALPT's step gradient comes in two flavours (``step_grad``):
   :func:`two_pass_backward`, gives the gradient at those weights, from which the step learns
   before the rows are re-quantized with the module's rounding.
 
-Defaults come from benchmarks/alpt_step_grad.py (synthetic CTR task, 2 and 4 bits): one-pass
-and two-pass reached the same held-out loss (within 0.001) while two-pass costs a second
-forward and backward, so ``"one_pass"`` is the default; a per-row step trained by SGD did
-best with ``step_lr`` between 0.1 and 1 (0.01 was clearly worse), hence 0.1.
+The defaults (``"one_pass"``, ``step_lr`` 0.1) did best in benchmarks/alpt_step_grad.py (see
+benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -29,34 +27,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import STEP_OPTIMIZERS, check_bits_dim, param_offset, qmax, row_bytes
-from .quantized import _normalize_padding_idx, bag_inputs
+from .._checks import check_bits_dim
+from ..formats import STEP_OPTIMIZERS, param_offset, qmax, row_bytes
+from ._common import TrainableLookup, bag_inputs, normalize_padding_idx
 
 _INIT_CHUNK = 1 << 16  # rows initialised at a time, so no fp32 [R, D] tensor is ever made
-
-
-class _TrainableLookup(torch.autograd.Function):
-    """Lookup whose backward updates the table. Inputs: an empty tensor that requires grad
-    (so autograd reaches this node) and the per-sample weights (which get a gradient)."""
-
-    @staticmethod
-    def forward(ctx, anchor, psw, table, indices, offsets, mode, include_last):
-        ctx.table, ctx.args = table, (mode, include_last)
-        ctx.save_for_backward(indices, offsets, psw)
-        return table._lookup(indices, offsets, psw, mode, include_last)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        indices, offsets, psw = ctx.saved_tensors
-        table, (mode, include_last) = ctx.table, ctx.args
-        grad_psw = None
-        if ctx.needs_input_grad[1]:  # before the update: it needs the rows the forward read
-            grad_psw = ops.embedding_bag_psw_backward(
-                grad_out, table.qweight, indices, offsets, table.bits, table.embedding_dim,
-                table.format, table.step, mode, include_last, table.padding_idx).to(psw.dtype)
-        table._backward(grad_out, indices, offsets, psw, mode, include_last)
-        return None, grad_psw, None, None, None, None, None
 
 
 class _LowPrecisionTable(nn.Module):
@@ -84,7 +59,7 @@ class _LowPrecisionTable(nn.Module):
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"qembed: output dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
-        self.padding_idx = _normalize_padding_idx(padding_idx, num_embeddings)
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
         self.output_dtype = dtype or torch.float32
         self.format = "symmetric" if step_per == "row" else "symmetric_table"
         self.optimizer, self.lr, self.eps, self.weight_decay = optimizer, lr, eps, weight_decay
@@ -250,7 +225,12 @@ class _LowPrecisionTable(nn.Module):
         anchor = torch.empty(0, device=self.qweight.device, requires_grad=True)
         if self._step_pass:
             self._anchors.append(anchor)
-        return _TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
+        return TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
+
+    def _psw_backward(self, grad_out, indices, offsets, mode, include_last):
+        return ops.embedding_bag_psw_backward(
+            grad_out, self.qweight, indices, offsets, self.bits, self.embedding_dim,
+            self.format, self.step, mode, include_last, self.padding_idx)
 
     def _backward(self, grad_out, indices, offsets, psw, mode, include_last):
         rows, grad = ops.embedding_bag_backward(

@@ -15,23 +15,24 @@ width share a segment: they share alpha_b and beta), read as ``alpha_b * q + bet
 rows store nothing and read as zeros. ``location`` maps a feature id to its position in the
 concatenated segments (-1: pruned), in whichever of two layouts is smaller: row ranges
 (int32 [K + 1, 2], one per run of ids of equal width: a few hundred when ids are numbered by
-frequency, as :meth:`qembed.data.CTRDataset.renumbered` does) or a row map (int16 [R] up to
+frequency, as :meth:`qembed.experiments.data.CTRDataset.renumbered` does) or a row map (int16 [R] up to
 2^15 rows, else int32). One kernel (``mpe_embedding_bag``)
 serves a batch mixing widths. Retraining updates each segment in place with ``lowp_update``
 (per-table step alpha_b, stochastic rounding by default): there is no fp32 table.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, qmax, row_bytes
+from .._checks import check_bits_dim
+from ..formats import code_bytes, qmax, row_bytes
 from ..mpe import FrequencyGroups, frequency_groups, sample_bits
-from .lowp import _TrainableLookup
-from .quantized import bag_inputs
+from ._common import TrainableLookup, bag_inputs
 
 DEFAULT_BITS = tuple(range(7))
 
@@ -281,7 +282,7 @@ class _MixedTable(nn.Module):
             raise ValueError("qembed: per_sample_weights get no gradient from a retrained "
                              "mixed-precision table")
         anchor = torch.empty(0, device=self.beta.device, requires_grad=True)
-        return _TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
+        return TrainableLookup.apply(anchor, psw, self, indices, offsets, mode, include_last)
 
     @torch.no_grad()
     def _backward(self, grad_out, indices, offsets, psw, mode, include_last):
@@ -413,3 +414,22 @@ def from_search(search: _SearchTable, group_bits: torch.Tensor | None = None,
     table.load_float_weight(search.initial_weight, steps, search.beta)
     table.group_bits, table.group_sizes = group_bits.cpu(), search.groups.sizes
     return table
+
+
+def retrain_model(search_model: nn.Module, **train) -> nn.Module:
+    """The retrain phase's model: a copy of ``search_model`` (dense network and everything
+    else as searched) whose search tables become :class:`MixedPrecisionEmbedding` /
+    ``Bag`` tables built by ``from_search``: the table reset to its initial values, each
+    group fixed at its sampled width, the searched alpha and beta kept. ``train`` goes to
+    the tables (optimizer, lr, rounding, ...). Train it again with any dense optimizer loop:
+    the tables update themselves in backward through ``lowp_update``."""
+    model = copy.deepcopy(search_model)
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, _SearchTable)]
+    if not swaps and not isinstance(model, _SearchTable):
+        raise ValueError("qembed.retrain_model: the model has no mixed-precision search table")
+    if isinstance(model, _SearchTable):
+        return from_search(model, **train)
+    for parent, name, child in swaps:
+        setattr(parent, name, from_search(child, **train))
+    return model

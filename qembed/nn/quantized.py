@@ -8,46 +8,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import check_bits_dim, code_bytes, format_id, param_offset, qmax, row_bytes
+from .._checks import check_bits_dim
+from ..formats import code_bytes, format_id, param_offset, row_bytes
+from ._common import bag_inputs, normalize_padding_idx, symmetric_steps
 
 _AO_PARAM_DTYPE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
-
-
-def _normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
-    if padding_idx is None:
-        return None
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx {padding_idx} is out of range for {num_embeddings} rows")
-    return padding_idx % num_embeddings
-
-
-def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
-               per_sample_weights: torch.Tensor | None, include_last_offset: bool):
-    """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):
-    a 2-D input is fixed-length bags without offsets, a 1-D input needs offsets."""
-    if input.dim() == 2:
-        if offsets is not None:
-            raise ValueError("offsets must be None when input is 2-D (fixed-length bags)")
-        bags, length = input.shape
-        offsets = torch.arange(0, bags * length, length, device=input.device, dtype=input.dtype)
-        if include_last_offset:
-            offsets = torch.cat([offsets, offsets.new_tensor([bags * length])])
-        input = input.reshape(-1)
-        if per_sample_weights is not None:
-            per_sample_weights = per_sample_weights.reshape(-1)
-    elif input.dim() == 1:
-        if offsets is None:
-            raise ValueError("offsets is required when input is 1-D")
-    else:
-        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
-    return input, offsets, per_sample_weights
-
-
-def symmetric_steps(weight: torch.Tensor, bits: int, per_row: bool) -> torch.Tensor:
-    """Max-abs calibration of a symmetric step: the largest magnitude maps to Qp."""
-    peak = weight.abs().amax(1) if per_row else weight.abs().amax().reshape(1)
-    step = peak / max(qmax(bits), 1)
-    return torch.where(step > 0, step, torch.ones_like(step)).to(torch.float32)
 
 
 class _QuantizedTable(nn.Module):
@@ -67,7 +32,7 @@ class _QuantizedTable(nn.Module):
             raise TypeError(f"qembed: output dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.format = bits, format
-        self.padding_idx = _normalize_padding_idx(padding_idx, num_embeddings)
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
         self.output_dtype = dtype or torch.float32
         self.register_buffer("qweight", ops.table_zeros(
             num_embeddings, row_bytes(embedding_dim, bits, format), device=device))

@@ -19,11 +19,16 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .. import ops
+from ..nn._common import TrainableLookup
 from ..nn.lowp import LowPrecisionEmbeddingBag, _LowPrecisionTable
 from ..nn.quantized import QuantizedEmbeddingBag
+from .interchange import from_quant_ebc, to_quant_ebc
 
 _POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
@@ -76,6 +81,7 @@ class _Collection(nn.Module):
         self._lengths_per_embedding = [c.embedding_dim for c in tables for _ in c.feature_names]
         self._feature_names = [list(c.feature_names) for c in tables]
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._args_cache = None  # (identity of the modules' tensors, the op's table lists)
 
     @staticmethod
     def _check_configs(tables: list[EmbeddingBagConfig]) -> None:
@@ -116,6 +122,27 @@ class _Collection(nn.Module):
         training, its steps and optimizer state."""
         return {name: m.nbytes for name, m in self.embedding_bags.items()}
 
+    def to_torchrec(self, output_dtype: torch.dtype | None = None,
+                    row_alignment: int = 16) -> QuantEmbeddingBagCollection:
+        """TorchRec's ``QuantEmbeddingBagCollection`` serving this collection's tables, e.g.
+        tables trained in low precision (:func:`qembed.torchrec.interchange.to_quant_ebc`):
+        exact but for the fp16 rounding of scale and bias; widths FBGEMM lacks are stored
+        at the next one it has."""
+        return to_quant_ebc(self._embedding_bag_configs, dict(self.embedding_bags),
+                            is_weighted=self._is_weighted,
+                            output_dtype=output_dtype or self._output_dtype(),
+                            row_alignment=row_alignment)
+
+    @classmethod
+    def _from_tables(cls, tables: list[EmbeddingBagConfig], is_weighted: bool,
+                     modules: dict[str, nn.Module]):
+        """A collection over existing per-table modules (no tables initialised)."""
+        collection = cls.__new__(cls)
+        nn.Module.__init__(collection)
+        collection._check_configs(tables)
+        collection._setup(tables, is_weighted, modules)
+        return collection
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         plan = self._plan(features)
         if plan.permute is not None:  # checked first: the permuted batch would hide it
@@ -127,7 +154,7 @@ class _Collection(nn.Module):
                              "KeyedJaggedTensor has no weights")
         values, offsets = features.values(), features.offsets()
         try:
-            out = self._lookup(plan, values, offsets, weights)
+            out = self._lookup_batch(values, offsets, weights, plan)
         except (IndexError, ValueError, TypeError):
             self._diagnose(plan, values, offsets, weights)
             raise
@@ -137,12 +164,12 @@ class _Collection(nn.Module):
     # --- the op's arguments ---------------------------------------------------------------
 
     def _plan(self, features: KeyedJaggedTensor) -> _Plan:
+        if features.variable_stride_per_key():
+            raise ValueError("qembed: batches with a different batch size per feature "
+                             "(variable stride) are not supported")
         keys = tuple(features.keys())
         plan = self._plans.get(keys)
         if plan is None:
-            if features.variable_stride_per_key():
-                raise ValueError("qembed: batches with a different batch size per feature "
-                                 "(variable stride) are not supported")
             plan = self._plans[keys] = self._make_plan(list(keys))
         return plan
 
@@ -175,12 +202,22 @@ class _Collection(nn.Module):
                       for b in order], permute)
 
     def _table_args(self):
-        return table_args(list(self.embedding_bags.values()))
+        """The op's per-table lists (:func:`table_args`), kept while the modules hold the
+        same tensors (.to() and assignment replace them, load_state_dict copies into them): a
+        batch costs no new tensors."""
+        modules = list(self.embedding_bags.values())
+        key = tuple(id(t) for m in modules for t in (m.qweight, m.step))
+        if self._args_cache is None or self._args_cache[0] != key:
+            self._args_cache = (key, table_args(modules))
+        return self._args_cache[1]
 
     def _output_dtype(self) -> torch.dtype:
         return next(iter(self.embedding_bags.values())).output_dtype
 
-    def _lookup(self, plan: _Plan, values, offsets, weights) -> torch.Tensor:
+    def _lookup_batch(self, values, offsets, weights, plan: _Plan) -> torch.Tensor:
+        return self._lookup(values, offsets, weights, plan)
+
+    def _lookup(self, values, offsets, weights, plan: _Plan) -> torch.Tensor:
         args = self._table_args()
         for name, table in zip(self.embedding_bags, args[0]):
             if table.device != values.device:
@@ -265,34 +302,17 @@ class QuantizedEmbeddingBagCollection(_Collection):
         return cls(configs, ebc.is_weighted(), device, bits=bits, format=format,
                    output_dtype=output_dtype, _weights=weights)
 
+    @classmethod
+    def from_quant_ebc(cls, qebc: QuantEmbeddingBagCollection, bits: int | dict | None = None,
+                       format: str | dict = "affine") -> "QuantizedEmbeddingBagCollection":
+        """The tables of TorchRec's ``QuantEmbeddingBagCollection`` (INT8/4/2), exactly
+        (:func:`qembed.torchrec.interchange.from_quant_ebc`); ``bits`` may be narrower than
+        FBGEMM's width where the codes fit."""
+        modules = from_quant_ebc(qebc, bits=bits, format=format)
+        return cls._from_tables(list(qebc.embedding_bag_configs()), qebc.is_weighted(), modules)
+
     def extra_repr(self) -> str:
         return f"tables={len(self.embedding_bags)}, is_weighted={self._is_weighted}"
-
-
-class _CollectionLookup(torch.autograd.Function):
-    """The collection's lookup whose backward updates its tables (as each
-    LowPrecisionEmbeddingBag's lookup does). Inputs: an empty tensor that requires grad (so
-    autograd reaches this node) and the per-sample weights (which get a gradient)."""
-
-    @staticmethod
-    def forward(ctx, anchor, weights, collection, plan, values, offsets):
-        ctx.collection, ctx.plan = collection, plan
-        ctx.save_for_backward(values, offsets, weights)
-        return _Collection._lookup(collection, plan, values, offsets, weights)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        values, offsets, weights = ctx.saved_tensors
-        collection, plan = ctx.collection, ctx.plan
-        grad_weights = None
-        if ctx.needs_input_grad[1]:  # before the update: it needs the rows the forward read
-            tables, steps, bits, dims, formats = collection._table_args()
-            grad_weights = ops.embedding_bags_psw_backward(
-                grad_out, tables, steps, bits, dims, formats, plan.feature_tables,
-                plan.feature_columns, values, offsets).to(weights.dtype)
-        collection._backward(plan, grad_out, values, offsets, weights)
-        return None, grad_weights, None, None, None, None
 
 
 # The options of LowPrecisionEmbeddingBag that the fused update of all tables takes once.
@@ -342,20 +362,28 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
         return cls(configs, ebc.is_weighted(), device, bits=bits, seed=seed,
                    output_dtype=output_dtype, _weights=weights, **train)
 
-    def _lookup(self, plan: _Plan, values, offsets, weights) -> torch.Tensor:
+    def _lookup_batch(self, values, offsets, weights, plan: _Plan) -> torch.Tensor:
+        """The lookup whose backward updates every table (as each LowPrecisionEmbeddingBag's
+        lookup does)."""
         modules = list(self.embedding_bags.values())
         for m in modules:
             if not m._step_pass:
                 m._finish_pending()
         if not torch.is_grad_enabled():
-            return super()._lookup(plan, values, offsets, weights)
+            return self._lookup(values, offsets, weights, plan)
         anchor = torch.empty(0, device=values.device, requires_grad=True)
         stepping = [m for m in modules if m._step_pass]
         if stepping:  # two-pass ALPT's second pass backpropagates into the anchors
             stepping[0]._anchors.append(anchor)
-        return _CollectionLookup.apply(anchor, weights, self, plan, values, offsets)
+        return TrainableLookup.apply(anchor, weights, self, values, offsets, plan)
 
-    def _backward(self, plan: _Plan, grad_out, values, offsets, weights) -> None:
+    def _psw_backward(self, grad_out, values, offsets, plan: _Plan) -> torch.Tensor:
+        tables, steps, bits, dims, formats = self._table_args()
+        return ops.embedding_bags_psw_backward(grad_out, tables, steps, bits, dims, formats,
+                                               plan.feature_tables, plan.feature_columns,
+                                               values, offsets)
+
+    def _backward(self, grad_out, values, offsets, weights, plan: _Plan) -> None:
         rows, grads = ops.embedding_bags_backward(
             grad_out, [m.embedding_dim for m in self.embedding_bags.values()],
             plan.feature_tables, plan.feature_columns, plan.poolings, values, offsets,
@@ -366,13 +394,13 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
                 if m._step_pass:
                     m._apply_row_grads(r, g)
         elif self._fused(modules):
-            update_tables(modules, rows, grads)
+            update_tables(modules, self._table_args(), rows, grads)
         else:
             for m, r, g in zip(modules, rows, grads):
                 m._apply_row_grads(r, g)
 
     @staticmethod
-    def _fused(modules: list[_LowPrecisionTable]) -> bool:
+    def _fused(modules: list[LowPrecisionEmbeddingBag]) -> bool:
         """Whether one fused update serves every table: all update in backward, in one pass,
         with the same options."""
         first = tuple(getattr(modules[0], o) for o in _UPDATE_OPTIONS)
@@ -394,15 +422,15 @@ def table_args(modules: list[nn.Module]):
 
 
 @torch.no_grad()
-def update_tables(modules: list[_LowPrecisionTable], rows, grads) -> None:
+def update_tables(modules: list[_LowPrecisionTable], args, rows, grads) -> None:
     """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call (the tables share
-    their update options); a table that is a shard keys its rounding by its place in the
-    whole table."""
+    their update options; `args`: their :func:`table_args`); a table that is a shard keys
+    its rounding by its place in the whole table."""
     for m in modules:
         m._finish_pending()
     counters = [m._next_update() for m in modules]
     m0 = modules[0]
-    tables, steps, bits, dims, formats = table_args(modules)
+    tables, steps, bits, dims, formats = args
     skipped = ops.embedding_bags_update(
         tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
         grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
@@ -411,5 +439,7 @@ def update_tables(modules: list[_LowPrecisionTable], rows, grads) -> None:
         stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
         counters=counters, row_offsets=[m.row_offset for m in modules],
         column_offsets=[m.column_offset for m in modules])
+    if skipped.device.type == "cpu" and not bool(skipped.any()):
+        return  # the usual case, without a counter update per table
     for m, s in zip(modules, skipped.to(m0.qweight.device)):
         m._count_skipped(s)

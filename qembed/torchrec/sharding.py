@@ -206,7 +206,7 @@ class _ShardLookupFunction(torch.autograd.Function):
         rows, grads = ops.embedding_bags_backward(
             grad_out, [m.embedding_dim for m in lookup.tables], lookup.feature_tables,
             lookup.feature_columns, lookup.poolings, values, offsets, weights)
-        update_tables(lookup.tables, rows, grads)
+        update_tables(lookup.tables, table_args(lookup.tables), rows, grads)
         return None, None, None, None, None
 
 

@@ -395,7 +395,7 @@ def data_dir() -> Path | None:
     if os.environ.get("QEMBED_DATA"):
         candidates = [Path(os.environ["QEMBED_DATA"])]
     else:
-        candidates = [Path(__file__).resolve().parents[1].parent / "shared" / "data",
+        candidates = [Path(__file__).resolve().parents[2].parent / "shared" / "data",
                       Path.cwd().resolve().parent / "shared" / "data"]
     return next((c for c in candidates if c.is_dir()), None)
 

@@ -22,8 +22,8 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from .modules import LowPrecisionEmbeddingBagCollection
-from .sharding import SHARDING_TYPES, QEmbedSharder
+from ..torchrec.modules import LowPrecisionEmbeddingBagCollection
+from ..torchrec.sharding import SHARDING_TYPES, QEmbedSharder
 
 
 class FieldCollection(nn.Module):

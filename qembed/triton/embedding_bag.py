@@ -1,4 +1,4 @@
-"""embedding_bag in Triton: fused gather-dequantize-pool over packed rows.
+"""``embedding_bag`` in Triton: fused gather-dequantize-pool over packed rows.
 
 A program pools one bag over a block of columns, BLOCK_N of the bag's rows at a time: their
 codes are gathered as a [BLOCK_N, BLOCK_D] tile, scaled by psw * scale and summed over the
@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_indices_values, check_lookup_args, check_offsets_values
 from ..formats import FORMATS, POOLINGS, code_bytes, param_offset, qmin
-from .codes import f32_at, load_codes
+from .common import f32_at, load_codes, validating, word_aligned
 
 SYM_ROW, AFFINE = tl.constexpr(FORMATS["symmetric"]), tl.constexpr(FORMATS["affine"])
 POOL_MEAN, POOL_NONE = POOLINGS["mean"], POOLINGS["none"]
@@ -101,10 +102,26 @@ def _rows_kernel(rows, stride, num_rows, indices, n, psw, step, out, DIM, paddin
              mask=in_range[:, None] & d_ok[None, :])
 
 
-def launch(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-           psw: torch.Tensor | None, step: torch.Tensor | None, bits: int, dim: int, fmt: int,
-           mode: int, padding_idx: int, out: torch.Tensor) -> torch.Tensor:
-    """Fills out [num outputs, dim]; arguments already checked."""
+def embedding_bag(rows, indices, offsets, per_sample_weights, step, bits, dim, fmt, mode,
+                  include_last_offset, padding_idx, output_dtype):
+    """``torch.ops.qembed.embedding_bag`` in Triton."""
+    num_out = check_lookup_args(rows, indices, offsets, per_sample_weights, step, bits, dim, fmt,
+                                mode, include_last_offset, output_dtype)
+    pooled = mode != POOL_NONE
+    if validating(rows.device):
+        check_indices_values(indices, rows.shape[0])
+        if pooled:
+            check_offsets_values(offsets, indices.numel())
+    psw = None if per_sample_weights is None else per_sample_weights.contiguous()
+    out = torch.empty(num_out, dim, dtype=output_dtype, device=rows.device)
+    return _launch(word_aligned(rows), indices.contiguous(), offsets.contiguous(), psw, step,
+                   bits, dim, fmt, mode, padding_idx, out)
+
+
+def _launch(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+            psw: torch.Tensor | None, step: torch.Tensor | None, bits: int, dim: int, fmt: int,
+            mode: int, padding_idx: int, out: torch.Tensor) -> torch.Tensor:
+    """Fills out [num outputs, dim]."""
     if out.shape[0] == 0:
         return out
     block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)

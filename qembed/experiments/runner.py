@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..mpe import frequency_groups, report
+from ..nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_, retrain_model
 from . import data as qdata
 from .models import MODELS, evaluate, fit
-from .mpe import frequency_groups, report, retrain_model
-from .nn import LowPrecisionEmbedding, MixedPrecisionSearchEmbedding, quantize_
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Config:
     mpe_groups: int = 128
     progress: bool = True
     # shard the low-precision methods' tables over the processes of torch.distributed's
-    # default group (one table per field, qembed.torchrec.ctr): a sharding type or None
+    # default group (one table per field, .sharded): a sharding type or None
     sharding: str | None = None
 
     def __post_init__(self):
@@ -86,7 +86,7 @@ def table_bytes(module: nn.Module) -> int:
 def _build(cfg: Config, splits, seed: int, factory=None) -> nn.Module:
     torch.manual_seed(seed)
     if cfg.sharding:
-        from .torchrec.ctr import FieldCollection
+        from .sharded import FieldCollection
 
         field_dims, options = splits[0].field_dims, factory.options
         factory = lambda rows, dim: FieldCollection(field_dims, dim, **options)  # noqa: E731
@@ -96,7 +96,7 @@ def _build(cfg: Config, splits, seed: int, factory=None) -> nn.Module:
 def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
     model = _build(cfg, splits, seed, factory)
     if cfg.sharding:
-        from .torchrec.ctr import RankShare, shard_model
+        from .sharded import RankShare, shard_model
 
         model, splits = shard_model(model, cfg.sharding), (RankShare(splits[0]),) + splits[1:]
     return model, _fit(cfg, model, splits, seed)

@@ -1,10 +1,10 @@
-"""lowp_update in Triton: the fused low-precision training step of csrc/cpu/lowp_update.cpp.
+"""``lowp_update`` in Triton: the fused low-precision training step of csrc/cpu/lowp_update.cpp.
 
 A program updates BLOCK_R distinct rows, each row whole in registers: dequantize (or take the
 given weights), optimizer step, LSQ step update, re-quantize, every operation in the CPU
 kernel's order with correctly rounded division and square root, so that codes, steps and
 state come out bit-identical to the CPU's. The CPU's row sums (Adagrad's mean of squares,
-the LSQ sum) run strictly left to right; so do these (codes.ordered_sum), one column per
+the LSQ sum) run strictly left to right; so do these (common.ordered_sum), one column per
 step, which costs O(D) reductions per row.
 
 With one step per table and learn_step, the step moves by the sum of every row's LSQ term in
@@ -19,8 +19,18 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._checks import check_update_args, check_update_rows_values
 from ..formats import FORMATS, OPTIMIZERS, code_bytes, param_offset, qmax, qmin
-from .codes import f32_at, load_codes, ordered_sum, philox_uniform, rint, store_codes
+from .common import (
+    f32_at,
+    load_codes,
+    ordered_sum,
+    philox_uniform,
+    rint,
+    store_codes,
+    validating,
+    word_aligned,
+)
 
 _SGD, _ADAGRAD, _ADAM = (tl.constexpr(OPTIMIZERS[name]) for name in ("sgd", "adagrad", "adam"))
 _MIN_STEP = tl.constexpr(reference.MIN_STEP)
@@ -175,11 +185,33 @@ def _f32(x: float) -> float:
     return float(reference._f32(x))
 
 
-def launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim, fmt,
-           optimizer, lr, eps, weight_decay, beta1, beta2, iteration, learn_step,
-           step_optimizer, step_lr, stochastic, seed, counter, row_offset=0,
-           column_offset=0) -> torch.Tensor:
-    """Runs the update in place (arguments already checked); returns the skipped-row count."""
+def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out,
+                bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
+                learn_step, step_optimizer, step_lr, stochastic, seed, counter, row_offset=0,
+                column_offset=0):
+    """``torch.ops.qembed.lowp_update`` in Triton: in place; returns the number of rows skipped
+    for a non-finite gradient (int64 scalar tensor on the table's device)."""
+    uniq, grad = unique_rows.contiguous(), grad_rows.contiguous()
+    check_update_args(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim,
+                      fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
+                      column_offset)
+    if validating(rows.device):
+        check_update_rows_values(uniq, rows.shape[0])
+    table = word_aligned(rows)
+    skipped = _launch(table, step, state, step_state, uniq, grad, weights, weights_out, bits,
+                      dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
+                      learn_step, step_optimizer, step_lr, stochastic, seed, counter, row_offset,
+                      column_offset)
+    if table is not rows:
+        rows.copy_(table)
+    return skipped
+
+
+def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim, fmt,
+            optimizer, lr, eps, weight_decay, beta1, beta2, iteration, learn_step,
+            step_optimizer, step_lr, stochastic, seed, counter, row_offset,
+            column_offset) -> torch.Tensor:
+    """Runs the update in place; returns the skipped-row count."""
     u = uniq.numel()
     skipped = torch.zeros(u, dtype=torch.int32, device=rows.device)
     if u == 0:

@@ -1,6 +1,6 @@
-"""Triton device functions shared by the lookup and the update: reading and writing packed
-codes and inline fp32 parameters (csrc/layout.h), counter-based uniforms (csrc/philox.h),
-rounding (csrc/rounding.h) and the kernels' left-to-right sums.
+"""What the Triton ops share: device functions that read and write packed codes and inline
+fp32 parameters (csrc/layout.h), counter-based uniforms (csrc/philox.h), rounding
+(csrc/rounding.h) and the kernels' left-to-right sums; and the launchers' host helpers.
 
 Every function that must agree bit for bit with the CPU kernels avoids what Triton lowers
 approximately on a GPU: ``/`` and ``sqrt`` become ``div_rn`` and ``sqrt_rn``, and kernels
@@ -8,8 +8,25 @@ launch with ``enable_fp_fusion=False`` (the CPU build uses ``-ffp-contract=off``
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def validating(device: torch.device) -> bool:
+    """Whether to check index and row values, which needs them on the host: always on CPU
+    tensors; on a CUDA device (a synchronisation) only with ``QEMBED_CUDA_VALIDATE=1``, as
+    the CUDA kernels do."""
+    return device.type != "cuda" or os.environ.get("QEMBED_CUDA_VALIDATE") == "1"
+
+
+def word_aligned(rows: torch.Tensor) -> torch.Tensor:
+    """The kernels access parameters as fp32, so rows must start on a 4-byte boundary (a view
+    can start anywhere in its storage): otherwise a copy."""
+    rows = rows.contiguous()
+    return rows if rows.data_ptr() % 4 == 0 else rows.clone()
 
 
 @triton.jit

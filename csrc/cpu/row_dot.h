@@ -1,0 +1,23 @@
+// The gradient of a lookup with respect to a per-sample weight: the dot product of the
+// bag's output gradient with the row read, shared by the single- and many-table ops.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include "row_codec.h"
+
+namespace qembed {
+
+// <g, row's values> over dim, the row decoded into `value` (dim floats of scratch) as
+// dequantize rounds it, the products added left to right (the reference's order).
+template <int BITS>
+inline float row_dot(const uint8_t* row, int64_t dim, int64_t fmt, float table_step,
+                     const float* g, float* value) {
+  const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
+  std::fill(value, value + dim, 0.0f);
+  accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value);
+  float dot = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
+  return dot;
+}
+
+}  // namespace qembed
