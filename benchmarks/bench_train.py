@@ -6,7 +6,10 @@ nn.EmbeddingBag(sparse=True) stepped by torch.optim.SparseAdam and torch.optim.A
 with fbgemm_gpu's SplitTableBatchedEmbeddingBagsCodegen on CPU (exact row-wise Adagrad, fused
 into backward) when it imports. Reports the median step time over repeats (batches rotate),
 its ratio to fp32 + SparseAdam measured in the same run, and the bytes of table plus
-optimizer state. Writes markdown, CSV and a PNG to benchmarks/results/.
+optimizer state. For the qembed tables it also times the step's parts on their own, in the
+same turns: the forward lookup, the backward (distinct rows and their summed gradients,
+``embedding_bag_backward``) and the update (``lowp_update``), and gives the step as a
+multiple of the forward lookup. Writes markdown, CSV and a PNG to benchmarks/results/.
 
     python benchmarks/bench_train.py            # 1M and 4M rows, D = 64 and 128 (shapes
                                                 # over --max-gb of fp32 state are skipped)
@@ -33,6 +36,8 @@ except ImportError:  # run as a module from the repository root
     from benchmarks.common import fp32_train_method
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+INT8, INT4 = "qembed int8 (rw-Adagrad, ALPT)", "qembed int4 (rw-Adagrad, ALPT)"
+FBGEMM, SPARSE_ADAM = "fbgemm fp32 (rw-Adagrad)", "fp32 + SparseAdam"
 
 
 def cpu_model() -> str:
@@ -68,7 +73,17 @@ def qembed_method(rows, dim, bits):
 
     def step(idx, off, grad):
         emb(idx, off).backward(grad)
-    return step, lambda: emb.nbytes
+
+    def forward(idx, off, grad):
+        with torch.no_grad():
+            emb(idx, off)
+
+    def backward(idx, off, grad):
+        return qembed.ops.embedding_bag_backward(grad, idx, off, None, "sum")
+
+    def update(sparse_grad):
+        emb.update_rows(*sparse_grad)
+    return step, lambda: emb.nbytes, (forward, backward, update)
 
 
 def fbgemm_method(rows, dim):
@@ -90,33 +105,59 @@ def fbgemm_method(rows, dim):
         w = emb.split_embedding_weights()[0]
         return w.numel() * w.element_size() + sum(
             s.numel() * s.element_size() for s in emb.split_optimizer_states()[0])
-    return step, nbytes
+    return step, nbytes, None
 
 
 def methods(rows, dim):
-    yield "fp32 + SparseAdam", lambda: fp32_train_method(rows, dim, "sparse_adam")
-    yield "fp32 + Adagrad", lambda: fp32_train_method(rows, dim, "adagrad")
-    yield "qembed int8 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 8)
-    yield "qembed int4 (rw-Adagrad, ALPT)", lambda: qembed_method(rows, dim, 4)
+    yield SPARSE_ADAM, lambda: (*fp32_train_method(rows, dim, "sparse_adam"), None)
+    yield "fp32 + Adagrad", lambda: (*fp32_train_method(rows, dim, "adagrad"), None)
+    yield INT8, lambda: qembed_method(rows, dim, 8)
+    yield INT4, lambda: qembed_method(rows, dim, 4)
     try:
         import fbgemm_gpu  # noqa: F401
-        yield "fbgemm fp32 (rw-Adagrad)", lambda: fbgemm_method(rows, dim)
+        yield FBGEMM, lambda: fbgemm_method(rows, dim)
     except Exception as e:  # noqa: BLE001 - any import failure means: skip it
         print(f"skipping fbgemm_gpu: {e}", file=sys.stderr)
 
 
-def time_steps(steps, batches, grads, warmup, repeats):
-    """Median seconds per step of each method. Methods take turns within each repeat, so
-    load from other processes on a shared machine falls on all of them alike."""
-    times = {name: [] for name in steps}
+PARTS = ("forward", "backward", "update")
+
+
+def time_steps(built, batches, grads, warmup, repeats):
+    """Median seconds per step of each method and, for methods that time their parts, per
+    part (forward lookup; backward; update given that backward's output). Methods take turns
+    within each repeat, in an order that rotates from repeat to repeat, so load from other
+    processes on a shared machine falls on all of them alike."""
+    names = list(built)
+    times = {name: {"step": []} for name in names}
+    for name in names:
+        if built[name][2] is not None:
+            times[name].update({part: [] for part in PARTS})
     for i in range(warmup + repeats):
         idx, off = batches[i % len(batches)]
-        for name, step in steps.items():
+        grad = grads[i % len(grads)]
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            step, _, parts = built[name]
             t0 = time.perf_counter()
-            step(idx, off, grads[i % len(grads)])
+            step(idx, off, grad)
+            t1 = time.perf_counter()
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+                times[name]["step"].append(t1 - t0)
+            if parts is None:
+                continue
+            forward, backward, update = parts
+            t0 = time.perf_counter()
+            forward(idx, off, grad)
+            t1 = time.perf_counter()
+            sparse_grad = backward(idx, off, grad)
+            t2 = time.perf_counter()
+            update(sparse_grad)
+            t3 = time.perf_counter()
+            if i >= warmup:
+                for part, t in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[name][part].append(t)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
 def main(argv=None):
@@ -146,19 +187,46 @@ def main(argv=None):
                       file=sys.stderr)
                 continue
             built = {name: build() for name, build in methods(rows, dim)}
-            steps = {name: b[0] for name, b in built.items()}
             for dist, batches in data.items():
-                for name, t in time_steps(steps, batches, grads, a.warmup, a.repeats).items():
-                    results.append(dict(rows=rows, dim=dim, dist=dist, method=name,
-                                        ms=t * 1e3, bytes=built[name][1]()))
-                    print(f"{rows:>8} {dim:>4} {dist:>7} {name:<32} {t * 1e3:9.1f} ms", flush=True)
-            del built, steps
+                for name, t in time_steps(built, batches, grads, a.warmup, a.repeats).items():
+                    r = dict(rows=rows, dim=dim, dist=dist, method=name, ms=t["step"] * 1e3,
+                             bytes=built[name][1]())
+                    line = f"{rows:>8} {dim:>4} {dist:>7} {name:<32} {t['step'] * 1e3:9.1f} ms"
+                    if "forward" in t:
+                        r.update({f"{part}_ms": t[part] * 1e3 for part in PARTS})
+                        r["step_vs_forward"] = t["step"] / t["forward"]
+                        line += ("  (forward {forward_ms:.2f}, backward {backward_ms:.2f}, "
+                                 "update {update_ms:.2f} ms; step {step_vs_forward:.1f}x "
+                                 "forward)").format(**r)
+                    results.append(r)
+                    print(line, flush=True)
+            del built
+    if not results:
+        sys.exit("bench_train: every shape was skipped (raise --max-gb)")
     for r in results:
         base = next(x for x in results if x["rows"] == r["rows"] and x["dim"] == r["dim"]
-                    and x["dist"] == r["dist"] and x["method"] == "fp32 + SparseAdam")
+                    and x["dist"] == r["dist"] and x["method"] == SPARSE_ADAM)
         r["speedup_vs_fp32_sparseadam"] = base["ms"] / r["ms"]
         r["bytes_vs_fp32_sparseadam"] = r["bytes"] / base["bytes"]
     write(results, a)
+
+
+def targets_table(results) -> str:
+    """Per shape, the ratios the training step is held to: each qembed step over its forward
+    lookup (<= 5x), FBGEMM's and fp32 + SparseAdam's step over int8's (>= 3x, >= 5x), int4's
+    step over int8's (<= 1x)."""
+    lines = ["| rows | D | indices | int8 step / forward | int4 step / forward | "
+             "fbgemm / int8 | fp32+SparseAdam / int8 | int4 / int8 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for shape in dict.fromkeys((r["rows"], r["dim"], r["dist"]) for r in results):
+        got = {r["method"]: r for r in results if (r["rows"], r["dim"], r["dist"]) == shape}
+
+        def ratio(num, den):
+            return f"{got[num]['ms'] / got[den]['ms']:.2f}x" if num in got and den in got else ""
+        forward = [f"{got[m]['step_vs_forward']:.1f}x" if m in got else "" for m in (INT8, INT4)]
+        lines.append(f"| {shape[0]:,} | {shape[1]} | {shape[2]} | {forward[0]} | {forward[1]} | "
+                     f"{ratio(FBGEMM, INT8)} | {ratio(SPARSE_ADAM, INT8)} | {ratio(INT4, INT8)} |")
+    return "\n".join(lines)
 
 
 def write(results, a):
@@ -167,22 +235,30 @@ def write(results, a):
               f"{torch.get_num_threads()}); torch {torch.__version__}; {stamp}\n"
               f"Command: `python {' '.join(sys.argv)}`\n"
               f"Batch: {a.bags} bags x {a.length} indices, mode sum; median of {a.repeats} steps "
-              f"(forward + backward + update).\n")
-    lines = ["| rows | D | indices | method | step ms | speed-up vs fp32+SparseAdam | "
-             "table+state MiB | memory vs fp32+SparseAdam |",
-             "|---:|---:|---|---|---:|---:|---:|---:|"]
+              f"(forward + backward + update). For qembed the parts are also timed alone in "
+              f"the same turns: forward lookup, backward (distinct rows and their gradients), "
+              f"update; step / forward is the step time over the forward lookup's.\n")
+    lines = ["| rows | D | indices | method | step ms | forward ms | backward ms | update ms | "
+             "step / forward | speed-up vs fp32+SparseAdam | table+state MiB | "
+             "memory vs fp32+SparseAdam |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        parts = " | ".join(f"{r[f'{part}_ms']:.2f}" if f"{part}_ms" in r else ""
+                           for part in PARTS)
+        ratio = f"{r['step_vs_forward']:.1f}x" if "step_vs_forward" in r else ""
         lines.append(f"| {r['rows']:,} | {r['dim']} | {r['dist']} | {r['method']} | "
-                     f"{r['ms']:.1f} | {r['speedup_vs_fp32_sparseadam']:.2f}x | "
+                     f"{r['ms']:.1f} | {parts} | {ratio} | "
+                     f"{r['speedup_vs_fp32_sparseadam']:.2f}x | "
                      f"{r['bytes'] / 2**20:.0f} | {r['bytes_vs_fp32_sparseadam']:.3f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + targets_table(results)
     print("\n" + header + "\n" + table)
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, "bench_train" + ("_quick" if a.quick else ""))
     with open(base + ".md", "w") as f:
         f.write("# Training step: qembed low-precision tables vs fp32\n\n" + header + "\n" + table + "\n")
     with open(base + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
+        fields = list(dict.fromkeys(k for r in results for k in r))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(results)
     try:

@@ -16,9 +16,7 @@ namespace qembed {
 
 inline void check_bits_dim(int64_t bits, int64_t dim) {
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "qembed: bits must be in 1..8, got ", bits);
-  TORCH_CHECK_VALUE(dim > 0 && dim % 8 == 0,
-                    "qembed: embedding dim must be a positive multiple of 8, got ", dim,
-                    " (pad the table)");
+  TORCH_CHECK_VALUE(dim > 0, "qembed: embedding dim must be positive, got ", dim);
 }
 
 inline void check_format(int64_t fmt) {
@@ -116,7 +114,7 @@ inline void check_pack_args(const at::Tensor& codes, int64_t bits) {
   check_bits_dim(bits, codes.size(1));
 }
 
-// unpack: uint8 [N, >= dim*bits/8].
+// unpack: uint8 [N, >= code_bytes(dim, bits)].
 inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t dim) {
   check_bits_dim(bits, dim);
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "qembed.unpack: packed must be uint8, got ",
@@ -416,8 +414,8 @@ inline int64_t key_offset(at::OptionalIntArrayRef offsets, size_t t) {
 
 // embedding_bags_update's arguments: one entry per table in every list (the key offsets'
 // lists may be absent: all 0), table t's as lowp_update checks them (iteration =
-// counters[t]; grads[t]: grad_rows[t] made contiguous), every table on table 0's device. The values of unique_rows (range and
-// order) each device checks its own way.
+// counters[t]; grads[t]: grad_rows[t] made contiguous), every table on table 0's device.
+// The values of unique_rows (range and order) each device checks its own way.
 inline void check_bags_update_args(at::TensorList tables, at::TensorList steps,
                                    at::TensorList states, at::TensorList step_states,
                                    at::TensorList unique_rows, at::TensorList grads,
@@ -575,11 +573,11 @@ inline void check_row_ranges(const int32_t* ranges, int64_t num_ranges,
   }
 }
 
-// mpe_embedding_bag's arguments: one uint8 segment [n_s, >= D*bits[s]/8] per bit width, fp32
-// steps [S] and beta [D] (D a multiple of 8), a row map or row ranges, all on beta's device,
-// and a lookup's indices, offsets, weights, mode and output dtype; returns the number of
-// output rows. The values (positive steps, locations inside the segments) each device checks
-// its own way.
+// mpe_embedding_bag's arguments: one uint8 segment [n_s, >= code_bytes(D, bits[s])] per bit
+// width, fp32 steps [S] and beta [D], a row map or row ranges, all on beta's device, and a
+// lookup's indices, offsets, weights, mode and output dtype; returns the number of output
+// rows. The values (positive steps, locations inside the segments) each device checks its
+// own way.
 inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef bits,
                                        const at::Tensor& steps, const at::Tensor& beta,
                                        const at::Tensor& location, const at::Tensor& indices,
@@ -594,9 +592,8 @@ inline int64_t check_mixed_lookup_args(at::TensorList segments, c10::IntArrayRef
                     "segment is needed, got ", bits.size(), " for ", num_segments);
   TORCH_CHECK_TYPE(beta.scalar_type() == at::kFloat && steps.scalar_type() == at::kFloat,
                    op, "steps and beta must be float32");
-  TORCH_CHECK_VALUE(beta.dim() == 1 && beta.numel() > 0 && beta.numel() % 8 == 0, op,
-                    "beta must be 1-D of the embedding dim (a multiple of 8), got ",
-                    beta.sizes());
+  TORCH_CHECK_VALUE(beta.dim() == 1 && beta.numel() > 0, op,
+                    "beta must be 1-D of the embedding dim, got ", beta.sizes());
   TORCH_CHECK_VALUE(steps.dim() == 1 && steps.numel() == num_segments, op,
                     "steps must have one entry per segment (", num_segments, "), got ",
                     steps.sizes());

@@ -1,7 +1,7 @@
 // The packed-row layout, written once for CPU and CUDA.
 //
 // A table is a uint8 tensor [R, row_bytes(D, bits, fmt)]. Each row holds
-//   [codes: D*bits/8 bytes][pad to 4 bytes][parameters: param_bytes(fmt)]
+//   [codes: ceil(D/8)*bits bytes][pad to 4 bytes][parameters: param_bytes(fmt)]
 // Every 8 codes take exactly `bits` bytes; code i of a group occupies bits
 // [(i%8)*bits, (i%8)*bits + bits) of the group read as a little-endian integer.
 // Codes are unsigned. Each format turns a code u into a value:
@@ -9,6 +9,10 @@
 //   SYM_TABLE value = step   * (u + Qn), one fp32 step outside the rows
 //   AFFINE    value = scale_r * u + bias_r, fp32 scale_r, bias_r inline
 // with Qn = -2^(bits-1): symmetric codes are stored offset-binary.
+// Codes come in whole groups: a row of any D holds padded_dim(D) codes. Those past D are
+// pad, written by every encoder as the code of (value - bias) / scale = 0 (u = 0 in affine
+// rows, u = -Qn, the value 0, in symmetric ones) and never read into a result: the kernels
+// work on the padded width and their entry points (padded_rows.h) narrow outputs to D.
 // Parameters sit in the row so a lookup touches one contiguous span of memory.
 #pragma once
 #include <cstdint>
@@ -26,7 +30,8 @@ enum Format : int64_t { SYM_ROW = 0, SYM_TABLE = 1, AFFINE = 2 };
 enum Pooling : int64_t { POOL_SUM = 0, POOL_MEAN = 1, POOL_NONE = 2 };
 
 QEMBED_HD bool valid_format(int64_t fmt) { return fmt >= SYM_ROW && fmt <= AFFINE; }
-QEMBED_HD int64_t code_bytes(int64_t dim, int64_t bits) { return dim * bits / 8; }
+QEMBED_HD int64_t padded_dim(int64_t dim) { return (dim + 7) / 8 * 8; }
+QEMBED_HD int64_t code_bytes(int64_t dim, int64_t bits) { return padded_dim(dim) / 8 * bits; }
 QEMBED_HD int64_t param_offset(int64_t dim, int64_t bits) {
   return (code_bytes(dim, bits) + 3) / 4 * 4;
 }

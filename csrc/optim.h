@@ -1,8 +1,9 @@
 // The per-element arithmetic of the fused low-precision update (lowp_update), written once
 // for CPU and CUDA. Both compile it without contraction into fused multiply-adds
 // (-ffp-contract=off, nvcc --fmad=false) and with IEEE division and square root, so a row
-// updated on either device gets the bits qembed/reference.py computes. The ordered sums
-// over a row (Adagrad's mean square, LSQ's step gradient) stay with each device's loops.
+// updated on either device gets the bits qembed/reference.py computes. The sums over a row
+// (Adagrad's mean square, LSQ's step gradient) stay with each device's loops, in the order
+// kSumLanes describes.
 #pragma once
 #include <cmath>
 #include "layout.h"
@@ -42,35 +43,61 @@ QEMBED_HD int64_t state_width(int64_t optimizer, int64_t dim) {
   return optimizer == OPT_ADAGRAD ? 1 : (optimizer == OPT_ADAM ? 2 * dim : 0);
 }
 
-// The gradient with weight decay.
-QEMBED_HD float decayed_grad(float w, float g, const UpdateConfig& c) { return g + c.wd * w; }
+// The element functions below are templates over T: float here and on the GPU, a vector of
+// lanes in the CPU kernels (csrc/cpu/lanes.h: GCC's vector types take + - * / per lane and a
+// float operand as a splat), so one expression serves both and rounds the same. Lanes<T>
+// gives what operators cannot.
+template <typename T>
+struct Lanes;
 
-QEMBED_HD float sgd_value(float w, float g, const UpdateConfig& c) {
+template <>
+struct Lanes<float> {
+  static QEMBED_HD float splat(float x) { return x; }
+  static QEMBED_HD float sqrt(float x) { return sqrtf(x); }
+  static QEMBED_HD float nearbyint(float x) { return nearbyintf(x); }
+};
+
+// The gradient with weight decay.
+template <typename T>
+QEMBED_HD T decayed_grad(T w, T g, const UpdateConfig& c) { return g + c.wd * w; }
+
+template <typename T>
+QEMBED_HD T sgd_value(T w, T g, const UpdateConfig& c) {
   return w - c.lr * (g + c.wd * w);
 }
 
 // Row-wise Adagrad: `acc` is the row's accumulator after adding the mean squared gradient.
 QEMBED_HD float adagrad_denom(float acc, const UpdateConfig& c) { return sqrtf(acc) + c.eps; }
 
-QEMBED_HD float adagrad_value(float w, float g, float denom, const UpdateConfig& c) {
+template <typename T>
+QEMBED_HD T adagrad_value(T w, T g, float denom, const UpdateConfig& c) {
   return w - c.lr * ((g + c.wd * w) / denom);
 }
 
 // Adam on one element; m and v are updated in place.
-QEMBED_HD float adam_value(float w, float g, float& m, float& v, const UpdateConfig& c) {
-  const float gd = g + c.wd * w;
+template <typename T>
+QEMBED_HD T adam_value(T w, T g, T& m, T& v, const UpdateConfig& c) {
+  const T gd = g + c.wd * w;
   m = c.b1 * m + c.omb1 * gd;
   v = c.b2 * v + c.omb2 * (gd * gd);
-  return w - c.lr * ((m / c.bc1) / (sqrtf(v / c.bc2) + c.eps));
+  return w - c.lr * ((m / c.bc1) / (Lanes<T>::sqrt(v / c.bc2) + c.eps));
 }
 
 // LSQ: g * dQ/ds at x = w / s, dQ/ds = Qn below the range, Qp above, round(x) - x inside.
-QEMBED_HD float lsq_term(float w, float g, float s, int32_t qn, int32_t qp) {
-  const float lo = static_cast<float>(qn), hi = static_cast<float>(qp);
-  const float x = w / s;
-  const float inside = nearbyintf(x) - x;
+template <typename T>
+QEMBED_HD T lsq_term(T w, T g, float s, int32_t qn, int32_t qp) {
+  const T lo = Lanes<T>::splat(static_cast<float>(qn)), hi = Lanes<T>::splat(static_cast<float>(qp));
+  const T x = w / s;
+  const T inside = Lanes<T>::nearbyint(x) - x;
   return g * (x < lo ? lo : (x > hi ? hi : inside));
 }
+
+// Sums over a row (Adagrad's mean square, LSQ's step gradient) add in one order on every
+// device and in qembed/reference.py (_lane_sum): 16 partial sums, partial j adding the
+// elements j, j + 16, j + 32, ... from the left, then the upper half of the partials added
+// to the lower half, 16 -> 8 -> 4 -> 2 -> 1. The partials map onto SIMD lanes; a strictly
+// left-to-right sum waited on one addition per element.
+constexpr int kSumLanes = 16;
 
 // LSQ's gradient scale 1 / sqrt(Qp * n); Qp = 0 at one bit, hence max(Qp, 1).
 QEMBED_HD float lsq_scale(int32_t qp, int64_t n) {

@@ -9,9 +9,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(qembed, m) {
-  // codes: uint8 [N, D] with values < 2^bits  ->  uint8 [N, D*bits/8]
+  // codes: uint8 [N, D] with values < 2^bits  ->  uint8 [N, code_bytes(D, bits)] (layout.h)
   m.def("pack(Tensor codes, int bits) -> Tensor");
-  // packed: uint8 [N, >= dim*bits/8]  ->  uint8 [N, dim]
+  // packed: uint8 [N, >= code_bytes(dim, bits)]  ->  uint8 [N, dim]
   m.def("unpack(Tensor packed, int bits, int dim) -> Tensor");
   // weight: fp32 [N, D] -> packed rows uint8 [N, row_bytes] (layout.h). `step` ([N] or [1])
   // is required by the symmetric formats. Stochastic rounding draws the uniform for

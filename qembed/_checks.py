@@ -41,9 +41,8 @@ def state_width(optimizer: int, dim: int) -> int:
 def check_bits_dim(bits: int, dim: int) -> None:
     if not isinstance(bits, int) or not 1 <= bits <= 8:
         fail(ValueError, "qembed: bits must be in 1..8, got ", bits)
-    if dim <= 0 or dim % 8:
-        fail(ValueError, "qembed: embedding dim must be a positive multiple of 8, got ", dim,
-             " (pad the table)")
+    if dim <= 0:
+        fail(ValueError, "qembed: embedding dim must be positive, got ", dim)
 
 
 def check_format(fmt: int) -> None:
@@ -530,8 +529,8 @@ def check_mixed_lookup_args(segments: list[torch.Tensor], bits: list[int], steps
              len(segments))
     if beta.dtype != torch.float32 or steps.dtype != torch.float32:
         fail(TypeError, op, "steps and beta must be float32")
-    if beta.dim() != 1 or beta.numel() == 0 or beta.numel() % 8:
-        fail(ValueError, op, "beta must be 1-D of the embedding dim (a multiple of 8), got ",
+    if beta.dim() != 1 or beta.numel() == 0:
+        fail(ValueError, op, "beta must be 1-D of the embedding dim, got ",
              _sizes(beta))
     if steps.dim() != 1 or steps.numel() != len(segments):
         fail(ValueError, op, "steps must have one entry per segment (", len(segments), "), got ",

@@ -1,6 +1,9 @@
 """Names and sizes of the packed-row formats (the C++ twin is csrc/layout.h).
 
-A row holds ``[codes: dim*bits/8 bytes][pad to 4][parameters]``:
+A row holds ``[codes: ceil(dim/8)*bits bytes][pad to 4][parameters]``. Codes come in groups
+of 8, so a row of any ``dim`` holds :func:`padded_dim` codes; those past ``dim`` are pad,
+written as the code of zero ((value - bias) / scale = 0) and never read into a result: every
+op takes the true ``dim`` and returns exactly ``dim`` columns.
 
 * ``"symmetric"``: signed codes with one fp32 step per row stored inline
   (value = step * q, q in [-2^(b-1), 2^(b-1) - 1]); the format of low-precision training.
@@ -32,8 +35,13 @@ def pooling_id(mode: str | int) -> int:
     return POOLINGS[mode]
 
 
+def padded_dim(dim: int) -> int:
+    """Codes stored per row: ``dim`` rounded up to a whole group of 8."""
+    return (dim + 7) // 8 * 8
+
+
 def code_bytes(dim: int, bits: int) -> int:
-    return dim * bits // 8
+    return padded_dim(dim) // 8 * bits
 
 
 def param_offset(dim: int, bits: int) -> int:

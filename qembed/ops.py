@@ -16,6 +16,14 @@ where the extension has no CUDA kernel for them:
 * :func:`use_triton` sends both ops to Triton for any device, for testing. CPU tensors then
   run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
   triton is first imported.
+
+Any ``dim`` >= 1: padding lives in the ops, not in the modules. Every op takes a table's
+true ``dim`` and returns exactly ``dim`` columns; packed rows hold whole groups of 8 codes
+(:func:`qembed.formats.padded_dim`), the pad written as the code of zero and never read into
+a result. The kernels work on the padded width (the compiled ones widen their fp32 inputs
+and narrow their outputs where ``dim`` is not a multiple of 8, one copy each), while
+training's per-row divisors (row-wise Adagrad's mean, LSQ's scale ``1/sqrt(Qp * n)``) and
+Adam's moments ``[R, 2 * dim]`` count only the real columns.
 """
 from __future__ import annotations
 

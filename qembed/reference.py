@@ -15,6 +15,7 @@ from .formats import (
     code_bytes,
     format_id,
     optimizer_id,
+    padded_dim,
     param_offset,
     pooling_id,
     qmax,
@@ -28,12 +29,19 @@ _MASK32 = 0xFFFFFFFF
 
 # --- bit packing ------------------------------------------------------------------------
 
+def _pad_columns(x: torch.Tensor) -> torch.Tensor:
+    """x [N, D] -> [N, padded_dim(D)], the new columns zero."""
+    return torch.nn.functional.pad(x, (0, padded_dim(x.shape[1]) - x.shape[1]))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, D] -> uint8 [N, D*bits/8]: 8 codes per `bits` bytes, low bits first."""
+    """uint8 codes [N, D] -> uint8 [N, code_bytes(D, bits)]: 8 codes per `bits` bytes, low
+    bits first; a last partial group padded with code 0."""
     _checks.check_pack_args(codes, bits)
-    n, dim = codes.shape
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"qembed.pack: code {int(codes.max())} does not fit in {bits} bits")
+    codes = _pad_columns(codes)
+    n, dim = codes.shape
     shifts = torch.arange(bits, device=codes.device)
     stream = (codes.long().view(n, dim // 8, 8, 1) >> shifts) & 1  # bit k of code i
     stream = stream.reshape(n, dim // 8, bits, 8)  # bit j of byte m is stream bit 8m+j
@@ -42,14 +50,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """uint8 [N, >= D*bits/8] -> uint8 codes [N, D]."""
+    """uint8 [N, >= code_bytes(D, bits)] -> uint8 codes [N, D]."""
     _checks.check_unpack_args(packed, bits, dim)
-    n = packed.shape[0]
-    data = packed[:, : code_bytes(dim, bits)].long().view(n, dim // 8, bits, 1)
+    n, groups = packed.shape[0], padded_dim(dim) // 8
+    data = packed[:, : code_bytes(dim, bits)].long().view(n, groups, bits, 1)
     stream = (data >> torch.arange(8, device=packed.device)) & 1
-    stream = stream.reshape(n, dim // 8, 8, bits)
+    stream = stream.reshape(n, groups, 8, bits)
     codes = (stream << torch.arange(bits, device=packed.device)).sum(-1)
-    return codes.reshape(n, dim).to(torch.uint8)
+    return codes.reshape(n, groups * 8)[:, :dim].to(torch.uint8)
 
 
 # --- counter-based random numbers (csrc/philox.h) ---------------------------------------
@@ -77,12 +85,13 @@ def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int,
     (seed, counter, row, element) exactly as the kernels draw them; the elements are
     ``column_offset`` (a multiple of 4) onwards."""
     rows = rows.long().view(-1, 1)
-    quad = torch.arange(dim // 4, device=rows.device).view(1, -1) + column_offset // 4
+    quads = (dim + 3) // 4
+    quad = torch.arange(quads, device=rows.device).view(1, -1) + column_offset // 4
     zeros = torch.zeros_like(rows * quad)
     c = [quad + zeros, (rows & _MASK32) + zeros, ((rows >> 32) & _MASK32) + zeros,
          zeros + (counter & _MASK32)]
     words = philox4x32_10(c, seed & _MASK32, (seed >> 32) & _MASK32)
-    x = torch.stack(words, dim=-1).reshape(rows.shape[0], dim)
+    x = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * quads)[:, :dim]
     return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
@@ -119,8 +128,9 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str | int = "affine",
             raise ValueError("qembed.quantize: steps must be positive and finite")
         scale = step.to(torch.float32).reshape(-1).expand(n)
         bias, offset = torch.zeros_like(scale), qmin(bits)
-    x = (weight - bias[:, None]) / scale[:, None]
-    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), dim) if stochastic else None
+    x = _pad_columns((weight - bias[:, None]) / scale[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, torch.arange(n, device=weight.device), x.shape[1]) \
+        if stochastic else None
     codes = (round_codes(x, u, offset, offset + mask) - offset).to(torch.uint8)
     out = torch.zeros(n, row_bytes(dim, bits, fmt), dtype=torch.uint8, device=weight.device)
     out[:, : code_bytes(dim, bits)] = pack(codes, bits)
@@ -206,6 +216,25 @@ def _seq_sum(x: torch.Tensor) -> torch.Tensor:
     for d in range(x.shape[-1]):
         acc = acc + x[..., d]
     return acc
+
+
+SUM_LANES = 16  # csrc/optim.h's kSumLanes
+
+
+def _lane_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in the update kernels' order (csrc/optim.h, kSumLanes): 16
+    partial sums, partial j adding elements j, j + 16, j + 32, ... from the left, then the
+    upper half of the partials added onto the lower, 16 -> 8 -> 4 -> 2 -> 1. Padding with
+    zeros changes nothing: the partials start at +0 and never hold -0."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, -n % SUM_LANES)).reshape(*x.shape[:-1], -1, SUM_LANES)
+    acc = torch.zeros(x.shape[:-2] + (SUM_LANES,), dtype=x.dtype, device=x.device)
+    for k in range(x.shape[-2]):
+        acc = acc + x[..., k, :]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
 
 
 def _bag_of(indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
@@ -337,7 +366,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if opt == OPTIMIZERS["sgd"]:
         w = w - lr_ * gd
     elif opt == OPTIMIZERS["adagrad"]:
-        acc = state[r, 0] + _seq_sum(gd * gd) / _f32(float(dim))
+        acc = state[r, 0] + _lane_sum(gd * gd) / _f32(float(dim))
         state[r, 0] = acc
         w = w - lr_ * (gd / (_sqrt(acc) + eps_)[:, None])
     elif opt == OPTIMIZERS["adam"]:
@@ -360,7 +389,7 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     if learn_step and r.numel():
         x = w / s[:, None]
         dq = torch.where(x < qn, _f32(qn), torch.where(x > qp, _f32(qp), torch.round(x) - x))
-        gs = _seq_sum(g * dq)
+        gs = _lane_sum(g * dq)
         if fmt == SYM_ROW:
             st = step_state[r] if sopt else None
             s = next_step(s, _lsq_scale(qp, dim) * gs, st)
@@ -371,8 +400,10 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             new = next_step(step.reshape(1), _lsq_scale(qp, r.numel() * dim) * _seq_sum(gs), st)
             step.copy_(new.reshape(step.shape))
             s = new.expand(r.numel())
-    u = sr_uniforms(seed, counter, r + row_offset, dim, column_offset) if stochastic else None
-    codes = (round_codes(w / s[:, None], u, qn, qp) - qn).to(torch.uint8)
+    x = _pad_columns(w / s[:, None])  # the pad: x = 0
+    u = sr_uniforms(seed, counter, r + row_offset, x.shape[1], column_offset) \
+        if stochastic else None
+    codes = (round_codes(x, u, qn, qp) - qn).to(torch.uint8)
     rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
     if fmt == SYM_ROW:
         po = param_offset(dim, bits)

@@ -75,7 +75,7 @@ def test_backward_equals_cpu_and_reference(backend, mode, with_psw, include_last
     ("mean", False, True, 5, torch.int64), ("mean", False, False, None, torch.int32),
     ("none", True, False, 2, torch.int64), ("none", False, False, None, torch.int64)])
 def test_backward_matches_reference_and_autograd(mode, psw, include_last, padding, dtype):
-    gen = torch.Generator().manual_seed(hash((mode, psw, include_last, padding)) % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     rows, dim, bits, fmt = 40, 24, 4, "symmetric"
     table, step = make_table(rows, dim, bits, fmt, gen)
     indices, offsets = make_batch(rows, 17, gen, dtype)
@@ -234,3 +234,17 @@ def test_half_precision_psw_gets_half_gradient():
     ops.embedding_bag(table, indices, offsets, 4, 16, "symmetric",
                       per_sample_weights=half).sum().backward()
     assert half.grad.dtype == torch.float16
+
+
+@pytest.mark.parametrize("top", [2**20, 2**45])
+def test_backward_sorts_wide_keys(top):
+    """Indices whose (index, position) pairs fit one word, and ones that do not (the CPU
+    sort's two paths), with many repeats."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    distinct = torch.randint(0, top, (300,), generator=gen)
+    indices = distinct[torch.randint(0, 300, (5000,), generator=gen)]
+    offsets = torch.arange(0, 5000, 7)
+    grad_out = torch.randn(offsets.numel(), 16, generator=gen)
+    got = ops.embedding_bag_backward(grad_out, indices, offsets)
+    want = reference.embedding_bag_backward(grad_out, indices, offsets)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -20,8 +20,9 @@ def bag(**kwargs):
 CONSTRUCTOR_ERRORS = [
     ("bits-0", lambda: bag(bits=0), ValueError, r"bits must be in 1..8, got 0"),
     ("bits-9", lambda: bag(bits=9), ValueError, r"bits must be in 1..8, got 9"),
-    ("dim-12", lambda: QuantizedEmbeddingBag(10, 12), ValueError, r"multiple of 8, got 12"),
-    ("dim-12-embedding", lambda: QuantizedEmbedding(10, 12), ValueError, r"multiple of 8, got 12"),
+    ("dim-0", lambda: QuantizedEmbeddingBag(10, 0), ValueError, r"dim must be positive, got 0"),
+    ("dim-0-embedding", lambda: QuantizedEmbedding(10, 0), ValueError,
+     r"dim must be positive, got 0"),
     ("format", lambda: bag(format="nf4"), ValueError, r"unknown format 'nf4'"),
     ("mode-max", lambda: bag(mode="max"), ValueError, r"mode 'sum' or 'mean', got 'max'"),
     ("padding-idx-10", lambda: bag(padding_idx=10), ValueError, r"padding_idx 10 is out of range"),

@@ -218,11 +218,11 @@ def test_key_offsets_equal_cpu_and_reference(backend, fmt):
     assert_all_same(results)
 
 
-SHARD_ROWS, SHARD_DIM, SHARD_BITS = 40, 32, 5
-# a shard's rows and columns of the whole table
-SPLITS = {"rows": (slice(12, 31), slice(0, SHARD_DIM)),
-          "columns": (slice(0, SHARD_ROWS), slice(8, 24)),
-          "both": (slice(20, SHARD_ROWS), slice(24, SHARD_DIM))}
+SHARD_ROWS, SHARD_BITS = 40, 5
+# the whole table's dim, and a shard's rows and columns of it; "ragged": a dim that is no
+# multiple of 8 (rows padded), a shard of 12 of its columns (padded too)
+SPLITS = {"rows": (32, slice(12, 31), slice(0, 32)), "columns": (32, slice(0, 40), slice(8, 24)),
+          "both": (32, slice(20, 40), slice(24, 32)), "ragged": (20, slice(5, 33), slice(8, 20))}
 # (optimizer, fmt, learn_step): a row's update reads only its own columns' values and state
 PER_ELEMENT = [("sgd", "symmetric", False), ("adam", "symmetric_table", False),
                ("adam", "symmetric", False)]
@@ -231,22 +231,29 @@ PER_ROW = [("adagrad", "symmetric", True), ("adam", "symmetric", True),
            ("adagrad", "symmetric_table", False)]
 
 
-def shard_rows(table, fmt, rows, cols):
+def shard_rows(table, dim, fmt, rows, cols):
     """The shard's packed rows: its columns' codes, the rows' inline step."""
-    po, width = formats.param_offset(SHARD_DIM, SHARD_BITS), cols.stop - cols.start
-    codes = reference.unpack(table[:, :formats.code_bytes(SHARD_DIM, SHARD_BITS)], SHARD_BITS,
-                             SHARD_DIM)[rows, cols]
+    width = cols.stop - cols.start
+    codes = reference.unpack(table[:, :formats.code_bytes(dim, SHARD_BITS)], SHARD_BITS,
+                             dim)[rows, cols]
     out = torch.zeros(codes.shape[0], formats.row_bytes(width, SHARD_BITS, fmt),
                       dtype=torch.uint8)
     out[:, :formats.code_bytes(width, SHARD_BITS)] = reference.pack(codes, SHARD_BITS)
-    out[:, formats.param_offset(width, SHARD_BITS):] = table[rows, po:]
+    out[:, formats.param_offset(width, SHARD_BITS):] = \
+        table[rows, formats.param_offset(dim, SHARD_BITS):]
     return out
 
 
-def shard_state(state, optimizer, rows, cols):
+def real_codes(table, dim):
+    """The codes of a table's `dim` columns (not its pad) and its rows' parameter bytes."""
+    codes = reference.unpack(table[:, :formats.code_bytes(dim, SHARD_BITS)].cpu(), SHARD_BITS,
+                             dim)
+    return codes, table[:, formats.param_offset(dim, SHARD_BITS):].cpu()
+
+
+def shard_state(state, dim, optimizer, rows, cols):
     if optimizer == "adam":  # [m | v]
-        return torch.cat([state[rows, cols],
-                          state[rows, SHARD_DIM + cols.start: SHARD_DIM + cols.stop]], 1)
+        return torch.cat([state[rows, cols], state[rows, dim + cols.start: dim + cols.stop]], 1)
     return state[rows]
 
 
@@ -259,31 +266,33 @@ def test_shard_update_equals_the_whole_table(backend, split, optimizer, fmt, lea
     column_offset gets the whole table's codes, steps and state over its rows and columns,
     bit for bit, wherever its update reads nothing outside the shard; keyed from 0 it
     rounds differently."""
+    dim, rows, cols = SPLITS[split]
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    table, step = make_table(SHARD_ROWS, SHARD_DIM, SHARD_BITS, fmt, gen)
-    state = torch.rand(SHARD_ROWS, STATE_WIDTH[optimizer](SHARD_DIM), generator=gen)
+    table, step = make_table(SHARD_ROWS, dim, SHARD_BITS, fmt, gen)
+    state = torch.rand(SHARD_ROWS, STATE_WIDTH[optimizer](dim), generator=gen)
     step_state = torch.zeros(SHARD_ROWS, 0)
     uniq = torch.randperm(SHARD_ROWS, generator=gen)[:25].sort().values
-    grad = torch.randn(uniq.numel(), SHARD_DIM, generator=gen) * 0.05
-    kw = dict(bits=SHARD_BITS, dim=SHARD_DIM, fmt=fmt, optimizer=optimizer, lr=0.1,
-              iteration=3, learn_step=learn_step, step_lr=0.1, stochastic=True,
-              seed=2**35 + 9, counter=3)
+    grad = torch.randn(uniq.numel(), dim, generator=gen) * 0.05
+    kw = dict(bits=SHARD_BITS, dim=dim, fmt=fmt, optimizer=optimizer, lr=0.1, iteration=3,
+              learn_step=learn_step, step_lr=0.1, stochastic=True, seed=2**35 + 9, counter=3)
     whole = backend.run(run_update, ops.lowp_update, table, step, state, step_state, uniq, grad,
                         **kw)
     whole = [x.cpu() if torch.is_tensor(x) else x for x in whole]
 
-    rows, cols = SPLITS[split]
     mine = (uniq >= rows.start) & (uniq < rows.stop)
-    local = (shard_rows(table, fmt, rows, cols), step, shard_state(state, optimizer, rows, cols),
-             step_state[rows], uniq[mine] - rows.start, grad[mine][:, cols].contiguous())
+    local = (shard_rows(table, dim, fmt, rows, cols), step,
+             shard_state(state, dim, optimizer, rows, cols), step_state[rows],
+             uniq[mine] - rows.start, grad[mine][:, cols].contiguous())
     kw.update(dim=cols.stop - cols.start)
     got = backend.run(run_update, ops.lowp_update, *local, row_offset=rows.start,
                       column_offset=cols.start, **kw)
-    assert same(got[0], shard_rows(whole[0], fmt, rows, cols))
-    assert same(got[2], shard_state(whole[2], optimizer, rows, cols))
+    want_codes, want_params = real_codes(whole[0], dim)
+    got_codes, got_params = real_codes(got[0], kw["dim"])
+    assert same(got_codes, want_codes[rows, cols]) and same(got_params, want_params[rows])
+    assert same(got[2], shard_state(whole[2], dim, optimizer, rows, cols))
     assert same(got[1], whole[1])
     unkeyed = backend.run(run_update, ops.lowp_update, *local, **kw)
-    assert not same(unkeyed[0], got[0])
+    assert not same(real_codes(unkeyed[0], kw["dim"])[0], got_codes)
 
 
 # --- the CPU kernel against independent computations ------------------------------------------
@@ -367,3 +376,54 @@ def test_thread_count_invariance():
         torch.set_num_threads(threads)
     for a, b in zip(results[:2], results[2:]):
         assert all(same(x, y) for x, y in zip(a, b))
+
+
+WIDE_CASES = [("adagrad", 8, "symmetric", True), ("adagrad", 4, "symmetric", True),
+              ("adam", 3, "symmetric", True), ("sgd", 6, "symmetric_table", True),
+              ("adagrad", 2, "symmetric_table", False), ("adam", 7, "symmetric", False),
+              ("sgd", 1, "symmetric", True), ("adagrad", 5, "symmetric_table", True)]
+
+
+@pytest.mark.parametrize("dim", [8, 24, 40, 64, 136])
+@pytest.mark.parametrize("optimizer,bits,fmt,stochastic", WIDE_CASES)
+def test_update_matches_reference_across_widths(optimizer, bits, fmt, stochastic, dim):
+    """The CPU kernel on rows of every SIMD shape: whole vectors, a half vector left over,
+    several blocks of uniforms; Adagrad's and LSQ's lane sums over all of them."""
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    rows = 300
+    table, step = make_table(rows, dim, bits, fmt, gen)
+    uniq = torch.randperm(rows, generator=gen)[:120].sort().values
+    grad = torch.randn(120, dim, generator=gen) * 0.3
+    grad[7, dim - 1] = float("nan")
+    state = torch.rand(rows, STATE_WIDTH[optimizer](dim), generator=gen)
+    step_state = torch.rand(rows if fmt == "symmetric" else 1, 2, generator=gen)
+    kw = dict(bits=bits, dim=dim, fmt=fmt, optimizer=optimizer, lr=0.05, eps=1e-6,
+              weight_decay=0.01, betas=(0.8, 0.99), iteration=3, learn_step=True,
+              step_optimizer="adam" if optimizer == "adam" else "sgd", step_lr=1e-3,
+              stochastic=stochastic, seed=seed, counter=seed % 977)
+    got = run_update(ops.lowp_update, table, step, state, step_state, uniq, grad, **kw)
+    want = run_update(reference.lowp_update, table, step, state, step_state, uniq, grad, **kw)
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert got[4] == 1
+
+
+@pytest.mark.parametrize("dim", [8, 24, 64, 136])
+def test_stochastic_rounding_stream_is_the_reference_stream(dim):
+    """The uniforms the CPU kernels draw, recovered bit for bit: with step 1, w = j / 2^24 in
+    [0, 1) rounds up exactly when j >= 2^24 (1 - u), so a binary search over j per element
+    (24 quantize calls) gives each u's 24 bits."""
+    rows, seed, counter = 37, 2**40 + 123, 2**33 + 5
+    lo = torch.zeros(rows, dim, dtype=torch.long)  # j where the code is still 0
+    hi = torch.full((rows, dim), 2**24, dtype=torch.long)  # j where it is 1 (t = 1 always)
+    steps = torch.ones(rows)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        t = mid.to(torch.float32) / 2**24  # exact: mid < 2^24
+        table = ops.quantize(t, 2, "symmetric", steps, stochastic=True, seed=seed,
+                             counter=counter)
+        up = ops.dequantize(table, 2, dim, "symmetric", None) == 1
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+    bits = torch.where(hi == 2**24, 0, 2**24 - hi)  # u * 2^24; u = 0 never rounds up
+    want = reference.sr_uniforms(seed, counter, torch.arange(rows), dim) * 2**24
+    assert torch.equal(bits, want.long())

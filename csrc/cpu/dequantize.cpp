@@ -3,15 +3,17 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "row_codec.h"
 
 namespace qembed {
 namespace {
 
-at::Tensor dequantize_cpu(const at::Tensor& rows_in, int64_t bits, int64_t dim, int64_t fmt,
-                          const c10::optional<at::Tensor>& step) {
-  check_rows(rows_in, dim, bits, fmt);
+at::Tensor dequantize_cpu(const at::Tensor& rows_in, int64_t bits, int64_t true_dim,
+                          int64_t fmt, const c10::optional<at::Tensor>& step) {
+  check_rows(rows_in, true_dim, bits, fmt);
   check_table_step(step, fmt, rows_in);
+  const int64_t dim = padded_dim(true_dim);
   const at::Tensor rows = rows_in.contiguous();
   const int64_t n = rows.size(0), stride = rows.size(1);
   const float table_step = fmt == SYM_TABLE ? step->item<float>() : 0.0f;
@@ -27,7 +29,7 @@ at::Tensor dequantize_cpu(const at::Tensor& rows_in, int64_t bits, int64_t dim, 
       }
     });
   });
-  return out;
+  return narrow_columns(out, true_dim);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "bags.h"
 #include "pool_bag.h"
 #include "row_codec.h"
@@ -79,11 +80,13 @@ bool lookup_rows(const uint8_t* table, int64_t num_rows, int64_t stride, const i
 at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indices_in,
                              const at::Tensor& offsets_in,
                              const c10::optional<at::Tensor>& psw_in,
-                             const c10::optional<at::Tensor>& step, int64_t bits, int64_t dim,
-                             int64_t fmt, int64_t mode, bool include_last_offset,
-                             int64_t padding_idx, at::ScalarType out_dtype) {
+                             const c10::optional<at::Tensor>& step, int64_t bits,
+                             int64_t true_dim, int64_t fmt, int64_t mode,
+                             bool include_last_offset, int64_t padding_idx,
+                             at::ScalarType out_dtype) {
   const int64_t num_out = check_lookup_args(rows_in, indices_in, offsets_in, psw_in, step, bits,
-                                            dim, fmt, mode, include_last_offset, out_dtype);
+                                            true_dim, fmt, mode, include_last_offset, out_dtype);
+  const int64_t dim = padded_dim(true_dim);
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = indices.numel(), num_rows = rows.size(0), stride = rows.size(1);
@@ -126,7 +129,7 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
     // The lookup skipped the bad rows; find the first one for the message.
     if (!valid) check_indices_in_range(idx, n, num_rows);
   });
-  return out;
+  return narrow_columns(out, true_dim);
 }
 
 }  // namespace

@@ -52,9 +52,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
       factor[p] = 1.0f / static_cast<float>(std::max<int64_t>(count[bag[p]], 1));
   }
 
-  const std::vector<int64_t> pos = stable_order(idx, used);
-  std::vector<int64_t> key(used);
-  for (int64_t j = 0; j < used; ++j) key[j] = idx[pos[j]];
+  const SortedPositions sorted = sorted_positions(idx, used);
+  const std::vector<int64_t>& pos = sorted.pos;
+  const std::vector<int64_t>& key = sorted.key;
   std::vector<int64_t> seg;  // starts of the runs of equal keys, padding_idx's run left out
   for (int64_t j = 0; j < used; ++j)
     if ((j == 0 || key[j] != key[j - 1]) && key[j] != padding_idx) seg.push_back(j);

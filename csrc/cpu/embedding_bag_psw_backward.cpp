@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <vector>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "bags.h"
 #include "row_dot.h"
 
@@ -16,12 +17,14 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
                                           const at::Tensor& indices_in,
                                           const at::Tensor& offsets_in,
                                           const c10::optional<at::Tensor>& step, int64_t bits,
-                                          int64_t dim, int64_t fmt, int64_t mode,
+                                          int64_t true_dim, int64_t fmt, int64_t mode,
                                           bool include_last_offset, int64_t padding_idx) {
   const int64_t num_out =
-      check_psw_backward_args(grad_out_in, rows_in, indices_in, offsets_in, step, bits, dim, fmt,
-                              mode, include_last_offset);
-  const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
+      check_psw_backward_args(grad_out_in, rows_in, indices_in, offsets_in, step, bits,
+                              true_dim, fmt, mode, include_last_offset);
+  // zero gradient on the pad columns: they add nothing to the dot products
+  const at::Tensor grad_out = pad_columns(grad_out_in.to(at::kFloat)).contiguous();
+  const int64_t dim = grad_out.size(1);
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t n = indices.numel(), stride = rows.size(1);

@@ -69,15 +69,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
           for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p) r.pos.push_back(p);
       std::vector<int64_t> key(r.pos.size());
       for (size_t j = 0; j < key.size(); ++j) key[j] = idx[r.pos[j]];
-      const std::vector<int64_t> order = stable_order(key.data(), static_cast<int64_t>(key.size()));
-      std::vector<int64_t> pos(order.size());
-      r.key.resize(order.size());
-      for (size_t j = 0; j < order.size(); ++j) {
-        pos[j] = r.pos[order[j]];
-        r.key[j] = key[order[j]];
-        if (j == 0 || r.key[j] != r.key[j - 1]) r.starts.push_back(static_cast<int64_t>(j));
+      SortedPositions sorted = sorted_positions(key.data(), static_cast<int64_t>(key.size()));
+      for (size_t j = 0; j < key.size(); ++j) {
+        sorted.pos[j] = r.pos[sorted.pos[j]];
+        if (j == 0 || sorted.key[j] != sorted.key[j - 1])
+          r.starts.push_back(static_cast<int64_t>(j));
       }
-      r.pos.swap(pos);
+      r.pos.swap(sorted.pos);
+      r.key.swap(sorted.key);
     }
   });
 

@@ -1,6 +1,6 @@
 // embedding_bags_update: lowp_update for every table of a batch in one call. Every (table,
 // distinct row) is a work item of one parallel loop, so small and large tables share the
-// threads; each row is updated by the same function as lowp_update's (lowp_row.h), with its
+// threads; each row is updated by the same function as lowp_update's (update_row.h), with its
 // table's width, state, seed and counter, so a table gets the bits lowp_update gives it.
 // Tables with a learned per-table step finish with their own step pass.
 #include <ATen/Parallel.h>
@@ -10,7 +10,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
-#include "lowp_row.h"
+#include "update_row.h"
 
 namespace qembed {
 namespace {
@@ -32,12 +32,12 @@ struct TableUpdate {
   std::vector<uint8_t> skipped;
 };
 
-bool update_one(TableUpdate& t, int64_t k, float* local, float* tmp) {
+bool update_one(TableUpdate& t, int64_t k, float* local) {
   const int64_t dim = t.config.dim;
   float* w = t.deferred ? t.kept.data() + k * dim : local;
   return QEMBED_DISPATCH_BITS(t.bits, [&] {
-    return update_row<BITS>(t.buffers, t.uniq[k], t.grad + k * dim, nullptr, w, tmp, t.deferred,
-                            t.deferred ? &t.lsq[k] : nullptr, t.config, t.rounding);
+    return update_table_row<BITS>(t.buffers, t.uniq[k], t.grad + k * dim, nullptr, w,
+                                  t.deferred ? &t.lsq[k] : nullptr, t.config, t.rounding);
   });
 }
 
@@ -84,7 +84,7 @@ at::Tensor embedding_bags_update_cpu(
     w.rounding = {stochastic, static_cast<uint64_t>(seeds[t]),
                   static_cast<uint64_t>(counters[t]), 0,
                   static_cast<uint64_t>(key_offset(row_offsets, t)),
-                  static_cast<uint64_t>(key_offset(column_offsets, t) / 4)};
+                  key_offset(column_offsets, t)};
     w.deferred = learn_step && formats[t] == SYM_TABLE;
     if (w.deferred) {
       w.kept.resize(u * dims[t]);
@@ -96,7 +96,7 @@ at::Tensor embedding_bags_update_cpu(
   }
 
   at::parallel_for(0, item_start[num_tables], 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(max_dim), tmp(max_dim);
+    std::vector<float> local(max_dim);
     size_t t = std::upper_bound(item_start.begin(), item_start.end(), begin) -
                item_start.begin() - 1;
     for (int64_t i = begin; i < end; ++i) {
@@ -110,7 +110,7 @@ at::Tensor embedding_bags_update_cpu(
         prefetch_span(w.buffers.rows + next * w.buffers.stride, w.buffers.stride);
         if (sw > 0) prefetch_span(w.buffers.state + next * sw, sw * sizeof(float));
       }
-      if (!update_one(w, k, local.data(), tmp.data())) w.skipped[k] = 1;
+      if (!update_one(w, k, local.data())) w.skipped[k] = 1;
     }
   });
 

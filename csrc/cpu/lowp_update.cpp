@@ -4,9 +4,12 @@
 //   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient, SGD or Adam, s > 0
 //   q = clamp(floor(w / s + u) or round(w / s)) stochastic (Philox keyed by row) or nearest
-// With one step per table (SYM_TABLE) the step gradient is summed over all rows in row order
-// before the step moves, so rows are re-quantized in a second pass over a [U, D] buffer.
+// The per-row work is update_row.h's. With one step per table (SYM_TABLE) the step gradient
+// is summed over all rows in row order before the step moves, so rows are re-quantized in a
+// second pass over a [U, D] buffer.
 // A row whose gradient (or given weights) is not finite is left untouched and counted.
+// Rows are worked on at their padded width (update_row.h): the entry point pads the
+// gradient and weights of a dim that is not a multiple of 8 with zero columns.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
@@ -16,7 +19,8 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
-#include "lowp_row.h"
+#include "../padded_rows.h"
+#include "update_row.h"
 
 namespace qembed {
 namespace {
@@ -27,15 +31,15 @@ template <int BITS>
 int64_t update_rows(const UpdateTable& t, const int64_t* uniq, int64_t num_unique,
                     const float* grad, const float* weights, float* weights_out,
                     const UpdateConfig& c, const RoundingKey& rounding) {
-  const int64_t dim = c.dim, sw = state_width(c.optimizer, dim);
+  const int64_t width = padded_dim(c.dim), sw = state_width(c.optimizer, c.dim);
   const bool deferred = c.learn_step && c.fmt != SYM_ROW;
-  std::vector<float> buffer(deferred && !weights_out ? num_unique * dim : 0);
+  std::vector<float> buffer(deferred && !weights_out ? num_unique * width : 0);
   float* kept = weights_out ? weights_out : buffer.data();
   std::vector<float> lsq(deferred ? num_unique : 0);
   std::vector<uint8_t> skipped(num_unique, 0);
 
   at::parallel_for(0, num_unique, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> local(dim), tmp(dim);
+    std::vector<float> local(width);
     for (int64_t k = begin; k < end; ++k) {
       // Rows of a large table miss the caches: fetch upcoming rows and their state early.
       if (k + kPrefetchDistance < end) {
@@ -43,12 +47,12 @@ int64_t update_rows(const UpdateTable& t, const int64_t* uniq, int64_t num_uniqu
         prefetch_span(t.rows + next * t.stride, t.stride);
         if (sw > 0) prefetch_span(t.state + next * sw, sw * sizeof(float));
       }
-      float* w = (weights_out || deferred) ? kept + k * dim : local.data();
-      if (!update_row<BITS>(t, uniq[k], grad + k * dim, weights ? weights + k * dim : nullptr,
-                            w, tmp.data(), deferred, deferred ? &lsq[k] : nullptr, c,
-                            rounding)) {
+      float* w = (weights_out || deferred) ? kept + k * width : local.data();
+      if (!update_table_row<BITS>(t, uniq[k], grad + k * width,
+                                  weights ? weights + k * width : nullptr, w,
+                                  deferred ? &lsq[k] : nullptr, c, rounding)) {
         skipped[k] = 1;
-        if (weights_out) std::fill(w, w + dim, std::numeric_limits<float>::quiet_NaN());
+        if (weights_out) std::fill(w, w + width, std::numeric_limits<float>::quiet_NaN());
       }
     }
   });
@@ -71,10 +75,14 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            bool learn_step, int64_t step_optimizer, double step_lr,
                            bool stochastic, int64_t seed, int64_t counter, int64_t row_offset,
                            int64_t column_offset) {
-  const at::Tensor grad = grad_rows_in.contiguous();
-  check_update_args(rows, step, state, step_state, unique_rows, grad, weights_in, weights_out,
-                    bits, dim, fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
-                    column_offset);
+  check_update_args(rows, step, state, step_state, unique_rows, grad_rows_in.contiguous(),
+                    weights_in, weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
+                    step_optimizer, row_offset, column_offset);
+  const at::Tensor grad = pad_columns(grad_rows_in).contiguous();
+  at::Tensor weights_padded, weights_out_padded;
+  if (weights_in.has_value()) weights_padded = pad_columns(*weights_in).contiguous();
+  if (weights_out.has_value())
+    weights_out_padded = padded_dim(dim) == dim ? *weights_out : pad_columns(*weights_out);
   const int64_t num_rows = rows.size(0);
   const at::Tensor uniq_t = unique_rows.to(at::kLong).contiguous();
   const int64_t u = uniq_t.numel();
@@ -91,17 +99,19 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                                             step_lr);
   const RoundingKey rounding{stochastic, static_cast<uint64_t>(seed),
                              static_cast<uint64_t>(counter), 0,
-                             static_cast<uint64_t>(row_offset),
-                             static_cast<uint64_t>(column_offset / 4)};
+                             static_cast<uint64_t>(row_offset), column_offset};
   const int64_t skipped = QEMBED_DISPATCH_BITS(bits, [&] {
     const UpdateTable t{rows.data_ptr<uint8_t>(), rows.size(1),
                         fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr,
                         state.data_ptr<float>(), step_state.data_ptr<float>()};
     return update_rows<BITS>(t, uniq, u, grad.data_ptr<float>(),
-                             weights_in.has_value() ? weights_in->data_ptr<float>() : nullptr,
-                             weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
+                             weights_in.has_value() ? weights_padded.data_ptr<float>() : nullptr,
+                             weights_out.has_value() ? weights_out_padded.data_ptr<float>()
+                                                     : nullptr,
                              c, rounding);
   });
+  if (weights_out.has_value() && !weights_out_padded.is_same(*weights_out))
+    weights_out->copy_(weights_out_padded.narrow(1, 0, dim));
   return at::scalar_tensor(skipped, rows.options().dtype(at::kLong));
 }
 

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "bags.h"
 #include "row_codec.h"
 
@@ -269,9 +270,10 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
       check_mixed_lookup_args(segments, bits, steps_in, beta_in, location_in, indices_in,
                               offsets_in, psw_in, mode, include_last_offset, out_dtype);
   const int64_t num_segments = static_cast<int64_t>(segments.size());
-  const at::Tensor beta = beta_in.contiguous(), steps = steps_in.contiguous();
-  const at::Tensor location = location_in.contiguous();
-  const int64_t dim = beta.numel();
+  // beta's pad is zero, with the codes' pad the value 0; the lookup runs at the padded width
+  const at::Tensor beta = pad_columns(beta_in.reshape({1, -1})).reshape(-1).contiguous();
+  const at::Tensor steps = steps_in.contiguous(), location = location_in.contiguous();
+  const int64_t dim = beta.numel(), true_dim = beta_in.numel();
 
   std::vector<Segment> segs;
   std::vector<at::Tensor> keep;  // contiguous segments outlive the kernel
@@ -316,7 +318,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
     // The lookup skipped what was invalid, which can only be an index; name the first.
     if (!run(RangeTable(ranges, num_ranges, segs)))
       check_indices_in_range(idx, n, ranges[2 * num_ranges]);
-    return out;
+    return narrow_columns(out, true_dim);
   }
   auto run_map = [&](const auto* map) {
     using map_t = std::remove_const_t<std::remove_pointer_t<decltype(map)>>;
@@ -331,7 +333,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
   };
   if (location.scalar_type() == at::kShort) run_map(location.data_ptr<int16_t>());
   else run_map(location.data_ptr<int32_t>());
-  return out;
+  return narrow_columns(out, true_dim);
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
-// pack: uint8 codes [N, D] -> dense bit-packed rows [N, D*bits/8].
+// pack: uint8 codes [N, D] -> dense bit-packed rows [N, code_bytes(D, bits)].
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "../rounding.h"
 
 namespace qembed {
@@ -10,8 +11,8 @@ namespace {
 
 at::Tensor pack_cpu(const at::Tensor& codes_in, int64_t bits) {
   check_pack_args(codes_in, bits);
-  const int64_t n = codes_in.size(0), dim = codes_in.size(1);
-  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor codes = pad_columns(codes_in).contiguous();  // pad codes 0
+  const int64_t n = codes.size(0), dim = codes.size(1);
   const uint8_t* src = codes.data_ptr<uint8_t>();
   const uint8_t limit = static_cast<uint8_t>(code_mask(bits));
   for (int64_t i = 0; i < codes.numel(); ++i)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "huge_pages.h"
 #include "row_codec.h"
 
@@ -26,8 +27,9 @@ at::Tensor quantize_cpu(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                         const c10::optional<at::Tensor>& step_in, bool stochastic, int64_t seed,
                         int64_t counter) {
   check_quantize_args(weight_in, bits, fmt, step_in);
-  const int64_t n = weight_in.size(0), dim = weight_in.size(1);
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor weight =
+      (fmt == AFFINE ? pad_columns_with_row_min(weight_in) : pad_columns(weight_in)).contiguous();
+  const int64_t n = weight.size(0), dim = weight.size(1);
   const float* w = weight.data_ptr<float>();
   for (int64_t i = 0; i < weight.numel(); ++i)
     TORCH_CHECK_VALUE(std::isfinite(w[i]), "qembed.quantize: weight has a non-finite value at ",

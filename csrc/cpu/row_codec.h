@@ -4,10 +4,13 @@
 #include "../layout.h"
 #include "../philox.h"
 #include "../rounding.h"
+#include "lanes.h"
+#include "sr_uniforms.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <algorithm>
+#include <cstring>
 
 // The accumulators' methods run once per row read: when the compiler leaves one out of line,
 // the accumulator registers go through memory on every call.
@@ -33,7 +36,7 @@ QEMBED_INLINE void add_at_width(Acc& acc, const uint8_t* codes, int bits, float 
 }
 
 // Random stream position of a stochastic rounding: the uniforms of row `row_key`, whose
-// element d is element quad_offset * 4 + d of the stream. row_offset is what a row index
+// element d is element column_offset + d of the stream. row_offset is what a row index
 // within the tensor adds to give its row_key (a shard's first row in the whole table).
 struct RoundingKey {
   bool stochastic;
@@ -41,28 +44,86 @@ struct RoundingKey {
   uint64_t counter;
   uint64_t row_key;
   uint64_t row_offset = 0;
-  uint64_t quad_offset = 0;
+  int64_t column_offset = 0;  // a multiple of 8
 };
 
-// codes[g] of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1].
+// Packs groups of 8 codes, one per byte of x (each < 2^BITS), into the group's BITS * 8
+// bits: pairs, then quads, then the eight, each step closing the gaps of the last.
+template <int BITS>
+QEMBED_INLINE uint64_t pack_code_bytes(uint64_t x) {
+  if constexpr (BITS < 8) {
+    x = (x & 0x00FF00FF00FF00FFull) | ((x & 0xFF00FF00FF00FF00ull) >> (8 - BITS));
+    x = (x & 0x0000FFFF0000FFFFull) | ((x & 0xFFFF0000FFFF0000ull) >> (16 - 2 * BITS));
+    x = (x & 0x00000000FFFFFFFFull) | ((x & 0xFFFFFFFF00000000ull) >> (32 - 4 * BITS));
+  }
+  return x;
+}
+
+// The codes of the chunk x (values over their step, shifted by their offset) as bytes:
+// round_to_code lane by lane, minus lo. Clamping by max then min: max_ps returns its second
+// operand, lo, for a NaN, as round_to_code does.
+template <typename T>
+QEMBED_INLINE void chunk_codes(T x, const float* u, bool stochastic, int32_t lo, int32_t hi,
+                               uint8_t* out) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    *out = static_cast<uint8_t>(round_to_code(x, stochastic ? *u : 0.0f, stochastic, lo, hi) - lo);
+#if defined(__AVX512F__)
+  } else if constexpr (sizeof(T) == 64) {
+    __m512 r = stochastic ? Lanes<T>::floor(x + Lanes<T>::load(u)) : Lanes<T>::nearbyint(x);
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(static_cast<float>(lo))),
+                      _mm512_set1_ps(static_cast<float>(hi)));
+    const __m512i c = _mm512_sub_epi32(_mm512_cvttps_epi32(r), _mm512_set1_epi32(lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(c));
+#endif
+  } else {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    __m256 r = stochastic ? Lanes<T>::floor(x + Lanes<T>::load(u)) : Lanes<T>::nearbyint(x);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(static_cast<float>(lo))),
+                      _mm256_set1_ps(static_cast<float>(hi)));
+    const __m256i c = _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(lo));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(words, words));
+#endif
+  }
+}
+
+// codes of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1],
+// stochastically with the uniforms of row k.row_key from element k.column_offset. In blocks
+// of 64 values: their uniforms (sr_uniforms.h), their codes as bytes, then packed.
 template <int BITS>
 inline void encode_row(const float* w, int64_t dim, const RowParams& p, const RoundingKey& k,
                        uint8_t* codes) {
+  constexpr int64_t kBlock = 64;
   const int32_t lo = p.offset, hi = p.offset + static_cast<int32_t>(code_mask(BITS));
-  uint32_t group[8];
-  float u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t g = 0; g < dim / 8; ++g) {
-    if (k.stochastic) {
-      for (int half = 0; half < 2; ++half) {
-        const Philox4 r = sr_block(k.seed, k.counter, k.row_key, k.quad_offset + 2 * g + half);
-        for (int j = 0; j < 4; ++j) u[4 * half + j] = uniform_from_bits(r.v[j]);
+  alignas(64) float u[kBlock];
+  alignas(8) uint8_t bytes[kBlock];
+  for (int64_t b = 0; b < dim; b += kBlock) {
+    const int64_t n = std::min(kBlock, dim - b);
+    if (k.stochastic) sr_uniforms(k.seed, k.counter, k.row_key, k.column_offset + b, n, u);
+    for_chunks(n, [&](auto lanes, int64_t d) {
+      using T = decltype(lanes);
+      const T x = (load_lanes<T>(w + b + d) - p.bias) / p.scale;
+      chunk_codes(x, u + d, k.stochastic, lo, hi, bytes + d);
+    });
+    int64_t g = 0;
+#if defined(__AVX2__)
+    if constexpr (BITS == 4) {  // 32 codes at a time: byte pairs lo + 16 * hi, then bytes
+      for (; 8 * g + 32 <= n; g += 4) {
+        const __m256i pairs = _mm256_maddubs_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 8 * g)),
+            _mm256_set1_epi16(0x1001));
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (b / 8 + g) * BITS),
+                         _mm256_castsi256_si128(packed));
       }
     }
-    for (int i = 0; i < 8; ++i) {
-      const float x = (w[g * 8 + i] - p.bias) / p.scale;
-      group[i] = static_cast<uint32_t>(round_to_code(x, u[i], k.stochastic, lo, hi) - lo);
+#endif
+    for (; g < n / 8; ++g) {
+      uint64_t x;
+      std::memcpy(&x, bytes + 8 * g, 8);
+      x = pack_code_bytes<BITS>(x);
+      store_group<BITS>(codes + (b / 8 + g) * BITS, x);
     }
-    pack_group<BITS>(group, codes + g * BITS);
   }
 }
 

@@ -1,14 +1,16 @@
-// unpack: bit-packed rows [N, >= D*bits/8] -> uint8 codes [N, D].
+// unpack: bit-packed rows [N, >= code_bytes(D, bits)] -> uint8 codes [N, D].
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 
 namespace qembed {
 namespace {
 
-at::Tensor unpack_cpu(const at::Tensor& packed_in, int64_t bits, int64_t dim) {
-  check_unpack_args(packed_in, bits, dim);
+at::Tensor unpack_cpu(const at::Tensor& packed_in, int64_t bits, int64_t true_dim) {
+  check_unpack_args(packed_in, bits, true_dim);
+  const int64_t dim = padded_dim(true_dim);
   const at::Tensor packed = packed_in.contiguous();
   const int64_t n = packed.size(0), stride = packed.size(1);
   at::Tensor out = at::empty({n, dim}, packed.options());
@@ -24,7 +26,7 @@ at::Tensor unpack_cpu(const at::Tensor& packed_in, int64_t bits, int64_t dim) {
       }
     });
   });
-  return out;
+  return narrow_columns(out, true_dim);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Device code shared by the CUDA kernels: sums in the CPU's order, bags of positions,
+// Device code shared by the CUDA kernels: sums in the CPU's orders, bags of positions,
 // decoding a group of 8 codes.
 #pragma once
 #include <cstdint>
@@ -28,6 +28,39 @@ __device__ __forceinline__ float ordered_sum(int64_t groups, int lane, Term&& te
     }
   }
   return acc;
+}
+
+// The sum of a row's terms in the update's order (optim.h, kSumLanes): partial j of 16 adds
+// elements j, j + 16, ... from the left, then the upper half of the partials is added onto
+// the lower, 16 -> 8 -> 4 -> 2 -> 1. The row is `groups` groups of 8 terms, lane l filling
+// those of groups l, l + 32, ... with term(group, float (&t)[8]); group g's terms go to
+// partials 8 * (g % 2) + i. Every lane adds them all (one shuffle per term) and returns the
+// same sum. Whole warps call it.
+template <typename Term>
+__device__ __forceinline__ float lane_sum(int64_t groups, int lane, Term&& term) {
+  float acc[2][8] = {};
+  for (int64_t base = 0; base < groups; base += kWarp) {  // kWarp is even: g % 2 == l % 2
+    float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (base + lane < groups) term(base + lane, t);
+    const int m = groups - base < kWarp ? static_cast<int>(groups - base) : kWarp;
+    for (int l = 0; l < m; l += 2) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[0][i] += __shfl_sync(kFullMask, t[i], l);
+      if (l + 1 < m) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[1][i] += __shfl_sync(kFullMask, t[i], l + 1);
+      }
+    }
+  }
+  float h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = acc[0][i] + acc[1][i];
+#pragma unroll
+  for (int n = 4; n >= 1; n /= 2) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) h[i] = h[i] + h[i + n];
+  }
+  return h[0];
 }
 
 // The bag of position p: the last b with offsets[b] <= p, or -1 when p is in no bag (before

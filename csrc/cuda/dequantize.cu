@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "launch.cuh"
 
 namespace qembed {
@@ -25,23 +26,24 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ rows, int64_t stri
   }
 }
 
-at::Tensor dequantize_cuda(const at::Tensor& rows_in, int64_t bits, int64_t dim, int64_t fmt,
-                           const c10::optional<at::Tensor>& step) {
-  check_rows(rows_in, dim, bits, fmt);
+at::Tensor dequantize_cuda(const at::Tensor& rows_in, int64_t bits, int64_t true_dim,
+                           int64_t fmt, const c10::optional<at::Tensor>& step) {
+  check_rows(rows_in, true_dim, bits, fmt);
   check_table_step(step, fmt, rows_in);
+  const int64_t dim = padded_dim(true_dim);
   const c10::cuda::CUDAGuard guard(rows_in.device());
   const at::Tensor rows = rows_in.contiguous();
   const int64_t n = rows.size(0);
   at::Tensor out = at::empty({n, dim}, rows.options().dtype(at::kFloat));
   const int64_t groups = n * dim / 8;
-  if (groups == 0) return out;
+  if (groups == 0) return narrow_columns(out, true_dim);
   QEMBED_DISPATCH_BITS(bits, [&] {
     dequantize_kernel<BITS><<<blocks_for(groups), kBlock, 0, current_stream()>>>(
         rows.data_ptr<uint8_t>(), rows.size(1), dim, fmt,
         fmt == SYM_TABLE ? step->data_ptr<float>() : nullptr, out.data_ptr<float>(), groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return narrow_columns(out, true_dim);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // lowp_update: the fused low-precision training step, one warp per distinct row, one lane
 // per group of 8 elements. The arithmetic is the CPU kernel's (optim.h, rounding.h,
 // philox.h; nvcc runs with --fmad=false) in the same order, sums over a row included
-// (common.cuh's ordered_sum), so codes, steps and state equal the CPU's bit for bit.
+// (common.cuh's lane_sum), so codes, steps and state equal the CPU's bit for bit.
 //
 // A row's fp32 values are never stored: each pass over the row recomputes them from the
 // codes (or the given weights), the gradient and the old optimizer state, and only the last
@@ -12,13 +12,17 @@
 //   reduce   one warp adds the partials in row order (the CPU's and the reference's order),
 //            moves the step and keeps {old, new}
 //   FINISH   per row: recompute, write state and codes at the new step
-// Everything else is one launch (ALL). Skipped rows are counted with an integer atomic into
+// Everything else is one launch (ALL). Rows are processed at their padded width (grad,
+// weights and weights_out padded by the entry point, padded_rows.h); the optimizer, its state
+// and the sums' divisors cover the D real columns, and the pad is written as the code of
+// zero. Skipped rows are counted with an integer atomic into
 // the returned tensor; nothing waits for the device. Rows that are out of range or not
 // strictly increasing are left alone; QEMBED_CUDA_VALIDATE=1 waits and raises for them.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "../optim.h"
 #include "../philox.h"
 #include "../rounding.h"
@@ -58,10 +62,11 @@ __global__ void update_kernel(UpdateArgs a) {
   if (k >= a.num_unique) return;  // whole warps leave together
   const int lane = threadIdx.x % kWarp;
   const UpdateConfig& c = a.c;
-  const int64_t dim = c.dim, groups = dim / 8, po = param_offset(dim, BITS);
+  const int64_t dim = c.dim, width = padded_dim(dim), groups = width / 8;
+  const int64_t po = param_offset(dim, BITS);
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
-  const float* g = a.grad + k * dim;
-  const float* given = a.weights != nullptr ? a.weights + k * dim : nullptr;
+  const float* g = a.grad + k * width;
+  const float* given = a.weights != nullptr ? a.weights + k * width : nullptr;
   const int64_t r = a.uniq[k];
 
   bool bad, ok;
@@ -82,8 +87,8 @@ __global__ void update_kernel(UpdateArgs a) {
   }
   if (!ok) {
     if (PHASE != PARTIAL && !bad && a.weights_out != nullptr)
-      for (int64_t d = lane; d < dim; d += kWarp)
-        a.weights_out[k * dim + d] = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
+      for (int64_t d = lane; d < width; d += kWarp)
+        a.weights_out[k * width + d] = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
     return;
   }
 
@@ -94,7 +99,7 @@ __global__ void update_kernel(UpdateArgs a) {
   const RowParams params{s, 0.0f, qn};
   float* st = a.state + r * state_width(c.optimizer, dim);
 
-  // The starting values of group gi: dequantized, or the given weights.
+  // The starting values of group gi: dequantized, or the given weights; zero on the pad.
   auto start_values = [&](int64_t gi, float (&w)[8]) {
     if (given != nullptr) {
 #pragma unroll
@@ -102,11 +107,14 @@ __global__ void update_kernel(UpdateArgs a) {
     } else {
       decode_group<BITS>(row, gi, params, w);
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (gi * 8 + i >= dim) w[i] = 0.0f;
   };
 
   float denom = 0.0f, acc = 0.0f;  // Adagrad
   if (c.optimizer == OPT_ADAGRAD) {
-    const float sq = ordered_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
+    const float sq = lane_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
       float w[8];
       start_values(gi, w);
 #pragma unroll
@@ -129,7 +137,7 @@ __global__ void update_kernel(UpdateArgs a) {
         w[i] = sgd_value(w[i], g[d], c);
       } else if (c.optimizer == OPT_ADAGRAD) {
         w[i] = adagrad_value(w[i], g[d], denom, c);
-      } else if (c.optimizer == OPT_ADAM) {
+      } else if (c.optimizer == OPT_ADAM && d < dim) {  // the pad has no moments
         m[i] = st[d];
         v[i] = st[dim + d];
         w[i] = adam_value(w[i], g[d], m[i], v[i], c);
@@ -142,7 +150,7 @@ __global__ void update_kernel(UpdateArgs a) {
   if (PHASE == FINISH) {
     s_new = a.steps[1];
   } else if (c.learn_step) {
-    const float gs = ordered_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
+    const float gs = lane_sum(groups, lane, [&](int64_t gi, float (&t)[8]) {
       float w[8], m[8], v[8];
       updated_values(gi, w, m, v);
 #pragma unroll
@@ -176,11 +184,11 @@ __global__ void update_kernel(UpdateArgs a) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int64_t d = gi * 8 + i;
-      if (c.optimizer == OPT_ADAM) {
+      if (c.optimizer == OPT_ADAM && d < dim) {
         st[d] = m[i];
         st[dim + d] = v[i];
       }
-      if (a.weights_out != nullptr) a.weights_out[k * dim + d] = w[i];
+      if (a.weights_out != nullptr) a.weights_out[k * width + d] = w[i];
       const float x = (w[i] - 0.0f) / s_new;  // encode_row's (w - bias) / scale
       codes[i] = static_cast<uint32_t>(round_to_code(x, u[i], a.stochastic, qn, qp) - qn);
     }
@@ -253,11 +261,15 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                             bool learn_step, int64_t step_optimizer, double step_lr,
                             bool stochastic, int64_t seed, int64_t counter,
                             int64_t row_offset, int64_t column_offset) {
-  const at::Tensor grad = grad_rows.contiguous();
-  check_update_args(rows, step, state, step_state, unique_rows, grad, weights, weights_out, bits,
-                    dim, fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
-                    column_offset);
+  check_update_args(rows, step, state, step_state, unique_rows, grad_rows.contiguous(), weights,
+                    weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
+                    step_optimizer, row_offset, column_offset);
   const c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor grad = pad_columns(grad_rows).contiguous();
+  at::Tensor weights_padded, weights_out_padded;
+  if (weights.has_value()) weights_padded = pad_columns(*weights).contiguous();
+  if (weights_out.has_value())
+    weights_out_padded = padded_dim(dim) == dim ? *weights_out : pad_columns(*weights_out);
   at::Tensor skipped = at::zeros({}, rows.options().dtype(at::kLong));
   const int64_t u = unique_rows.numel();
   if (u == 0) return skipped;
@@ -281,8 +293,8 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                step_state.data_ptr<float>(),
                uniq.data_ptr<int64_t>(),
                grad.data_ptr<float>(),
-               weights.has_value() ? weights->data_ptr<float>() : nullptr,
-               weights_out.has_value() ? weights_out->data_ptr<float>() : nullptr,
+               weights_padded.defined() ? weights_padded.data_ptr<float>() : nullptr,
+               weights_out_padded.defined() ? weights_out_padded.data_ptr<float>() : nullptr,
                table_learn ? partial.data_ptr<float>() : nullptr,
                table_learn ? flag.data_ptr<uint8_t>() : nullptr,
                table_learn ? steps.data_ptr<float>() : nullptr,
@@ -310,6 +322,8 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
     update_kernel<BITS, FINISH><<<blocks_for(u * kWarp), kBlock, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (weights_out.has_value() && !weights_out_padded.is_same(*weights_out))
+    weights_out->copy_(weights_out_padded.narrow(1, 0, dim));
   if (validate) {
     const int flags = error.item<int>();
     TORCH_CHECK_INDEX(!(flags & kBadIndex), "qembed.lowp_update: a row is out of range for a ",

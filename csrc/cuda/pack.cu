@@ -1,7 +1,9 @@
-// pack: uint8 codes [N, D] -> dense bit-packed rows [N, D*bits/8], one thread per 8 codes.
+// pack: uint8 codes [N, D] -> dense bit-packed rows [N, code_bytes(D, bits)], one thread per
+// 8 codes.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "../rounding.h"
 #include "launch.cuh"
 
@@ -21,9 +23,9 @@ __global__ void pack_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict
 
 at::Tensor pack_cuda(const at::Tensor& codes_in, int64_t bits) {
   check_pack_args(codes_in, bits);
-  const int64_t n = codes_in.size(0), dim = codes_in.size(1);
   const c10::cuda::CUDAGuard guard(codes_in.device());
-  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor codes = pad_columns(codes_in).contiguous();  // pad codes 0
+  const int64_t n = codes.size(0), dim = codes.size(1);
   // A conversion, not a hot path: the range check may wait for the device.
   if (codes.numel() > 0) {
     const int64_t top = codes.max().item<int64_t>();

@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include "../checks.h"
+#include "../padded_rows.h"
 #include "../philox.h"
 #include "../rounding.h"
 #include "launch.cuh"
@@ -94,9 +95,10 @@ at::Tensor quantize_cuda(const at::Tensor& weight_in, int64_t bits, int64_t fmt,
                          const c10::optional<at::Tensor>& step_in, bool stochastic,
                          int64_t seed, int64_t counter) {
   check_quantize_args(weight_in, bits, fmt, step_in);
-  const int64_t n = weight_in.size(0), dim = weight_in.size(1);
   const c10::cuda::CUDAGuard guard(weight_in.device());
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor weight =
+      (fmt == AFFINE ? pad_columns_with_row_min(weight_in) : pad_columns(weight_in)).contiguous();
+  const int64_t n = weight.size(0), dim = weight.size(1);
   // A conversion, not a hot path: the value checks may wait for the device.
   TORCH_CHECK_VALUE(at::isfinite(weight).all().item<bool>(),
                     "qembed.quantize: weight has a non-finite value");

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     t.add_argument("--patience", type=int, default=None,
                    help="early stopping: epochs without a better validation AUC (best restored)")
     t.add_argument("--batch-size", type=int, default=512)
-    t.add_argument("--dim", type=int, default=16, help="embedding dim (a multiple of 8)")
+    t.add_argument("--dim", type=int, default=16, help="embedding dim")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
     t.add_argument("--table-optimizer", default="adam", choices=["adam", "adagrad", "sgd"],
                    help="optimizer of the low-precision tables (lpt-*, alpt)")

@@ -15,6 +15,23 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return padding_idx % num_embeddings
 
 
+def default_seed() -> int:
+    """A seed drawn from torch's default CPU generator: without an explicit seed a module
+    follows ``torch.manual_seed`` as torch's own modules do."""
+    return int(torch.randint(0, 2**62, ()))
+
+
+CHUNK_BYTES = 1 << 20  # fp32 bytes of rows quantized at a time when a table is built
+
+
+def row_chunks(num_rows: int, dim: int):
+    """(start, end) of consecutive blocks of rows holding about CHUNK_BYTES of fp32 each:
+    tables are built block by block, so no fp32 [R, D] tensor is ever made."""
+    step = max(1, CHUNK_BYTES // (4 * max(dim, 1)))
+    for start in range(0, num_rows, step):
+        yield start, min(start + step, num_rows)
+
+
 def bag_inputs(input: torch.Tensor, offsets: torch.Tensor | None,
                per_sample_weights: torch.Tensor | None, include_last_offset: bool):
     """``nn.EmbeddingBag``'s input conventions -> flat (indices, offsets, per_sample_weights):

@@ -29,9 +29,13 @@ from torch import nn
 from .. import ops
 from .._checks import check_bits_dim
 from ..formats import STEP_OPTIMIZERS, param_offset, qmax, row_bytes
-from ._common import TrainableLookup, bag_inputs, normalize_padding_idx
-
-_INIT_CHUNK = 1 << 16  # rows initialised at a time, so no fp32 [R, D] tensor is ever made
+from ._common import (
+    TrainableLookup,
+    bag_inputs,
+    default_seed,
+    normalize_padding_idx,
+    row_chunks,
+)
 
 
 class _LowPrecisionTable(nn.Module):
@@ -40,7 +44,7 @@ class _LowPrecisionTable(nn.Module):
                  weight: torch.Tensor | None, device, dtype, *, bits: int, optimizer: str,
                  lr: float, eps: float, weight_decay: float, betas: tuple[float, float],
                  learn_step: bool, step_grad: str, step_lr: float, step_optimizer: str,
-                 step_per: str, rounding: str, seed: int, init_std: float,
+                 step_per: str, rounding: str, seed: int | None, init_std: float,
                  fused_update: bool):
         super().__init__()
         check_bits_dim(bits, embedding_dim)
@@ -71,6 +75,7 @@ class _LowPrecisionTable(nn.Module):
         self._pending = None  # two-pass: (rows, fp32 weights) awaiting the step update
         self._step_pass, self._anchors = False, []
         self._warned = False
+        seed = default_seed() if seed is None else seed
         self._host_counters = [int(seed), 0]  # [seed, num_updates] as ints, see _counters()
         self.init_std = init_std
         # Where this table sits in a larger one when it is a shard of it (qembed.torchrec's
@@ -99,13 +104,12 @@ class _LowPrecisionTable(nn.Module):
     # --- initialisation ---------------------------------------------------------------
 
     def _weight_chunks(self, weight: torch.Tensor | None, init_std: float):
-        """fp32 rows of the initial table (the whole larger table for a shard),
-        _INIT_CHUNK at a time: `weight`'s or N(0, std^2) drawn from a generator seeded by
-        `seed` (padding row zero)."""
+        """fp32 rows of the initial table (the whole larger table for a shard), a block at a
+        time: `weight`'s or N(0, std^2) drawn from a generator seeded by `seed` (padding row
+        zero)."""
         gen = torch.Generator(device=self.qweight.device).manual_seed(int(self.seed))
         num_rows, dim = self.full_size
-        for start in range(0, num_rows, _INIT_CHUNK):
-            end = min(start + _INIT_CHUNK, num_rows)
+        for start, end in row_chunks(num_rows, dim):
             if weight is None:
                 w = torch.randn(end - start, dim, generator=gen,
                                 device=self.qweight.device) * init_std
@@ -331,7 +335,7 @@ class _LowPrecisionTable(nn.Module):
 
 _TRAIN_DEFAULTS = dict(bits=8, optimizer="adagrad", lr=0.01, eps=1e-8, weight_decay=0.0,
                        betas=(0.9, 0.999), learn_step=True, step_grad="one_pass", step_lr=0.1,
-                       step_optimizer="sgd", step_per="row", rounding="stochastic", seed=0,
+                       step_optimizer="sgd", step_per="row", rounding="stochastic", seed=None,
                        init_std=0.003, fused_update=True)
 
 
@@ -347,11 +351,15 @@ class LowPrecisionEmbeddingBag(_LowPrecisionTable):
     * ``learn_step`` (ALPT), ``step_grad`` ``"one_pass"`` | ``"two_pass"``, ``step_lr``,
       ``step_optimizer`` ``"sgd"`` | ``"adam"``, ``step_per`` ``"row"`` | ``"table"``;
     * ``rounding`` ``"stochastic"`` | ``"nearest"``, ``seed`` (stochastic rounding and the
-      initial table), ``init_std`` (w0 ~ N(0, init_std^2) when ``_weight`` is None);
+      initial table; by default drawn from torch's default generator, so ``torch.manual_seed``
+      reproduces a run; kept in ``state_dict``), ``init_std`` (w0 ~ N(0, init_std^2) when
+      ``_weight`` is None);
     * ``fused_update=False``: backward only accumulates ``.sparse_grad = (rows, grad_rows)``
       for the caller's own optimizer (see :meth:`update_rows`, :meth:`write_rows`).
 
-    ``dtype`` sets the output dtype. ``.nonfinite_rows`` counts rows whose update was skipped
+    Any ``embedding_dim`` works (rows stored padded to a multiple of 8 codes, see
+    :mod:`qembed.ops`; training's divisors count the real columns). ``dtype`` sets the output
+    dtype. ``.nonfinite_rows`` counts rows whose update was skipped
     for a non-finite gradient (on CPU the first such row also warns; on a GPU, read the count).
     """
 

@@ -32,7 +32,7 @@ from .. import ops
 from .._checks import check_bits_dim
 from ..formats import code_bytes, qmax, row_bytes
 from ..mpe import FrequencyGroups, frequency_groups, sample_bits
-from ._common import TrainableLookup, bag_inputs
+from ._common import TrainableLookup, bag_inputs, default_seed, row_chunks
 
 DEFAULT_BITS = tuple(range(7))
 
@@ -59,16 +59,19 @@ class _SearchTable(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.candidate_bits, self.tau, self.reg_lambda = bits, tau, reg_lambda
         self.groups = groups
-        if weight is None:
-            weight = torch.randn(num_embeddings, embedding_dim, device=device) * init_std
+        if weight is None:  # drawn from torch's default generator, in place
+            weight = torch.empty(num_embeddings, embedding_dim, device=device).normal_(0, init_std)
         elif tuple(weight.shape) != (num_embeddings, embedding_dim):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"({num_embeddings}, {embedding_dim})")
-        weight = weight.detach().to(device=device, dtype=torch.float32).clone()
+        else:
+            weight = weight.detach().to(device=device, dtype=torch.float32).clone()
         self.weight = nn.Parameter(weight)
         # Retraining restarts from the initial table.
         self.register_buffer("initial_weight", weight.clone())
-        mean_abs = float(weight.abs().mean()) or 1.0
+        total = sum(weight[start:end].abs().sum(dtype=torch.float64)
+                    for start, end in row_chunks(num_embeddings, embedding_dim))
+        mean_abs = float(total / max(weight.numel(), 1)) or 1.0
         self.alpha = nn.Parameter(torch.tensor(  # ALPT's init 2 mean|w| / sqrt(Qp)
             [2 * mean_abs / max(qmax(b) if b else 1, 1) ** 0.5 for b in bits], device=device))
         self.beta = nn.Parameter(torch.zeros(embedding_dim, device=device))
@@ -146,7 +149,7 @@ class MixedPrecisionSearchEmbedding(_SearchTable):
 
 _TRAIN_DEFAULTS = dict(optimizer="adagrad", lr=0.01, eps=1e-8, weight_decay=0.0,
                        betas=(0.9, 0.999), learn_step=False, step_optimizer="sgd", step_lr=0.0,
-                       rounding="stochastic", seed=0)
+                       rounding="stochastic", seed=None)
 
 
 class _MixedTable(nn.Module):
@@ -174,14 +177,15 @@ class _MixedTable(nn.Module):
         self.trainable, self.train_options = trainable, train
         self.output_dtype = dtype or torch.float32
         self.group_bits = self.group_sizes = None  # set by from_search, for reports
-        self.widths = sorted({int(b) for b in row_bits.tolist()} - {0})
-        positions = torch.full((num_embeddings,), -1, dtype=torch.long)
+        present = torch.bincount(row_bits, minlength=9).tolist()  # no sorted copy of row_bits
+        self.widths = [b for b in range(1, 9) if present[b]]
+        positions = torch.full((num_embeddings,), -1, dtype=torch.int32)
         start = 0
         state_width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[train["optimizer"]]
         step_width = 2 if train["learn_step"] and train["step_optimizer"] == "adam" else 0
         for b in self.widths:
             rows = torch.nonzero(row_bits == b).flatten()  # ascending: slots follow ids
-            positions[rows] = torch.arange(start, start + rows.numel())
+            positions[rows] = torch.arange(start, start + rows.numel(), dtype=torch.int32)
             start += rows.numel()
             # Trainable segments keep lowp_update's row layout (codes padded to 4 bytes);
             # inference segments hold the codes only.
@@ -195,6 +199,10 @@ class _MixedTable(nn.Module):
         self.register_buffer("steps", torch.ones(len(self.widths), device=device))
         self.register_buffer("beta", torch.zeros(embedding_dim, device=device))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        seed = train.pop("seed")
+        if trainable:  # stochastic rounding's key; by default from torch's default generator
+            seed = default_seed() if seed is None else int(seed)
+            self.register_buffer("seed", torch.tensor(seed, dtype=torch.long, device=device))
 
     def positions(self, rows: torch.Tensor) -> torch.Tensor:
         """Storage positions of ``rows`` (ids, int64) in the concatenated segments, -1 for
@@ -251,19 +259,22 @@ class _MixedTable(nn.Module):
             raise ValueError(f"qembed: need {len(self.widths)} positive steps, one per width")
         self.steps.copy_(steps)
         self.beta.copy_(beta.detach().reshape(-1))
-        weight = weight.detach().to(self.beta.device, torch.float32)
         bits = self.row_bits
         for s, b in enumerate(self.widths):
             codes = getattr(self, f"codes{b}")
-            values = (weight[bits == b] - self.beta).contiguous()
-            padded = codes if self.trainable else torch.zeros(
-                codes.shape[0], row_bytes(self.embedding_dim, b, "symmetric_table"),
-                dtype=torch.uint8, device=codes.device)
-            ops.lowp_update(padded, self.steps[s: s + 1], torch.zeros(0, 0), torch.zeros(0, 0),
-                            torch.arange(codes.shape[0], device=codes.device),
-                            torch.zeros_like(values), b, self.embedding_dim, "symmetric_table",
-                            "none", stochastic=False, weights=values)
-            codes.copy_(padded[:, : codes.shape[1]])
+            ids = torch.nonzero(bits == b).flatten().to(weight.device)  # slot k holds ids[k]
+            for start, end in row_chunks(ids.numel(), self.embedding_dim):
+                values = weight[ids[start:end]].detach().to(self.beta.device, torch.float32)
+                values = (values - self.beta).contiguous()
+                block = codes[start:end] if self.trainable else torch.zeros(
+                    end - start, row_bytes(self.embedding_dim, b, "symmetric_table"),
+                    dtype=torch.uint8, device=codes.device)
+                ops.lowp_update(block, self.steps[s: s + 1], torch.zeros(0, 0), torch.zeros(0, 0),
+                                torch.arange(end - start, device=codes.device),
+                                torch.zeros_like(values), b, self.embedding_dim,
+                                "symmetric_table", "none", stochastic=False, weights=values)
+                if not self.trainable:
+                    codes[start:end] = block[:, : codes.shape[1]]
 
     def dequantize(self) -> torch.Tensor:
         """The whole table as fp32 [R, D] (a copy, for inspection)."""
@@ -292,7 +303,7 @@ class _MixedTable(nn.Module):
         rows, grad = ops.embedding_bag_backward(grad_out, indices, offsets, psw, mode,
                                                 include_last, None)
         self.num_updates += 1
-        t, o = int(self.num_updates), self.train_options
+        t, o, seed = int(self.num_updates), self.train_options, int(self.seed)
         # Storage positions of the touched rows, sorted: each segment's rows are then one
         # slice, still in increasing order (slots follow ids within a width), found with one
         # host read of the slice bounds instead of a masked selection per segment.
@@ -312,7 +323,7 @@ class _MixedTable(nn.Module):
                     o["optimizer"], o["lr"], o["eps"], o["weight_decay"], tuple(o["betas"]), t,
                     o["learn_step"], o["step_optimizer"], o["step_lr"],
                     o["rounding"] == "stochastic",
-                    o["seed"] + 1_000_003 * b, t)  # each segment its own random stream
+                    seed + 1_000_003 * b, t)  # each segment its own random stream
 
     def export(self) -> "_MixedTable":
         """An inference copy: codes without training padding, no optimizer state."""
@@ -337,28 +348,29 @@ class _MixedTable(nn.Module):
 
 
 def _compact_location(positions: torch.Tensor, row_bits: torch.Tensor) -> torch.Tensor:
-    """The smaller layout of the rows' ``positions`` (int64 [R], consecutive within a run of
+    """The smaller layout of the rows' ``positions`` (int32 [R], consecutive within a run of
     equal ``row_bits``): row ranges int32 [K + 1, 2] (first row and its position per run, then
     [R, -1]) or a row map, int16 while positions fit, else int32."""
     rows = positions.numel()
     change = torch.ones(rows, dtype=torch.bool)
     change[1:] = row_bits[1:] != row_bits[:-1]
-    first = torch.nonzero(change).flatten()
-    ranges = torch.cat([torch.stack([first, positions[first]], 1),
-                        torch.tensor([[rows, -1]])]).to(torch.int32)
     narrow = rows <= 2**15
-    map_bytes = rows * (2 if narrow else 4)
-    if ranges.numel() * 4 < map_bytes:
-        return ranges
-    return positions.to(torch.int16 if narrow else torch.int32)
+    if (int(torch.count_nonzero(change)) + 1) * 8 >= rows * (2 if narrow else 4):  # map smaller
+        return positions.to(torch.int16) if narrow else positions
+    first = torch.nonzero(change).flatten()
+    return torch.cat([torch.stack([first, positions[first].long()], 1),
+                      torch.tensor([[rows, -1]])]).to(torch.int32)
 
 
 class MixedPrecisionEmbeddingBag(_MixedTable):
     """``nn.EmbeddingBag`` (``mode`` ``"sum"`` or ``"mean"``) over a mixed-width table:
-    ``row_bits`` [R] gives each row's width (0..8; 0 = pruned). ``trainable`` keeps the
+    ``row_bits`` [R] gives each row's width (0..8; 0 = pruned); any ``embedding_dim`` (rows
+    stored padded to a multiple of 8 codes, see :mod:`qembed.ops`). ``trainable`` keeps the
     retraining state (``train`` options: ``optimizer`` sgd/adagrad/adam, ``lr``, ``eps``,
     ``weight_decay``, ``betas``, ``learn_step`` (ALPT step update of alpha_b),
-    ``step_optimizer``, ``step_lr``, ``rounding``, ``seed``); :meth:`export` drops it."""
+    ``step_optimizer``, ``step_lr``, ``rounding``, ``seed``: stochastic rounding's key, by
+    default drawn from torch's default generator, kept in ``state_dict``); :meth:`export`
+    drops it."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, row_bits: torch.Tensor,
                  mode: str = "mean", include_last_offset: bool = False, *,

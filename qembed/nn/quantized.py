@@ -9,8 +9,8 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_bits_dim
-from ..formats import code_bytes, format_id, param_offset, row_bytes
-from ._common import bag_inputs, normalize_padding_idx, symmetric_steps
+from ..formats import format_id, param_offset, row_bytes
+from ._common import bag_inputs, default_seed, normalize_padding_idx, row_chunks, symmetric_steps
 
 _AO_PARAM_DTYPE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
 
@@ -38,29 +38,60 @@ class _QuantizedTable(nn.Module):
             num_embeddings, row_bytes(embedding_dim, bits, format), device=device))
         self.register_buffer("step", torch.ones(1, device=device)
                              if format == "symmetric_table" else None)
-        if self.qweight.device.type == "meta":  # a meta table is sized, not filled
-            return
-        if weight is None:
-            weight = torch.randn(num_embeddings, embedding_dim, device=device)
-            if self.padding_idx is not None:
-                weight[self.padding_idx] = 0
-        self.load_float_weight(weight)
+        if weight is None:  # N(0, 1) as nn.EmbeddingBag, drawn block by block
+            seed = default_seed()
+            if self.qweight.device.type != "meta":  # a meta table has no values to draw
+                self._load_chunks(lambda: self._random_chunks(seed))
+        else:
+            self.load_float_weight(weight)
+
+    def _random_chunks(self, seed: int):
+        gen = torch.Generator(device=self.qweight.device).manual_seed(seed)
+        for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+            w = torch.randn(end - start, self.embedding_dim, generator=gen,
+                            device=self.qweight.device)
+            if self.padding_idx is not None and start <= self.padding_idx < end:
+                w[self.padding_idx - start] = 0
+            yield start, end, w
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor, stochastic: bool = False,
                           seed: int = 0) -> None:
-        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default)."""
+        """Quantize fp32 ``weight`` [R, D] into this table (round-to-nearest by default), a
+        block of rows at a time (stochastic rounding keys each block by its position)."""
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"({self.num_embeddings}, {self.embedding_dim})")
-        weight = weight.detach().to(device=self.qweight.device, dtype=torch.float32)
-        step = None
-        if self.format != "affine":
-            step = symmetric_steps(weight, self.bits, per_row=self.format == "symmetric")
-        qweight = ops.quantize(weight, self.bits, self.format, step, stochastic, seed)
+
+        def chunks():
+            for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+                yield start, end, weight[start:end].detach().to(self.qweight.device,
+                                                                 torch.float32)
+
+        for start, _, w in chunks():  # all checked before any row is written
+            bad = (~torch.isfinite(w)).nonzero()
+            if bad.numel():
+                raise ValueError(f"qembed.quantize: weight has a non-finite value at row "
+                                 f"{start + int(bad[0, 0])}, column {int(bad[0, 1])}")
+        self._load_chunks(chunks, stochastic, seed)
+
+    def _load_chunks(self, chunks, stochastic: bool = False, seed: int = 0) -> None:
+        """Quantizes the blocks ``chunks()`` yields (start, end, fp32 rows); a per-table step
+        needs the whole table's peak first, hence a factory that can run twice."""
+        table_step = None
+        if self.format == "symmetric_table":
+            peak = torch.zeros((), device=self.qweight.device)
+            for _, _, w in chunks():
+                peak = torch.maximum(peak, w.abs().amax() if w.numel() else peak)
+            table_step = symmetric_steps(peak.reshape(1, 1), self.bits, per_row=False)
+        for block, (start, end, w) in enumerate(chunks()):
+            step = table_step
+            if self.format == "symmetric":
+                step = symmetric_steps(w, self.bits, per_row=True)
+            self.qweight[start:end] = ops.quantize(w, self.bits, self.format, step, stochastic,
+                                                   seed, counter=block)
         if self.step is not None:  # only once quantize has accepted the weight
-            self.step.copy_(step)
-        self.qweight.copy_(qweight)
+            self.step.copy_(table_step)
 
     def dequantize(self) -> torch.Tensor:
         """The table's values as fp32 [R, D] (a copy, for inspection and export)."""
@@ -87,17 +118,21 @@ class _QuantizedTable(nn.Module):
 
     def to_torch_ao(self) -> torch.Tensor:
         """Rows in the layout of ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_prepack``:
-        codes then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits; fp16 rounds)."""
+        codes (``ceil(dim * bits / 8)`` bytes, the same bit stream as ours without the pad of
+        a last partial group) then scale and bias (fp32 for 8 bits, fp16 for 4 and 2 bits;
+        fp16 rounds)."""
         if self.format != "affine" or self.bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist for the affine format at 8, 4 or 2 bits")
-        cb, po = code_bytes(self.embedding_dim, self.bits), param_offset(self.embedding_dim, self.bits)
+        cb = (self.embedding_dim * self.bits + 7) // 8
+        po = param_offset(self.embedding_dim, self.bits)
         params = self.qweight[:, po:].contiguous().view(torch.float32)
         params = params.to(_AO_PARAM_DTYPE[self.bits]).contiguous().view(torch.uint8)
         return torch.cat([self.qweight[:, :cb], params], dim=1)
 
     @classmethod
     def from_torch_ao(cls, packed: torch.Tensor, bits: int, **kwargs):
-        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits."""
+        """Build a module (affine format) from ``torch.ao`` prepacked rows of ``bits`` bits
+        (the dim is read from the row width: every code byte full)."""
         if bits not in _AO_PARAM_DTYPE:
             raise ValueError("qembed: torch.ao rows exist at 8, 4 or 2 bits")
         pdt = _AO_PARAM_DTYPE[bits]
@@ -108,7 +143,7 @@ class _QuantizedTable(nn.Module):
         module = cls(packed.shape[0], dim, bits=bits, format="affine", device=packed.device,
                      _weight=torch.zeros(packed.shape[0], dim, device=packed.device), **kwargs)
         params = packed[:, -pbytes:].contiguous().view(pdt).to(torch.float32)
-        cb, po = code_bytes(dim, bits), param_offset(dim, bits)
+        cb, po = packed.shape[1] - pbytes, param_offset(dim, bits)
         with torch.no_grad():
             module.qweight.zero_()
             module.qweight[:, :cb] = packed[:, :cb]
@@ -121,7 +156,11 @@ class QuantizedEmbeddingBag(_QuantizedTable):
 
     Takes ``nn.EmbeddingBag``'s arguments plus ``bits`` (1..8) and ``format``
     (``"affine"``, ``"symmetric"`` or ``"symmetric_table"``); ``dtype`` sets the output
-    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``.
+    dtype (float32, float16 or bfloat16). ``mode`` is ``"sum"`` or ``"mean"``. Any
+    ``embedding_dim`` works: rows are stored padded to a multiple of 8 codes (:attr:`nbytes`
+    counts the padded rows) and lookups return ``embedding_dim`` columns (see
+    :mod:`qembed.ops`). Built without ``_weight``, the table is N(0, 1) drawn from torch's
+    default generator and quantized a block of rows at a time: no fp32 table is made.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,

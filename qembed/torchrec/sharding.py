@@ -134,10 +134,13 @@ def _empty_shard(source: nn.Module, rows: int, cols: int, row0: int, col0: int,
         shard._host_counters = None
         shard.row_offset, shard.column_offset = row0, col0
     else:
-        shard = QuantizedEmbeddingBag(rows, cols, mode=source.mode, include_last_offset=True,
-                                      device="meta", dtype=source.output_dtype,
-                                      bits=source.bits, format=source.format
-                                      ).to_empty(device=device)
+        # Its values come from the sharded table: the seed its constructor draws from torch's
+        # generator would only move that generator, so the draw is undone.
+        with torch.random.fork_rng(devices=[]):
+            shard = QuantizedEmbeddingBag(rows, cols, mode=source.mode, include_last_offset=True,
+                                          device="meta", dtype=source.output_dtype,
+                                          bits=source.bits, format=source.format
+                                          ).to_empty(device=device)
     shard.full_size = (source.num_embeddings, source.embedding_dim)
     return shard
 

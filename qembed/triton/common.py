@@ -45,16 +45,17 @@ def load_codes(row_ptr, d, mask, BITS: tl.constexpr, CODE_BYTES: tl.constexpr):
 @triton.jit
 def store_codes(row_ptr, codes, row_mask, DIM, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Packs codes [BLOCK_R, BLOCK_D] (columns DIM.. ignored) into the rows at row_ptr
-    [BLOCK_R]: each group of 8 codes becomes one integer of BITS bytes, stored low byte
-    first."""
+    """Packs codes [BLOCK_R, BLOCK_D] into the rows at row_ptr [BLOCK_R]: each group of 8
+    codes becomes one integer of BITS bytes, stored low byte first; the groups that hold
+    columns 0..DIM-1 are stored (a last partial group with the codes given for its pad)."""
     groups = tl.reshape(codes.to(tl.int64), (BLOCK_R, BLOCK_D // 8, 8))
     slot = tl.arange(0, 8)
     packed = tl.sum(groups << (slot * BITS)[None, None, :], axis=2)  # disjoint bits: sum = or
     data = (packed[:, :, None] >> (slot * 8)[None, None, :]) & 0xFF
     g = tl.arange(0, BLOCK_D // 8)
     ptr = row_ptr[:, None, None] + (g * BITS)[None, :, None] + slot[None, None, :]
-    mask = row_mask[:, None, None] & (g < DIM // 8)[None, :, None] & (slot < BITS)[None, None, :]
+    mask = row_mask[:, None, None] & (g < (DIM + 7) // 8)[None, :, None] & \
+        (slot < BITS)[None, None, :]
     tl.store(ptr, data.to(tl.uint8), mask=mask)
 
 
@@ -98,11 +99,27 @@ def rint(x):
 
 
 @triton.jit
-def ordered_sum(x, cols, DIM, BLOCK_R: tl.constexpr):
-    """Sum of x [BLOCK_R, BLOCK_D] over columns 0..DIM-1 strictly left to right per row, the
-    order of the CPU kernel's loops (a tree reduction rounds differently). Each step adds one
-    column, isolated exactly by a masked sum."""
-    acc = tl.zeros([BLOCK_R], tl.float32)
-    for d in range(DIM):
-        acc += tl.sum(tl.where(cols == d, x, 0.0), axis=1)
-    return acc
+def _lanes_above(acc, lanes, shift: tl.constexpr):
+    """acc [BLOCK_R, 16] moved down by `shift` lanes (lane j gets lane j + shift, the top
+    lanes 0), each value isolated exactly by a masked sum."""
+    pick = lanes[None, :, None] + shift == lanes[None, None, :]
+    return tl.sum(tl.where(pick, acc[:, None, :], 0.0), axis=2)
+
+
+@triton.jit
+def lane_sum(x, cols, DIM, BLOCK_R: tl.constexpr):
+    """Sum of x [BLOCK_R, BLOCK_D] over columns 0..DIM-1 per row in the CPU kernel's order
+    (csrc/optim.h, kSumLanes): partial j adds columns j, j + 16, j + 32, ... from the left,
+    then the upper half of the partials is added onto the lower, 16 -> 8 -> 4 -> 2 -> 1. The
+    columns of each step are isolated exactly by masked sums; the additions are fp32's."""
+    lanes = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_R, 16], tl.float32)
+    for k in range(0, tl.cdiv(DIM, 16)):
+        col = 16 * k + lanes
+        pick = (cols[:, None, :] == col[None, :, None]) & (col < DIM)[None, :, None]
+        acc += tl.sum(tl.where(pick, x[:, None, :], 0.0), axis=2)
+    acc = acc + _lanes_above(acc, lanes, 8)
+    acc = acc + _lanes_above(acc, lanes, 4)
+    acc = acc + _lanes_above(acc, lanes, 2)
+    acc = acc + _lanes_above(acc, lanes, 1)
+    return tl.sum(tl.where(lanes[None, :] == 0, acc, 0.0), axis=1)

@@ -3,9 +3,9 @@
 A program updates BLOCK_R distinct rows, each row whole in registers: dequantize (or take the
 given weights), optimizer step, LSQ step update, re-quantize, every operation in the CPU
 kernel's order with correctly rounded division and square root, so that codes, steps and
-state come out bit-identical to the CPU's. The CPU's row sums (Adagrad's mean of squares,
-the LSQ sum) run strictly left to right; so do these (common.ordered_sum), one column per
-step, which costs O(D) reductions per row.
+state come out bit-identical to the CPU's. The row sums (Adagrad's mean of squares, the LSQ
+sum) add in the CPU's order, 16 partial sums then their halves (common.lane_sum), which costs
+O(D / 16) reductions per row.
 
 With one step per table and learn_step, the step moves by the sum of every row's LSQ term in
 row order before any row is re-quantized: the update kernel keeps the rows' weights and LSQ
@@ -20,11 +20,11 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_update_args, check_update_rows_values
-from ..formats import FORMATS, OPTIMIZERS, code_bytes, param_offset, qmax, qmin
+from ..formats import FORMATS, OPTIMIZERS, code_bytes, padded_dim, param_offset, qmax, qmin
 from .common import (
     f32_at,
+    lane_sum,
     load_codes,
-    ordered_sum,
     philox_uniform,
     rint,
     store_codes,
@@ -106,14 +106,14 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
         s = tl.zeros([BLOCK_R], tl.float32) + tl.load(table_step)
     if not HAS_WEIGHTS:
         u = load_codes((rows + base)[:, None], cols[None, :], live, BITS, CODE_BYTES)
-        w = s[:, None] * (u + QN).to(tl.float32)
+        w = tl.where(live, s[:, None] * (u + QN).to(tl.float32), 0.0)  # the pad encodes as 0
 
     if OPT == _SGD:
         w = w - lr * (g + wd * w)
     elif OPT == _ADAGRAD:  # row-wise
         gd = g + wd * w
         acc = tl.load(state + r, mask=go, other=0.0)
-        acc = acc + tl.div_rn(ordered_sum(gd * gd, cols[None, :], DIM, BLOCK_R),
+        acc = acc + tl.div_rn(lane_sum(gd * gd, cols[None, :], DIM, BLOCK_R),
                               tl.cast(DIM, tl.float32))
         tl.store(state + r, acc, mask=go)
         w = w - lr * tl.div_rn(gd, (tl.sqrt_rn(acc) + eps)[:, None])
@@ -131,7 +131,7 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
     if LEARN:  # LSQ: sum_d g_d * dQ/ds at x = w / s
         x = tl.div_rn(w, s[:, None])
         dq = tl.where(x < QN, QN, tl.where(x > QP, QP, rint(x) - x))
-        gs = ordered_sum(g * dq, cols[None, :], DIM, BLOCK_R)
+        gs = lane_sum(g * dq, cols[None, :], DIM, BLOCK_R)
         if DEFER:
             tl.store(lsq + k, tl.where(go, gs, 0.0), mask=k_ok)
         else:
@@ -230,7 +230,7 @@ def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bit
                counter_lo=counter & 0xFFFFFFFF, row_offset=row_offset,
                column_offset=column_offset, BITS=bits, QN=qmin(bits), QP=qmax(bits),
                STOCHASTIC=stochastic)
-    block_d = triton.next_power_of_2(dim)
+    block_d = triton.next_power_of_2(padded_dim(dim))  # whole groups of 8 codes
     block_r = max(1, min(16, ELEMENTS_PER_PROGRAM // block_d))
     blocks = dict(BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False)
     grid = (triton.cdiv(u, block_r),)
