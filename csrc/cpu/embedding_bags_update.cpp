@@ -48,13 +48,15 @@ at::Tensor embedding_bags_update_cpu(
     c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats, int64_t optimizer,
     double lr, double eps, double weight_decay, double beta1, double beta2, bool learn_step,
     int64_t step_optimizer, double step_lr, bool stochastic, c10::IntArrayRef seeds,
-    c10::IntArrayRef counters) {
+    c10::IntArrayRef counters, at::OptionalIntArrayRef row_offsets,
+    at::OptionalIntArrayRef column_offsets) {
   const char* op = "qembed.embedding_bags_update: ";
   const size_t num_tables = tables.size();
   std::vector<at::Tensor> grads;
   for (const at::Tensor& g : grad_rows_in) grads.push_back(g.contiguous());
   check_bags_update_args(tables, steps, states, step_states, unique_rows, grads, bits, dims,
-                         formats, optimizer, learn_step, step_optimizer, seeds, counters);
+                         formats, optimizer, learn_step, step_optimizer, seeds, counters,
+                         row_offsets, column_offsets);
   // Rows are updated at their padded width (update_row.h): zero gradient on the pad columns.
   for (at::Tensor& g : grads) g = pad_columns(g).contiguous();
   std::vector<at::Tensor> uniqs;
@@ -83,7 +85,9 @@ at::Tensor embedding_bags_update_cpu(
     w.config = make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
                                   beta2, counters[t], learn_step, step_optimizer, step_lr);
     w.rounding = {stochastic, static_cast<uint64_t>(seeds[t]),
-                  static_cast<uint64_t>(counters[t]), 0};
+                  static_cast<uint64_t>(counters[t]), 0,
+                  static_cast<uint64_t>(key_offset(row_offsets, t)),
+                  key_offset(column_offsets, t)};
     w.deferred = learn_step && formats[t] == SYM_TABLE;
     if (w.deferred) {
       w.kept.resize(u * padded_dim(dims[t]));

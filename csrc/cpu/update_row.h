@@ -195,12 +195,12 @@ struct UpdateTable {
   float* step_state;  // [R or 1, 2] with a learned step under Adam
 };
 
-// update_row for row r of table t, its rounding keyed by r.
+// update_row for row r of table t, its rounding keyed by r (plus the table's row offset).
 template <int BITS>
 QEMBED_INLINE bool update_table_row(const UpdateTable& t, int64_t r, const float* grad,
                                     const float* weights, float* w, float* lsq,
                                     const UpdateConfig& c, RoundingKey key) {
-  key.row_key = static_cast<uint64_t>(r);
+  key.row_key = key.row_offset + static_cast<uint64_t>(r);
   const int64_t ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
   const RowUpdate row{t.rows + r * t.stride, c.fmt == SYM_ROW ? 0.0f : *t.table_step,
                       t.state + r * state_width(c.optimizer, c.dim), t.step_state + r * ssw,
@@ -227,7 +227,7 @@ void finish_table_step(const UpdateTable& t, const int64_t* uniq, int64_t num_un
     for (int64_t k = begin; k < end; ++k) {
       if (skipped[k]) continue;
       RoundingKey key = rounding;
-      key.row_key = static_cast<uint64_t>(uniq[k]);
+      key.row_key = key.row_offset + static_cast<uint64_t>(uniq[k]);
       encode_row<BITS>(w + k * width, width, RowParams{s, 0.0f, qmin(BITS)}, key,
                        t.rows + uniq[k] * t.stride);
     }
