@@ -38,8 +38,7 @@ import torch
 try:
     from common import RESULTS, interleaved_median_times, make_indices, stamp, write_results
 except ImportError:  # run as a module from the repository root
-    from benchmarks.common import (RESULTS, interleaved_median_times, make_indices, stamp,
-                                   write_results)
+    from benchmarks.common import RESULTS, interleaved_median_times, make_indices, stamp, write_results
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import (

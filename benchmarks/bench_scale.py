@@ -17,7 +17,6 @@ in /proc/meminfo, with --headroom-gb to spare) and stops otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import sys

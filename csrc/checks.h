@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/OptionalArrayRef.h>
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -210,14 +211,16 @@ inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, 
 }
 
 // lowp_update's arguments, all but the values of unique_rows (range and order), which each
-// device checks its own way. `grad` is grad_rows made contiguous.
+// device checks its own way. `grad` is grad_rows made contiguous. The key offsets place a
+// shard's rows and elements in its whole table: not negative, columns by whole groups of 8.
 inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
                               const at::Tensor& state, const at::Tensor& step_state,
                               const at::Tensor& unique_rows, const at::Tensor& grad,
                               const c10::optional<at::Tensor>& weights,
                               const c10::optional<at::Tensor>& weights_out, int64_t bits,
                               int64_t dim, int64_t fmt, int64_t optimizer, int64_t iteration,
-                              bool learn_step, int64_t step_optimizer) {
+                              bool learn_step, int64_t step_optimizer, int64_t row_offset,
+                              int64_t column_offset) {
   check_rows(rows, dim, bits, fmt);
   TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
   TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
@@ -230,6 +233,10 @@ inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Te
                     step_optimizer);
   TORCH_CHECK_VALUE(iteration >= 1, "qembed.lowp_update: iteration counts from 1, got ",
                     iteration);
+  TORCH_CHECK_VALUE(row_offset >= 0, "qembed.lowp_update: row_offset must not be negative, got ",
+                    row_offset);
+  TORCH_CHECK_VALUE(column_offset >= 0 && column_offset % 8 == 0, "qembed.lowp_update: ",
+                    "column_offset must be a non-negative multiple of 8, got ", column_offset);
   check_index_dtype(unique_rows, "unique_rows");
   check_same_device(unique_rows, "unique_rows", rows, "rows");
   const int64_t u = unique_rows.numel(), num_rows = rows.size(0);
@@ -264,8 +271,7 @@ inline void check_bags_tables(const char* op, at::TensorList tables, at::TensorL
   for (size_t t = 0; t < num_tables; ++t) {
     TORCH_CHECK_VALUE(bits[t] >= 1 && bits[t] <= 8, op, "table ", t, ": bits must be in 1..8, got ",
                       bits[t]);
-    TORCH_CHECK_VALUE(dims[t] > 0 && dims[t] % 8 == 0, op, "table ", t,
-                      ": dim must be a positive multiple of 8, got ", dims[t]);
+    TORCH_CHECK_VALUE(dims[t] > 0, op, "table ", t, ": dim must be positive, got ", dims[t]);
     TORCH_CHECK_VALUE(valid_format(formats[t]), op, "table ", t, ": unknown format ",
                       formats[t]);
     const at::Tensor& rows = tables[t];
@@ -400,24 +406,33 @@ inline BagsShape check_bags_psw_backward_args(const at::Tensor& grad_out, at::Te
   return shape;
 }
 
-// embedding_bags_update's arguments: one entry per table in every list, table t's as
-// lowp_update checks them (iteration = counters[t]; grads[t]: grad_rows[t] made
-// contiguous), every table on table 0's device. The values of unique_rows (range and
-// order) each device checks its own way.
+// Table t's entry of an optional list of key offsets (0 when the list is absent).
+inline int64_t key_offset(at::OptionalIntArrayRef offsets, size_t t) {
+  return offsets.has_value() ? (*offsets)[t] : 0;
+}
+
+// embedding_bags_update's arguments: one entry per table in every list (the key offsets'
+// lists may be absent: all 0), table t's as lowp_update checks them (iteration =
+// counters[t]; grads[t]: grad_rows[t] made contiguous), every table on table 0's device.
+// The values of unique_rows (range and order) each device checks its own way.
 inline void check_bags_update_args(at::TensorList tables, at::TensorList steps,
                                    at::TensorList states, at::TensorList step_states,
                                    at::TensorList unique_rows, at::TensorList grads,
                                    c10::IntArrayRef bits, c10::IntArrayRef dims,
                                    c10::IntArrayRef formats, int64_t optimizer,
                                    bool learn_step, int64_t step_optimizer,
-                                   c10::IntArrayRef seeds, c10::IntArrayRef counters) {
+                                   c10::IntArrayRef seeds, c10::IntArrayRef counters,
+                                   at::OptionalIntArrayRef row_offsets,
+                                   at::OptionalIntArrayRef column_offsets) {
   const size_t num_tables = tables.size();
   TORCH_CHECK_VALUE(num_tables >= 1 && steps.size() == num_tables &&
                         states.size() == num_tables && step_states.size() == num_tables &&
                         unique_rows.size() == num_tables && grads.size() == num_tables &&
                         bits.size() == num_tables && dims.size() == num_tables &&
                         formats.size() == num_tables && seeds.size() == num_tables &&
-                        counters.size() == num_tables,
+                        counters.size() == num_tables &&
+                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
+                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
                     "qembed.embedding_bags_update: at least one table is needed, and every ",
                     "list needs one entry per table (", num_tables, ")");
   for (size_t t = 0; t < num_tables; ++t) {
@@ -425,7 +440,8 @@ inline void check_bags_update_args(at::TensorList tables, at::TensorList steps,
         formats[t] == SYM_TABLE ? c10::optional<at::Tensor>(steps[t]) : c10::nullopt;
     check_update_args(tables[t], step, states[t], step_states[t], unique_rows[t], grads[t],
                       c10::nullopt, c10::nullopt, bits[t], dims[t], formats[t], optimizer,
-                      counters[t], learn_step, step_optimizer);
+                      counters[t], learn_step, step_optimizer, key_offset(row_offsets, t),
+                      key_offset(column_offsets, t));
     check_same_device(tables[t], "every table", tables[0], "table 0");
   }
 }

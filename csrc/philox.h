@@ -4,7 +4,9 @@
 // counter t under seed s comes from the block with
 //   counter = (d / 4, r mod 2^32, r / 2^32, t mod 2^32), key = (s mod 2^32, s / 2^32)
 // taking output word d % 4, so it depends on nothing but (s, t, r, d): not on thread
-// count, launch shape or device. qembed/reference.py computes the same stream in torch.
+// count, launch shape or device. r and d are the row and element in the whole table: a
+// shard holding rows or columns of it passes their offsets (RoundingKey), so it draws the
+// uniforms the whole table would. qembed/reference.py computes the same stream in torch.
 #pragma once
 #include "layout.h"
 

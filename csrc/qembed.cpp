@@ -93,14 +93,17 @@ TORCH_LIBRARY(qembed, m) {
   // update with step_optimizer 0 sgd or 1 adam (step_state [R or 1, 2]). `weights`
   // replaces the dequantized rows as the starting point; `weights_out` receives the
   // updated fp32 rows (NaN for skipped rows). iteration (from 1) drives Adam's bias
-  // correction; (seed, counter, row, element) keys stochastic rounding. Returns the number
-  // of rows skipped for a non-finite gradient.
+  // correction; (seed, counter, row, element) keys stochastic rounding, row and element
+  // counted from row_offset and column_offset (a multiple of 8): a shard of a larger table
+  // (rows or columns of it) rounds as the whole table would. Returns the number of rows
+  // skipped for a non-finite gradient.
   m.def(
       "lowp_update(Tensor(a!) rows, Tensor(b!)? step, Tensor(c!) state, Tensor(d!) step_state, "
       "Tensor unique_rows, Tensor grad_rows, Tensor? weights, Tensor(e!)? weights_out, "
       "int bits, int dim, int fmt, int optimizer, float lr, float eps, float weight_decay, "
       "float beta1, float beta2, int iteration, bool learn_step, int step_optimizer, "
-      "float step_lr, bool stochastic, int seed, int counter) -> Tensor");
+      "float step_lr, bool stochastic, int seed, int counter, int row_offset=0, "
+      "int column_offset=0) -> Tensor");
   // Mixed-precision embeddings (MPE). Search on an fp32 table `weight` [R, D]: row r
   // belongs to group row_group[r] (int64 [R]), whose probabilities over the candidate widths
   // `bits` are probs [G, m]; alpha [m] (one step per width), beta [D] (shared offset).
@@ -158,7 +161,8 @@ TORCH_LIBRARY(qembed, m) {
   // unique_rows[t] with gradient grad_rows[t], each at its own width, with its own state
   // (states[t], step_states[t], steps[t] as lowp_update takes them; steps[t] empty unless
   // formats[t] is the per-table step). counters[t] keys table t's stochastic rounding with
-  // seeds[t] (row = the row within table t) and is its Adam iteration (from 1): a table
+  // seeds[t] (row = the row within table t, plus row_offsets[t]; element plus
+  // column_offsets[t]; both 0 when not given) and is its Adam iteration (from 1): a table
   // gets the bits lowp_update gives it with those arguments. Returns int64 [T]: the rows
   // skipped per table for a non-finite gradient.
   m.def(
@@ -166,7 +170,8 @@ TORCH_LIBRARY(qembed, m) {
       "Tensor(d!)[] step_states, Tensor[] unique_rows, Tensor[] grad_rows, int[] bits, "
       "int[] dims, int[] formats, int optimizer, float lr, float eps, float weight_decay, "
       "float beta1, float beta2, bool learn_step, int step_optimizer, float step_lr, "
-      "bool stochastic, int[] seeds, int[] counters) -> Tensor");
+      "bool stochastic, int[] seeds, int[] counters, int[]? row_offsets=None, "
+      "int[]? column_offsets=None) -> Tensor");
   // A memory hint, values unchanged: back the CPU tensor t (contiguous, not yet written)
   // with transparent huge pages where the system allows it (cpu/huge_pages.h).
   m.def("advise_huge_pages(Tensor t) -> ()");

@@ -5,12 +5,16 @@
 
 namespace qembed {
 
-// Random stream position of a stochastic rounding: the uniforms of row `row_key`.
+// Random stream position of a stochastic rounding: the uniforms of row `row_key`, whose
+// element d is element column_offset + d of the stream. row_offset is what a row index
+// within the tensor adds to give its row_key (a shard's first row in the whole table).
 struct RoundingKey {
   bool stochastic;
   uint64_t seed;
   uint64_t counter;
   uint64_t row_key;
+  uint64_t row_offset = 0;
+  int64_t column_offset = 0;  // a multiple of 8
 };
 
 QEMBED_ISA_BEGIN

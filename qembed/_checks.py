@@ -246,9 +246,10 @@ def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torc
                       step_state: torch.Tensor, unique_rows: torch.Tensor, grad: torch.Tensor,
                       weights: torch.Tensor | None, weights_out: torch.Tensor | None, bits: int,
                       dim: int, fmt: int, optimizer: int, iteration: int, learn_step: bool,
-                      step_optimizer: int) -> None:
+                      step_optimizer: int, row_offset: int = 0, column_offset: int = 0) -> None:
     """lowp_update's arguments, all but the values of unique_rows (check_update_rows_values);
-    ``grad`` is grad_rows made contiguous."""
+    ``grad`` is grad_rows made contiguous. The key offsets place a shard's rows and elements
+    in its whole table: not negative, columns by whole groups of 8."""
     check_rows(rows, dim, bits, fmt)
     if fmt == AFFINE:
         fail(ValueError, "qembed.lowp_update: training needs a symmetric format")
@@ -263,6 +264,11 @@ def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torc
              step_optimizer)
     if iteration < 1:
         fail(ValueError, "qembed.lowp_update: iteration counts from 1, got ", iteration)
+    if row_offset < 0:
+        fail(ValueError, "qembed.lowp_update: row_offset must not be negative, got ", row_offset)
+    if column_offset < 0 or column_offset % 8:
+        fail(ValueError, "qembed.lowp_update: column_offset must be a non-negative multiple of "
+             "8, got ", column_offset)
     check_index_dtype(unique_rows, "unique_rows")
     check_same_device(unique_rows, "unique_rows", rows, "rows")
     u, num_rows = unique_rows.numel(), rows.shape[0]
@@ -295,9 +301,8 @@ def check_bags_tables(op: str, tables: list[torch.Tensor], steps: list[torch.Ten
     for t, rows in enumerate(tables):
         if not 1 <= bits[t] <= 8:
             fail(ValueError, op, "table ", t, ": bits must be in 1..8, got ", bits[t])
-        if dims[t] <= 0 or dims[t] % 8:
-            fail(ValueError, op, "table ", t, ": dim must be a positive multiple of 8, got ",
-                 dims[t])
+        if dims[t] <= 0:
+            fail(ValueError, op, "table ", t, ": dim must be positive, got ", dims[t])
         if formats[t] not in FORMATS.values():
             fail(ValueError, op, "table ", t, ": unknown format ", formats[t])
         if rows.dtype != torch.uint8:
@@ -425,19 +430,24 @@ def check_bags_update_args(tables: list[torch.Tensor], steps: list[torch.Tensor]
                            unique_rows: list[torch.Tensor], grads: list[torch.Tensor],
                            bits: list[int], dims: list[int], formats: list[int], optimizer: int,
                            learn_step: bool, step_optimizer: int, seeds: list[int],
-                           counters: list[int]) -> None:
-    """embedding_bags_update's arguments: one entry per table in every list, table t's as
-    lowp_update checks them (iteration = counters[t]; grads: grad_rows made contiguous),
-    every table on table 0's device."""
+                           counters: list[int], row_offsets: list[int] | None = None,
+                           column_offsets: list[int] | None = None) -> None:
+    """embedding_bags_update's arguments: one entry per table in every list (the key offsets'
+    lists may be None: all 0), table t's as lowp_update checks them (iteration = counters[t];
+    grads: grad_rows made contiguous), every table on table 0's device."""
     n = len(tables)
+    row_offsets = [0] * n if row_offsets is None else row_offsets
+    column_offsets = [0] * n if column_offsets is None else column_offsets
     if n < 1 or any(len(x) != n for x in (steps, states, step_states, unique_rows, grads, bits,
-                                          dims, formats, seeds, counters)):
+                                          dims, formats, seeds, counters, row_offsets,
+                                          column_offsets)):
         fail(ValueError, "qembed.embedding_bags_update: at least one table is needed, and every "
              "list needs one entry per table (", n, ")")
     for t in range(n):
         check_update_args(tables[t], steps[t] if formats[t] == SYM_TABLE else None, states[t],
                           step_states[t], unique_rows[t], grads[t], None, None, bits[t], dims[t],
-                          formats[t], optimizer, counters[t], learn_step, step_optimizer)
+                          formats[t], optimizer, counters[t], learn_step, step_optimizer,
+                          row_offsets[t], column_offsets[t])
         check_same_device(tables[t], "every table", tables[0], "table 0")
 
 

@@ -200,7 +200,8 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
                 learn_step: bool = False, step_optimizer: str = "sgd", step_lr: float = 0.0,
                 stochastic: bool = True, seed: int = 0, counter: int = 0,
                 weights: torch.Tensor | None = None,
-                weights_out: torch.Tensor | None = None) -> torch.Tensor:
+                weights_out: torch.Tensor | None = None, row_offset: int = 0,
+                column_offset: int = 0) -> torch.Tensor:
     """Fused low-precision training step, in place, for the distinct rows ``unique_rows``
     (strictly increasing) of a symmetric table ``rows``.
 
@@ -212,17 +213,22 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
     keyed by (seed, counter, row, element) or to nearest. ``step`` is the per-table step
     ([1], updated in place) of the ``symmetric_table`` format. Rows with a non-finite
     gradient are left untouched; returns their count (int64 scalar tensor).
+
+    ``row_offset`` and ``column_offset`` (a multiple of 8) place ``rows`` inside a larger
+    table, as a shard of it: row r and element d are keyed as row ``row_offset + r`` and
+    element ``column_offset + d``, so the shard rounds exactly as the whole table would.
     """
     triton = _triton(rows.device)
     if not triton and not _compiled():
         return reference.lowp_update(rows, step, state, step_state, unique_rows, grad_rows, bits,
                                      dim, fmt, optimizer, lr, eps, weight_decay, betas,
                                      iteration, learn_step, step_optimizer, step_lr, stochastic,
-                                     seed, counter, weights, weights_out)
+                                     seed, counter, weights, weights_out, row_offset,
+                                     column_offset)
     args = (rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out, bits,
             dim, format_id(fmt), optimizer_id(optimizer), lr, eps, weight_decay, betas[0],
             betas[1], iteration, learn_step, optimizer_id(step_optimizer, STEP_OPTIMIZERS),
-            step_lr, stochastic, seed, counter)
+            step_lr, stochastic, seed, counter, row_offset, column_offset)
     if triton:
         return _triton_op("lowp_update")(*args)
     return torch.ops.qembed.lowp_update(*args)
@@ -364,21 +370,27 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
                           learn_step: bool = False, step_optimizer: str = "sgd",
                           step_lr: float = 0.0, stochastic: bool = True,
                           seeds: list[int] | None = None,
-                          counters: list[int] | None = None) -> torch.Tensor:
+                          counters: list[int] | None = None,
+                          row_offsets: list[int] | None = None,
+                          column_offsets: list[int] | None = None) -> torch.Tensor:
     """:func:`lowp_update` for every table of a batch in one call, in place: table t's
     distinct rows ``unique_rows[t]`` (strictly increasing) with gradient ``grad_rows[t]``, at
     its own width, with its own ``states[t]``, ``step_states[t]`` and ``steps[t]`` (its [1]
     step for ``"symmetric_table"``, an empty tensor otherwise). ``counters[t]`` keys table
     t's stochastic rounding with ``seeds[t]`` and is its Adam iteration (from 1): each table
-    gets the bits :func:`lowp_update` gives it with ``iteration = counter = counters[t]``.
+    gets the bits :func:`lowp_update` gives it with ``iteration = counter = counters[t]``
+    and ``row_offsets[t]``, ``column_offsets[t]`` (0 when not given; see :func:`lowp_update`).
     Returns the rows skipped per table for a non-finite gradient (int64 [T])."""
     n = len(tables)
     seeds = [0] * n if seeds is None else [int(x) for x in seeds]
     counters = [1] * n if counters is None else [int(x) for x in counters]
+    row_offsets = None if row_offsets is None else [int(x) for x in row_offsets]
+    column_offsets = None if column_offsets is None else [int(x) for x in column_offsets]
     args = (list(tables), list(steps), list(states), list(step_states), list(unique_rows),
             list(grad_rows), [int(b) for b in bits], [int(d) for d in dims], _format_ids(formats),
             optimizer_id(optimizer), lr, eps, weight_decay, betas[0], betas[1], learn_step,
-            optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr, stochastic, seeds, counters)
+            optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr, stochastic, seeds, counters,
+            row_offsets, column_offsets)
     if not _compiled():
         return reference.embedding_bags_update(*args)
     return torch.ops.qembed.embedding_bags_update(*args)
@@ -469,10 +481,12 @@ if HAS_EXTENSION:
     @torch.library.register_fake("qembed::lowp_update")
     def _lowp_update_fake(rows, step, state, step_state, unique_rows, grad_rows, weights,
                           weights_out, bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1,
-                          beta2, iteration, learn_step, step_optimizer, *args):
+                          beta2, iteration, learn_step, step_optimizer, step_lr, stochastic, seed,
+                          counter, row_offset=0, column_offset=0):
         _checks.check_update_args(rows, step, state, step_state, unique_rows,
                                   grad_rows.contiguous(), weights, weights_out, bits, dim, fmt,
-                                  optimizer, iteration, learn_step, step_optimizer)
+                                  optimizer, iteration, learn_step, step_optimizer, row_offset,
+                                  column_offset)
         return rows.new_empty((), dtype=torch.long)
 
     # embedding_bag's autograd is in C++ (csrc/autograd.cpp).
@@ -523,10 +537,11 @@ if HAS_EXTENSION:
     def _embedding_bags_update_fake(tables, steps, states, step_states, unique_rows, grad_rows,
                                     bits, dims, formats, optimizer, lr, eps, weight_decay, beta1,
                                     beta2, learn_step, step_optimizer, step_lr, stochastic, seeds,
-                                    counters):
+                                    counters, row_offsets=None, column_offsets=None):
         _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
                                        [g.contiguous() for g in grad_rows], bits, dims, formats,
-                                       optimizer, learn_step, step_optimizer, seeds, counters)
+                                       optimizer, learn_step, step_optimizer, seeds, counters,
+                                       row_offsets, column_offsets)
         return tables[0].new_empty(len(tables), dtype=torch.long)
 
     # embedding_bags' tables get no gradient (training updates them in its own backward, see

@@ -79,12 +79,14 @@ def philox4x32_10(c: list[torch.Tensor], k0: int, k1: int) -> list[torch.Tensor]
     return c
 
 
-def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int) -> torch.Tensor:
+def sr_uniforms(seed: int, counter: int, rows: torch.Tensor, dim: int,
+                column_offset: int = 0) -> torch.Tensor:
     """Uniforms in [0, 1) [len(rows), dim] of stochastic rounding, keyed by
-    (seed, counter, row, element) exactly as the kernels draw them."""
+    (seed, counter, row, element) exactly as the kernels draw them; the elements are
+    ``column_offset`` (a multiple of 4) onwards."""
     rows = rows.long().view(-1, 1)
     quads = (dim + 3) // 4
-    quad = torch.arange(quads, device=rows.device).view(1, -1)
+    quad = torch.arange(quads, device=rows.device).view(1, -1) + column_offset // 4
     zeros = torch.zeros_like(rows * quad)
     c = [quad + zeros, (rows & _MASK32) + zeros, ((rows >> 32) & _MASK32) + zeros,
          zeros + (counter & _MASK32)]
@@ -336,14 +338,16 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
                 learn_step: bool = False, step_optimizer: str = "sgd", step_lr: float = 0.0,
                 stochastic: bool = True, seed: int = 0, counter: int = 0,
                 weights: torch.Tensor | None = None,
-                weights_out: torch.Tensor | None = None) -> torch.Tensor:
+                weights_out: torch.Tensor | None = None, row_offset: int = 0,
+                column_offset: int = 0) -> torch.Tensor:
     """In place: the fused low-precision training step of csrc/cpu/lowp_update.cpp for the
-    distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient)."""
+    distinct rows `unique_rows`; returns the number of rows skipped (non-finite gradient).
+    Stochastic rounding keys row r and element d as row_offset + r, column_offset + d."""
     fmt, opt = format_id(fmt), optimizer_id(optimizer)
     sopt = optimizer_id(step_optimizer, STEP_OPTIMIZERS)
     _checks.check_update_args(rows, step, state, step_state, unique_rows,
                               grad_rows.contiguous(), weights, weights_out, bits, dim, fmt, opt,
-                              iteration, learn_step, sopt)
+                              iteration, learn_step, sopt, row_offset, column_offset)
     _checks.check_update_rows_values(unique_rows, rows.shape[0])
     uniq, g = unique_rows.long(), grad_rows.to(torch.float32)
     ok = torch.isfinite(g).all(1)
@@ -397,7 +401,8 @@ def lowp_update(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tens
             step.copy_(new.reshape(step.shape))
             s = new.expand(r.numel())
     x = _pad_columns(w / s[:, None])  # the pad: x = 0
-    u = sr_uniforms(seed, counter, r, x.shape[1]) if stochastic else None
+    u = sr_uniforms(seed, counter, r + row_offset, x.shape[1], column_offset) \
+        if stochastic else None
     codes = (round_codes(x, u, qn, qp) - qn).to(torch.uint8)
     rows[r, : code_bytes(dim, bits)] = pack(codes, bits)
     if fmt == SYM_ROW:
@@ -518,22 +523,28 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
                           learn_step: bool = False, step_optimizer: str | int = "sgd",
                           step_lr: float = 0.0, stochastic: bool = True,
                           seeds: list[int] | None = None,
-                          counters: list[int] | None = None) -> torch.Tensor:
-    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t]."""
+                          counters: list[int] | None = None,
+                          row_offsets: list[int] | None = None,
+                          column_offsets: list[int] | None = None) -> torch.Tensor:
+    """lowp_update on each table with iteration = counter = counters[t], seed seeds[t] and
+    key offsets row_offsets[t], column_offsets[t] (0 when not given)."""
     opt, sopt = optimizer_id(optimizer), optimizer_id(step_optimizer, STEP_OPTIMIZERS)
     n = len(tables)
     seeds = [0] * n if seeds is None else seeds
     counters = [1] * n if counters is None else counters
+    row_offsets = [0] * n if row_offsets is None else row_offsets
+    column_offsets = [0] * n if column_offsets is None else column_offsets
     fmts = [format_id(f) for f in formats]
     _checks.check_bags_update_args(tables, steps, states, step_states, unique_rows,
                                    [g.contiguous() for g in grad_rows], bits, dims, fmts, opt,
-                                   learn_step, sopt, seeds, counters)
+                                   learn_step, sopt, seeds, counters, row_offsets, column_offsets)
     for t in range(n):
         _checks.check_bags_update_rows_values(unique_rows[t], tables[t].shape[0], t)
     skipped = [lowp_update(tables[t], _table_step(steps, fmts, t), states[t], step_states[t],
                            unique_rows[t], grad_rows[t], bits[t], dims[t], fmts[t], opt, lr,
                            eps, weight_decay, (beta1, beta2), counters[t], learn_step, sopt,
-                           step_lr, stochastic, seeds[t], counters[t])
+                           step_lr, stochastic, seeds[t], counters[t], row_offset=row_offsets[t],
+                           column_offset=column_offsets[t])
                for t in range(n)]
     return torch.stack([s.reshape(()) for s in skipped]).long()
 

@@ -503,7 +503,7 @@ class KeyedBatch:
         return self.values[start:end], (off - start).to(self.offsets.dtype), w
 
 
-def mixed_specs(bits_list, dims=(8, 16, 64, 24), fmts=FORMATS):
+def mixed_specs(bits_list, dims=(8, 20, 64, 3, 24), fmts=FORMATS):
     """(rows, dim, bits, format) of tables of the given widths, dims and formats in turn."""
     return [(int(torch.randint(1, 300, ())), dims[i % len(dims)], b, fmts[i % len(fmts)])
             for i, b in enumerate(bits_list)]

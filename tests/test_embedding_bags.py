@@ -192,7 +192,8 @@ def update_all(backend, impl, tables, unique, grads, *args, **kwargs):
 @pytest.mark.parametrize("backend", backends(*COMPILED_BACKENDS))
 def test_update_equals_single_table_update(backend, optimizer, learn_step, step_optimizer,
                                            stochastic):
-    """Each table gets the bits lowp_update gives it, and the reference's."""
+    """Each table gets the bits lowp_update gives it, and the reference's, its rounding
+    keyed by its own row and column offsets (a shard's place in a larger table)."""
     specs = [(40, 16, 8, "symmetric"), (30, 24, 3, "symmetric_table"), (50, 8, 1, "symmetric"),
              (20, 136, 5, "symmetric")]
     tables = trainable_tables([(*s, optimizer, step_optimizer if learn_step else None)
@@ -202,12 +203,13 @@ def test_update_equals_single_table_update(backend, optimizer, learn_step, step_
     grads = [torch.randn(u.numel(), t["dim"]) * 0.1 for u, t in zip(unique, tables)]
     grads[0][1, 3] = float("nan")  # a skipped row
     seeds, counters = [3, 2**40 + 1, 7, 0], [1, 5, 2, 9]
+    keys = dict(row_offsets=[0, 2**33 + 7, 5, 100], column_offsets=[8, 0, 16, 24])
     opts = dict(optimizer=optimizer, lr=0.05, eps=1e-6, weight_decay=0.01, betas=(0.8, 0.95),
                 learn_step=learn_step, step_optimizer=step_optimizer, step_lr=0.01,
                 stochastic=stochastic)
     mine = clone_tables(tables)
     skipped = update_all(backend, ops.embedding_bags_update, mine, unique, grads, seeds=seeds,
-                         counters=counters, **opts)
+                         counters=counters, **keys, **opts)
     assert skipped.tolist() == [1, 0, 0, 0]
     for i, (t, u, g, seed, counter, got) in enumerate(zip(tables, unique, grads, seeds,
                                                          counters, mine)):
@@ -215,7 +217,9 @@ def test_update_equals_single_table_update(backend, optimizer, learn_step, step_
         n = backend.run(ops.lowp_update, one["rows"],
                         one["step"] if t["fmt"] == "symmetric_table" else None, one["state"],
                         one["step_state"], u, g, t["bits"], t["dim"], t["fmt"],
-                        iteration=counter, seed=seed, counter=counter, **opts)
+                        iteration=counter, seed=seed, counter=counter,
+                        row_offset=keys["row_offsets"][i],
+                        column_offset=keys["column_offsets"][i], **opts)
         for key in ("rows", "step", "state", "step_state"):
             assert same(got[key], one[key]), key
         assert int(n) == int(skipped[i])
@@ -223,12 +227,13 @@ def test_update_equals_single_table_update(backend, optimizer, learn_step, step_
     again = clone_tables(mine)
     later = [c + 1 for c in counters]
     update_all(backend, ops.embedding_bags_update, mine, unique, grads, seeds=seeds,
-               counters=later, **opts)
+               counters=later, **keys, **opts)
     reference.embedding_bags_update(
         [t["rows"] for t in again], [t["step"] for t in again], [t["state"] for t in again],
         [t["step_state"] for t in again], unique, grads, [t["bits"] for t in again],
         [t["dim"] for t in again], [t["fmt"] for t in again], formats.optimizer_id(optimizer),
-        0.05, 1e-6, 0.01, 0.8, 0.95, learn_step, step_optimizer, 0.01, stochastic, seeds, later)
+        0.05, 1e-6, 0.01, 0.8, 0.95, learn_step, step_optimizer, 0.01, stochastic, seeds, later,
+        keys["row_offsets"], keys["column_offsets"])
     for got, ref in zip(mine, again):
         for key in ("rows", "step", "state", "step_state"):
             assert same(got[key], ref[key]), key
@@ -294,6 +299,13 @@ def test_bad_backward_and_update_arguments(backend):
     with pytest.raises(ValueError, match="one entry per table"), backend.context():
         ops.embedding_bags_update(*args, [torch.tensor([1, 2])], grads[:1], *meta,
                                   optimizer="sgd")
+    with pytest.raises(ValueError, match="one entry per table"), backend.context():
+        ops.embedding_bags_update(*args, [torch.tensor([1, 2])] * 2, grads, *meta,
+                                  optimizer="sgd", row_offsets=[0])
+    with pytest.raises(ValueError, match="column_offset must be a non-negative multiple of 8"), \
+            backend.context():
+        ops.embedding_bags_update(*args, [torch.tensor([1, 2])] * 2, grads, *meta,
+                                  optimizer="sgd", column_offsets=[0, 12])
 
 
 # --- torch.compile -------------------------------------------------------------------------

@@ -195,6 +195,104 @@ def test_bad_arguments_raise(backend):
         affine = torch.zeros(10, formats.row_bytes(16, 4, "affine"), dtype=torch.uint8)
         backend.run(ops.lowp_update, affine, None, empty, empty, torch.tensor([1]),
                     torch.zeros(1, 16), 4, 16, fmt="affine", optimizer="sgd")
+    with pytest.raises(ValueError, match="column_offset must be a non-negative multiple of 8"):
+        backend.run(ops.lowp_update, table, None, empty, empty, torch.tensor([1]),
+                    torch.zeros(1, 16), 4, 16, optimizer="sgd", column_offset=4)
+    with pytest.raises(ValueError, match="row_offset must not be negative"):
+        backend.run(ops.lowp_update, table, None, empty, empty, torch.tensor([1]),
+                    torch.zeros(1, 16), 4, 16, optimizer="sgd", row_offset=-1)
+
+
+# --- a shard of a table: its place in the whole table keys its rounding ---------------------
+
+@pytest.mark.parametrize("fmt", SYMMETRIC)
+@pytest.mark.parametrize("backend", backends(*TRITON_OP_BACKENDS))
+def test_key_offsets_equal_cpu_and_reference(backend, fmt):
+    """Rows and columns keyed from row_offset (past 2^32) and column_offset: the same bits
+    as the CPU kernel and the reference."""
+    dim = 16 if backend.interpreted else 64
+    case = update_case(backend, 4, fmt, "adam", dim)
+    results = update_everywhere(backend, case, bits=4, dim=dim, fmt=fmt, optimizer="adam",
+                                learn_step=True, step_lr=1e-3, seed=5, counter=2,
+                                row_offset=2**33 + 7, column_offset=24)
+    assert_all_same(results)
+
+
+SHARD_ROWS, SHARD_BITS = 40, 5
+# the whole table's dim, and a shard's rows and columns of it; "ragged": a dim that is no
+# multiple of 8 (rows padded), a shard of 12 of its columns (padded too)
+SPLITS = {"rows": (32, slice(12, 31), slice(0, 32)), "columns": (32, slice(0, 40), slice(8, 24)),
+          "both": (32, slice(20, 40), slice(24, 32)), "ragged": (20, slice(5, 33), slice(8, 20))}
+# (optimizer, fmt, learn_step): a row's update reads only its own columns' values and state
+PER_ELEMENT = [("sgd", "symmetric", False), ("adam", "symmetric_table", False),
+               ("adam", "symmetric", False)]
+# ... or its whole row (row-wise Adagrad, a learned per-row step): exact on row splits only
+PER_ROW = [("adagrad", "symmetric", True), ("adam", "symmetric", True),
+           ("adagrad", "symmetric_table", False)]
+
+
+def shard_rows(table, dim, fmt, rows, cols):
+    """The shard's packed rows: its columns' codes, the rows' inline step."""
+    width = cols.stop - cols.start
+    codes = reference.unpack(table[:, :formats.code_bytes(dim, SHARD_BITS)], SHARD_BITS,
+                             dim)[rows, cols]
+    out = torch.zeros(codes.shape[0], formats.row_bytes(width, SHARD_BITS, fmt),
+                      dtype=torch.uint8)
+    out[:, :formats.code_bytes(width, SHARD_BITS)] = reference.pack(codes, SHARD_BITS)
+    out[:, formats.param_offset(width, SHARD_BITS):] = \
+        table[rows, formats.param_offset(dim, SHARD_BITS):]
+    return out
+
+
+def real_codes(table, dim):
+    """The codes of a table's `dim` columns (not its pad) and its rows' parameter bytes."""
+    codes = reference.unpack(table[:, :formats.code_bytes(dim, SHARD_BITS)].cpu(), SHARD_BITS,
+                             dim)
+    return codes, table[:, formats.param_offset(dim, SHARD_BITS):].cpu()
+
+
+def shard_state(state, dim, optimizer, rows, cols):
+    if optimizer == "adam":  # [m | v]
+        return torch.cat([state[rows, cols], state[rows, dim + cols.start: dim + cols.stop]], 1)
+    return state[rows]
+
+
+@pytest.mark.parametrize("split,optimizer,fmt,learn_step",
+                         [(split, *u) for split in SPLITS
+                          for u in PER_ELEMENT + (PER_ROW if split == "rows" else [])])
+@pytest.mark.parametrize("backend", backends("reference", *TRITON_OP_BACKENDS))
+def test_shard_update_equals_the_whole_table(backend, split, optimizer, fmt, learn_step):
+    """A shard (some rows and columns, a table of its own) updated with its row_offset and
+    column_offset gets the whole table's codes, steps and state over its rows and columns,
+    bit for bit, wherever its update reads nothing outside the shard; keyed from 0 it
+    rounds differently."""
+    dim, rows, cols = SPLITS[split]
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    table, step = make_table(SHARD_ROWS, dim, SHARD_BITS, fmt, gen)
+    state = torch.rand(SHARD_ROWS, STATE_WIDTH[optimizer](dim), generator=gen)
+    step_state = torch.zeros(SHARD_ROWS, 0)
+    uniq = torch.randperm(SHARD_ROWS, generator=gen)[:25].sort().values
+    grad = torch.randn(uniq.numel(), dim, generator=gen) * 0.05
+    kw = dict(bits=SHARD_BITS, dim=dim, fmt=fmt, optimizer=optimizer, lr=0.1, iteration=3,
+              learn_step=learn_step, step_lr=0.1, stochastic=True, seed=2**35 + 9, counter=3)
+    whole = backend.run(run_update, ops.lowp_update, table, step, state, step_state, uniq, grad,
+                        **kw)
+    whole = [x.cpu() if torch.is_tensor(x) else x for x in whole]
+
+    mine = (uniq >= rows.start) & (uniq < rows.stop)
+    local = (shard_rows(table, dim, fmt, rows, cols), step,
+             shard_state(state, dim, optimizer, rows, cols), step_state[rows],
+             uniq[mine] - rows.start, grad[mine][:, cols].contiguous())
+    kw.update(dim=cols.stop - cols.start)
+    got = backend.run(run_update, ops.lowp_update, *local, row_offset=rows.start,
+                      column_offset=cols.start, **kw)
+    want_codes, want_params = real_codes(whole[0], dim)
+    got_codes, got_params = real_codes(got[0], kw["dim"])
+    assert same(got_codes, want_codes[rows, cols]) and same(got_params, want_params[rows])
+    assert same(got[2], shard_state(whole[2], dim, optimizer, rows, cols))
+    assert same(got[1], whole[1])
+    unkeyed = backend.run(run_update, ops.lowp_update, *local, **kw)
+    assert not same(real_codes(unkeyed[0], kw["dim"])[0], got_codes)
 
 
 # --- the CPU kernel against independent computations ------------------------------------------

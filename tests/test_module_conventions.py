@@ -3,7 +3,6 @@ seed wins and travels in state_dict), and any embedding_dim works as in nn.Embed
 training included (divisors count the real columns, never the pad)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qembed import formats, reference

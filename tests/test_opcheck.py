@@ -60,7 +60,7 @@ def psw_backward_args(bits, fmt, mode):
     return grad_out, t.rows, indices, offsets, t.step, bits, 16, FMT[fmt], mode, False, -1
 
 
-def lowp_update_args(fmt, optimizer, learn_step, step_optimizer, with_weights):
+def lowp_update_args(fmt, optimizer, learn_step, step_optimizer, with_weights, key_offsets=()):
     rows, dim, bits = 30, 16, 4
     table, step = make_table(rows, dim, bits, fmt, torch.Generator().manual_seed(12))
     indices, offsets = random_bags(rows, 6)
@@ -71,7 +71,7 @@ def lowp_update_args(fmt, optimizer, learn_step, step_optimizer, with_weights):
     weights_out = torch.zeros(uniq.numel(), dim) if optimizer != "none" else None
     return (table, step, state, step_state, uniq, grad, weights, weights_out, bits, dim,
             FMT[fmt], formats.OPTIMIZERS[optimizer], 0.1, 1e-8, 0.0, 0.9, 0.999, 1, learn_step,
-            formats.STEP_OPTIMIZERS[step_optimizer], 1e-3, True, 0, 1)
+            formats.STEP_OPTIMIZERS[step_optimizer], 1e-3, True, 0, 1, *key_offsets)
 
 
 def search_forward_args(mode, bits):
@@ -122,7 +122,7 @@ def bags_psw_backward_args():
             b.tables_of, b.columns, b.values, b.offsets)
 
 
-def bags_update_args(learn_step, stochastic):
+def bags_update_args(learn_step, stochastic, key_offsets=()):
     tables = trainable_tables([(20, 16, 4, "symmetric", "adagrad", "adam"),
                                (10, 8, 7, "symmetric_table", "adagrad", "adam")])
     unique = [torch.tensor([1, 4, 9]), torch.tensor([0, 2])]
@@ -131,7 +131,7 @@ def bags_update_args(learn_step, stochastic):
             [t["state"] for t in tables], [t["step_state"] for t in tables], unique, grads,
             [4, 7], [16, 8], [FMT["symmetric"], FMT["symmetric_table"]],
             formats.OPTIMIZERS["adagrad"], 0.1, 1e-8, 0.0, 0.9, 0.999, learn_step,
-            formats.STEP_OPTIMIZERS["adam"], 0.01, stochastic, [1, 2], [3, 4])
+            formats.STEP_OPTIMIZERS["adam"], 0.01, stochastic, [1, 2], [3, 4], *key_offsets)
 
 
 # op name -> argument sets (built inside the test, so from its seeded generator) and the
@@ -163,7 +163,8 @@ CASES = {
     "lowp_update": [lambda: lowp_update_args("symmetric", "adagrad", True, "sgd", False),
                     lambda: lowp_update_args("symmetric_table", "adam", True, "adam", False),
                     lambda: lowp_update_args("symmetric", "none", True, "adam", True),
-                    lambda: lowp_update_args("symmetric", "sgd", False, "sgd", False)],
+                    lambda: lowp_update_args("symmetric", "sgd", False, "sgd", False),
+                    lambda: lowp_update_args("symmetric", "adam", False, "sgd", False, (7, 16))],
     "mpe_search_forward": [lambda: search_forward_args(1, MPE_BITS),
                            lambda: search_forward_args(0, [0, 2, 8]),
                            lambda: search_forward_args(2, [3])],
@@ -179,7 +180,8 @@ CASES = {
                                 lambda: bags_backward_args([0, 0, 0, 0], True)],
     "embedding_bags_psw_backward": [bags_psw_backward_args],
     "embedding_bags_update": [lambda: bags_update_args(True, True),
-                              lambda: bags_update_args(False, False)],
+                              lambda: bags_update_args(False, False),
+                              lambda: bags_update_args(True, True, ([5, 0], [0, 8]))],
     "advise_huge_pages": [lambda: (torch.empty(3 << 20, dtype=torch.uint8),),
                           lambda: (torch.empty(5, 16),)],
 }

@@ -24,16 +24,19 @@ from qembed.torchrec import (  # noqa: E402
 SUM, MEAN = PoolingType.SUM, PoolingType.MEAN
 
 
-def configs(shared=True):
+EVEN_DIMS, ODD_DIMS = (16, 8, 24, 8), (16, 5, 24, 13)  # ODD: rows padded to 8 codes
+
+
+def configs(shared=True, dims=EVEN_DIMS):
     """Four tables: one read by two features, one whose feature is named after it, one
     feature ("f_b") read by two tables when `shared`."""
     return [
-        EmbeddingBagConfig(num_embeddings=50, embedding_dim=16, name="t0",
+        EmbeddingBagConfig(num_embeddings=50, embedding_dim=dims[0], name="t0",
                            feature_names=["f_a", "f_b"] if shared else ["f_a"], pooling=SUM),
-        EmbeddingBagConfig(num_embeddings=30, embedding_dim=8, name="t1", feature_names=["f_c"],
-                           pooling=MEAN),
-        EmbeddingBagConfig(num_embeddings=70, embedding_dim=24, name="t2", pooling=SUM),
-        EmbeddingBagConfig(num_embeddings=20, embedding_dim=8, name="t3",
+        EmbeddingBagConfig(num_embeddings=30, embedding_dim=dims[1], name="t1",
+                           feature_names=["f_c"], pooling=MEAN),
+        EmbeddingBagConfig(num_embeddings=70, embedding_dim=dims[2], name="t2", pooling=SUM),
+        EmbeddingBagConfig(num_embeddings=20, embedding_dim=dims[3], name="t3",
                            feature_names=["f_b"] if shared else ["f_d"], pooling=SUM),
     ]
 
@@ -70,8 +73,9 @@ def assert_same_keyed(a, b, **tol):
 @pytest.mark.parametrize("bits", [8, 4, {"t0": 2, "t1": 8, "t2": 5, "t3": 1}])
 @pytest.mark.parametrize("fmt", ["affine", "symmetric", "symmetric_table"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_quantized_collection_matches_torchrec(bits, fmt, weighted):
-    cfg = configs()
+@pytest.mark.parametrize("dims", [EVEN_DIMS, ODD_DIMS], ids=["even", "odd"])
+def test_quantized_collection_matches_torchrec(dims, bits, fmt, weighted):
+    cfg = configs(dims=dims)
     if weighted:
         cfg[1].pooling = SUM  # weights need sum pooling, in TorchRec as here
     q = QuantizedEmbeddingBagCollection(cfg, is_weighted=weighted, bits=bits, format=fmt)
@@ -83,7 +87,8 @@ def test_quantized_collection_matches_torchrec(bits, fmt, weighted):
         assert_same_keyed(out, ebc(kjt), rtol=1e-5, atol=1e-5)
     empty = batch(cfg, empty=True, weighted=weighted)
     assert_same_keyed(q(empty), ebc(empty))
-    assert q(batch(cfg, batch_size=0, weighted=weighted)).values().shape == (0, 72)
+    width = dims[0] * 2 + sum(dims[1:])  # t0 serves two features
+    assert q(batch(cfg, batch_size=0, weighted=weighted)).values().shape == (0, width)
 
 
 def test_from_torchrec_within_quantization_error():
@@ -202,9 +207,10 @@ def per_table_twins(collection, cfg, bits, train, seed):
             for t, (c, b) in enumerate(zip(cfg, bits))}
 
 
+@pytest.mark.parametrize("dims", [EVEN_DIMS, ODD_DIMS], ids=["even", "odd"])
 @pytest.mark.parametrize("train", TRAIN)
-def test_training_collection_equals_per_table_modules(train):
-    cfg = configs(shared=False)
+def test_training_collection_equals_per_table_modules(train, dims):
+    cfg = configs(shared=False, dims=dims)
     bits = [8, 4, 2, 5]
     coll = LowPrecisionEmbeddingBagCollection(cfg, bits=dict(zip(["t0", "t1", "t2", "t3"], bits)),
                                               seed=11, **train)

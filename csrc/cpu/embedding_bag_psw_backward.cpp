@@ -45,7 +45,7 @@ at::Tensor embedding_bag_psw_backward_cpu(const at::Tensor& grad_out_in,
                             dim, fmt, table_step, idx, bag.data(), padding_idx,
                             out.data_ptr<float>()};
   at::parallel_for(0, static_cast<int64_t>(bag.size()), 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(dim);
+    std::vector<float> scratch(padded_dim(dim));
     QEMBED_CPU_KERNEL(embedding_bag_psw_backward_positions)(args, begin, end, scratch.data());
   });
   return out;

@@ -93,7 +93,7 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
                             poolings.data(), psw, width, out.data_ptr(), output_type(out_dtype)};
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(max_dim);
+    std::vector<float> acc(padded_dim(max_dim));
     bool valid = true;
     for (int64_t tid = begin; tid < end; ++tid)
       for (int64_t c = tid; c < num_chunks; c += threads)

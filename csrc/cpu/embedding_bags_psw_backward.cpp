@@ -48,7 +48,7 @@ at::Tensor embedding_bags_psw_backward_cpu(
     const BagsPswBackwardArgs args{go, width, feature_columns[f], idx, off + f * batch,
                                    table, stride, bits[t], dim, fmt, table_step, dst};
     at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(dim);
+      std::vector<float> scratch(padded_dim(dim));
       QEMBED_CPU_KERNEL(embedding_bags_psw_backward_bags)(args, begin, end, scratch.data());
     });
   }

@@ -12,6 +12,7 @@
 #include <vector>
 #include "../checks.h"
 #include "../optim.h"
+#include "../padded_rows.h"
 #include "isa/embedding_bags_update.h"
 
 namespace qembed {
@@ -23,17 +24,21 @@ at::Tensor embedding_bags_update_cpu(
     c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats, int64_t optimizer,
     double lr, double eps, double weight_decay, double beta1, double beta2, bool learn_step,
     int64_t step_optimizer, double step_lr, bool stochastic, c10::IntArrayRef seeds,
-    c10::IntArrayRef counters) {
+    c10::IntArrayRef counters, at::OptionalIntArrayRef row_offsets,
+    at::OptionalIntArrayRef column_offsets) {
   const char* op = "qembed.embedding_bags_update: ";
   const size_t num_tables = tables.size();
   std::vector<at::Tensor> grads;
   for (const at::Tensor& g : grad_rows_in) grads.push_back(g.contiguous());
   check_bags_update_args(tables, steps, states, step_states, unique_rows, grads, bits, dims,
-                         formats, optimizer, learn_step, step_optimizer, seeds, counters);
+                         formats, optimizer, learn_step, step_optimizer, seeds, counters,
+                         row_offsets, column_offsets);
+  // Rows are updated at their padded width (update_row.h): zero gradient on the pad columns.
+  for (at::Tensor& g : grads) g = pad_columns(g).contiguous();
   std::vector<at::Tensor> uniqs;
   std::vector<UpdateArgs> work(num_tables);
   // A table's second-pass buffers (a learned per-table step): the rows' updated values
-  // [U, D] and LSQ sums; and every table's skipped rows.
+  // [U, padded D] and LSQ sums; and every table's skipped rows.
   std::vector<std::vector<float>> kept(num_tables), lsq(num_tables);
   std::vector<std::vector<uint8_t>> skipped(num_tables);
   std::vector<int64_t> item_start(num_tables + 1, 0);
@@ -51,7 +56,7 @@ at::Tensor embedding_bags_update_cpu(
     }
     const bool deferred = learn_step && formats[t] == SYM_TABLE;
     if (deferred) {
-      kept[t].resize(u * dims[t]);
+      kept[t].resize(u * padded_dim(dims[t]));
       lsq[t].resize(u);
     }
     skipped[t].assign(u, 0);
@@ -64,9 +69,10 @@ at::Tensor embedding_bags_update_cpu(
                make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
                                   beta2, counters[t], learn_step, step_optimizer, step_lr),
                {stochastic, static_cast<uint64_t>(seeds[t]), static_cast<uint64_t>(counters[t]),
-                0}};
+                0, static_cast<uint64_t>(key_offset(row_offsets, t)),
+                key_offset(column_offsets, t)}};
     item_start[t + 1] = item_start[t] + u;
-    max_dim = std::max(max_dim, dims[t]);
+    max_dim = std::max(max_dim, padded_dim(dims[t]));
   }
 
   const BagsUpdateArgs args{work.data(), item_start.data()};

@@ -32,10 +32,11 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                            int64_t dim, int64_t fmt, int64_t optimizer, double lr, double eps,
                            double weight_decay, double beta1, double beta2, int64_t iteration,
                            bool learn_step, int64_t step_optimizer, double step_lr,
-                           bool stochastic, int64_t seed, int64_t counter) {
+                           bool stochastic, int64_t seed, int64_t counter, int64_t row_offset,
+                           int64_t column_offset) {
   check_update_args(rows, step, state, step_state, unique_rows, grad_rows_in.contiguous(),
                     weights_in, weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
-                    step_optimizer);
+                    step_optimizer, row_offset, column_offset);
   const int64_t width = padded_dim(dim);
   const at::Tensor grad = pad_columns(grad_rows_in).contiguous();
   at::Tensor weights_padded, weights_out_padded;
@@ -70,7 +71,8 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                         kept, weights_out.has_value(), deferred ? lsq.data() : nullptr,
                         skipped.data(), c,
                         RoundingKey{stochastic, static_cast<uint64_t>(seed),
-                                    static_cast<uint64_t>(counter), 0}};
+                                    static_cast<uint64_t>(counter), 0,
+                                    static_cast<uint64_t>(row_offset), column_offset}};
   at::parallel_for(0, u, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(3 * width);
     QEMBED_CPU_KERNEL(lowp_update_rows)(args, begin, end, scratch.data());

@@ -80,8 +80,8 @@ QEMBED_INLINE void chunk_codes(T x, const float* u, bool stochastic, int32_t lo,
 }
 
 // codes of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1],
-// stochastically with the uniforms of row k.row_key. In blocks of 64 values: their uniforms
-// (sr_uniforms.h), their codes as bytes, then packed.
+// stochastically with the uniforms of row k.row_key from element k.column_offset. In blocks
+// of 64 values: their uniforms (sr_uniforms.h), their codes as bytes, then packed.
 template <int BITS>
 inline void encode_row(const float* w, int64_t dim, const RowParams& p, const RoundingKey& k,
                        uint8_t* codes) {
@@ -91,7 +91,7 @@ inline void encode_row(const float* w, int64_t dim, const RowParams& p, const Ro
   alignas(8) uint8_t bytes[kBlock];
   for (int64_t b = 0; b < dim; b += kBlock) {
     const int64_t n = std::min(kBlock, dim - b);
-    if (k.stochastic) sr_uniforms(k.seed, k.counter, k.row_key, b, n, u);
+    if (k.stochastic) sr_uniforms(k.seed, k.counter, k.row_key, k.column_offset + b, n, u);
     for_chunks(n, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
       const T x = (load_lanes<T>(w + b + d) - p.bias) / p.scale;

@@ -8,14 +8,16 @@
 namespace qembed {
 QEMBED_ISA_BEGIN
 
-// <g, row's values> over dim, the row decoded into `value` (dim floats of scratch) as
-// dequantize rounds it, the products added left to right (the reference's order).
+// <g, row's values> over dim, the row decoded into `value` (padded_dim(dim) floats of
+// scratch: codes come in whole groups) as dequantize rounds it, the products added left to
+// right (the reference's order).
 template <int BITS>
 inline float row_dot(const uint8_t* row, int64_t dim, int64_t fmt, float table_step,
                      const float* g, float* value) {
   const RowParams prm = row_params(row, dim, BITS, fmt, table_step);
-  for (int64_t d = 0; d < dim; ++d) value[d] = 0.0f;
-  accumulate_row<BITS>(row, dim, prm.scale, prm.bias, prm.offset, value);
+  const int64_t width = padded_dim(dim);
+  for (int64_t d = 0; d < width; ++d) value[d] = 0.0f;
+  accumulate_row<BITS>(row, width, prm.scale, prm.bias, prm.offset, value);
   float dot = 0.0f;
   for (int64_t d = 0; d < dim; ++d) dot += g[d] * value[d];
   return dot;

@@ -193,7 +193,7 @@ QEMBED_INLINE void prefetch_unique_row(const UpdateArgs& a, int64_t k) {
   if (sw > 0) prefetch_span(a.table.state + r * sw, sw * sizeof(float));
 }
 
-// update_row for row unique_rows[k] of a's table, its rounding keyed by the row: its values
+// update_row for row unique_rows[k] of a's table, its rounding keyed by the row (plus the table's row offset): its values
 // go to a.kept (or scratch, 3 * padded dim floats), its LSQ sum, with one learned step per
 // table, to a.lsq. A row whose gradient or given weights are not finite is marked skipped
 // (and reads NaN in the weights kept for the caller).
@@ -204,7 +204,7 @@ inline void update_unique_row(const UpdateArgs& a, int64_t k, float* scratch) {
   const int64_t ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
   float* w = a.kept ? a.kept + k * width : scratch;
   RoundingKey key = a.rounding;
-  key.row_key = static_cast<uint64_t>(r);
+  key.row_key = key.row_offset + static_cast<uint64_t>(r);
   const RowUpdate row{a.table.rows + r * a.table.stride,
                       c.fmt == SYM_ROW ? 0.0f : *a.table.table_step,
                       a.table.state + r * state_width(c.optimizer, c.dim),

@@ -53,6 +53,7 @@ struct UpdateArgs {
   UpdateConfig c;
   bool stochastic;
   uint64_t seed, counter;
+  uint64_t row_offset, quad_offset;  // where the table's rows and elements sit in the key
 };
 
 template <int BITS, int PHASE>
@@ -173,7 +174,8 @@ __global__ void update_kernel(UpdateArgs a) {
     if (a.stochastic) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const Philox4 q = sr_block(a.seed, a.counter, static_cast<uint64_t>(r), 2 * gi + half);
+        const Philox4 q = sr_block(a.seed, a.counter, a.row_offset + static_cast<uint64_t>(r),
+                                   a.quad_offset + 2 * gi + half);
 #pragma unroll
         for (int j = 0; j < 4; ++j) u[4 * half + j] = uniform_from_bits(q.v[j]);
       }
@@ -257,10 +259,11 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                             int64_t dim, int64_t fmt, int64_t optimizer, double lr, double eps,
                             double weight_decay, double beta1, double beta2, int64_t iteration,
                             bool learn_step, int64_t step_optimizer, double step_lr,
-                            bool stochastic, int64_t seed, int64_t counter) {
+                            bool stochastic, int64_t seed, int64_t counter,
+                            int64_t row_offset, int64_t column_offset) {
   check_update_args(rows, step, state, step_state, unique_rows, grad_rows.contiguous(), weights,
                     weights_out, bits, dim, fmt, optimizer, iteration, learn_step,
-                    step_optimizer);
+                    step_optimizer, row_offset, column_offset);
   const c10::cuda::CUDAGuard guard(rows.device());
   const at::Tensor grad = pad_columns(grad_rows).contiguous();
   at::Tensor weights_padded, weights_out_padded;
@@ -301,7 +304,9 @@ at::Tensor lowp_update_cuda(at::Tensor& rows, const c10::optional<at::Tensor>& s
                                   iteration, learn_step, step_optimizer, step_lr),
                stochastic,
                static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(counter)};
+               static_cast<uint64_t>(counter),
+               static_cast<uint64_t>(row_offset),
+               static_cast<uint64_t>(column_offset / 4)};
   const cudaStream_t stream = current_stream();
   QEMBED_DISPATCH_BITS(bits, [&] {
     if (!table_learn) {

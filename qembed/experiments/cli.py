@@ -23,10 +23,23 @@ def _train(args) -> int:
                             batch_size=args.batch_size, embedding_dim=args.dim, lr=args.lr,
                             table_optimizer=args.table_optimizer, table_lr=args.table_lr,
                             mpe_lambdas=args.mpe_lambda, mpe_groups=args.mpe_groups,
-                            progress=not args.quiet)
+                            progress=not args.quiet, sharding=args.sharding)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = runner.run(cfg)
+    if args.sharding:  # under torchrun: one process of the group
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        cfg.progress = cfg.progress and dist.get_rank() == 0
+        writer = dist.get_rank() == 0  # every process computes the same results
+        try:
+            rows = runner.run(cfg)
+        finally:
+            dist.destroy_process_group()
+        if not writer:
+            return 0
+    else:
+        rows = runner.run(cfg)
     summary = runner.summarize(rows)
     print(runner.markdown(summary))
     name = args.name or f"accuracy_{os.path.splitext(os.path.basename(args.data or 'synthetic'))[0]}"
@@ -99,6 +112,11 @@ def main(argv=None) -> int:
                    help="bit regulariser weights of the mpe method (one run each)")
     t.add_argument("--mpe-groups", type=int, default=128, help="frequency groups of mpe")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--sharding", default=None,
+                   choices=["table_wise", "row_wise", "column_wise", "table_row_wise"],
+                   help="under torchrun: shard the low-precision tables (one per field) over "
+                        "the processes with TorchRec's DMP, the dense layers data-parallel "
+                        "(table_bytes is then each process's share)")
     t.add_argument("--out", default="results", help="folder for CSV, markdown and PNG")
     t.add_argument("--name", default=None, help="file name stem of the results")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

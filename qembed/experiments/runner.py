@@ -61,12 +61,20 @@ class Config:
     mpe_lambdas: list[float] = field(default_factory=lambda: [2e-6])
     mpe_groups: int = 128
     progress: bool = True
+    # shard the low-precision methods' tables over the processes of torch.distributed's
+    # default group (one table per field, .sharded): a sharding type or None
+    sharding: str | None = None
+
+    def __post_init__(self):
+        if self.sharding and not all(m in ("lpt-dr", "lpt-sr", "alpt") for m in self.methods):
+            raise ValueError("sharded runs train low-precision tables: methods lpt-dr, lpt-sr, "
+                             f"alpt; got {self.methods}")
 
 
 def table_bytes(module: nn.Module) -> int:
     """Bytes of a model's embedding table as served: packed rows and steps for quantized
     tables (optimizer state excluded), the weight for fp32."""
-    emb = module.embedding
+    emb = getattr(module, "module", module).embedding  # under DMP: the model it wraps
     if hasattr(emb, "qweight"):
         step = emb.step.numel() * 4 if emb.step is not None else 0
         return emb.qweight.numel() + step
@@ -77,11 +85,20 @@ def table_bytes(module: nn.Module) -> int:
 
 def _build(cfg: Config, splits, seed: int, factory=None) -> nn.Module:
     torch.manual_seed(seed)
+    if cfg.sharding:
+        from .sharded import FieldCollection
+
+        field_dims, options = splits[0].field_dims, factory.options
+        factory = lambda rows, dim: FieldCollection(field_dims, dim, **options)  # noqa: E731
     return MODELS[cfg.model](splits[0].field_dims, cfg.embedding_dim, embedding_factory=factory)
 
 
 def _train(cfg: Config, splits, seed: int, factory=None) -> tuple[nn.Module, float]:
     model = _build(cfg, splits, seed, factory)
+    if cfg.sharding:
+        from .sharded import RankShare, shard_model
+
+        model, splits = shard_model(model, cfg.sharding), (RankShare(splits[0]),) + splits[1:]
     return model, _fit(cfg, model, splits, seed)
 
 
@@ -183,10 +200,12 @@ class Method:
 
 def _low_precision(learn_step: bool, rounding: str):
     def factory(cfg: Config, bits: int, seed: int):
-        return lambda rows, dim: LowPrecisionEmbedding(
-            rows, dim, bits=bits, optimizer=cfg.table_optimizer,
-            lr=cfg.lr if cfg.table_lr is None else cfg.table_lr, learn_step=learn_step,
-            rounding=rounding, seed=seed)
+        options = dict(bits=bits, optimizer=cfg.table_optimizer,
+                       lr=cfg.lr if cfg.table_lr is None else cfg.table_lr,
+                       learn_step=learn_step, rounding=rounding, seed=seed)
+        make = lambda rows, dim: LowPrecisionEmbedding(rows, dim, **options)  # noqa: E731
+        make.options = options  # a sharded run's per-field tables take the same
+        return make
     return factory
 
 

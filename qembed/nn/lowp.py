@@ -75,7 +75,14 @@ class _LowPrecisionTable(nn.Module):
         self._pending = None  # two-pass: (rows, fp32 weights) awaiting the step update
         self._step_pass, self._anchors = False, []
         self._warned = False
-        self._host_counters = None  # [seed, num_updates] as ints, see _counters()
+        seed = default_seed() if seed is None else seed
+        self._host_counters = [int(seed), 0]  # [seed, num_updates] as ints, see _counters()
+        self.init_std = init_std
+        # Where this table sits in a larger one when it is a shard of it (qembed.torchrec's
+        # sharding): its first row and column there, and that table's size. Stochastic
+        # rounding and the initial values follow the larger table's rows and columns.
+        self.row_offset, self.column_offset = 0, 0
+        self.full_size = (num_embeddings, embedding_dim)
 
         width = {"sgd": 0, "adagrad": 1, "adam": 2 * embedding_dim}[optimizer]
         num_steps = num_embeddings if step_per == "row" else 1
@@ -89,20 +96,22 @@ class _LowPrecisionTable(nn.Module):
         self.register_buffer("step_state", torch.zeros(num_steps, step_width, device=device))
         # The update counter keys stochastic rounding and drives Adam's bias correction.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        seed = default_seed() if seed is None else seed
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long, device=device))
         self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.long, device=device))
-        self._init_table(weight, init_std)
+        if self.qweight.device.type != "meta":  # a meta table is sized, not filled
+            self._init_table(weight, init_std)
 
     # --- initialisation ---------------------------------------------------------------
 
     def _weight_chunks(self, weight: torch.Tensor | None, init_std: float):
-        """fp32 rows of the initial table, a block at a time: `weight`'s or N(0, std^2)
-        drawn from a generator seeded by `seed` (padding row zero)."""
+        """fp32 rows of the initial table (the whole larger table for a shard), a block at a
+        time: `weight`'s or N(0, std^2) drawn from a generator seeded by `seed` (padding row
+        zero)."""
         gen = torch.Generator(device=self.qweight.device).manual_seed(int(self.seed))
-        for start, end in row_chunks(self.num_embeddings, self.embedding_dim):
+        num_rows, dim = self.full_size
+        for start, end in row_chunks(num_rows, dim):
             if weight is None:
-                w = torch.randn(end - start, self.embedding_dim, generator=gen,
+                w = torch.randn(end - start, dim, generator=gen,
                                 device=self.qweight.device) * init_std
             else:
                 w = weight[start:end].detach().to(self.qweight.device, torch.float32).clone()
@@ -113,25 +122,43 @@ class _LowPrecisionTable(nn.Module):
     @torch.no_grad()
     def _init_table(self, weight: torch.Tensor | None, init_std: float) -> None:
         """Steps s0 = 2 mean|w0| / sqrt(Qp) (ALPT; per row or over the table), then codes
-        by the module's rounding with update counter 0."""
-        if weight is not None and tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
+        by the module's rounding with update counter 0. A shard computes both over the
+        whole larger table and keeps its rows and columns."""
+        if weight is not None and tuple(weight.shape) != self.full_size:
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
-                             f"({self.num_embeddings}, {self.embedding_dim})")
+                             f"{self.full_size}")
         root_qp = max(qmax(self.bits), 1) ** 0.5
         total = torch.zeros((), dtype=torch.float64, device=self.qweight.device)
         for _, _, w in self._weight_chunks(weight, init_std):
             total += w.abs().sum(dtype=torch.float64)
-        table_step = float(2 * total / max(self.num_embeddings * self.embedding_dim, 1) / root_qp)
+        table_step = float(2 * total / max(self.full_size[0] * self.full_size[1], 1) / root_qp)
         table_step = table_step if table_step > 0 else 1.0
         if self.step is not None:
             self.step.fill_(table_step)
         po = param_offset(self.embedding_dim, self.bits)
+        first, last = self.row_offset, self.row_offset + self.num_embeddings
+        columns = slice(self.column_offset, self.column_offset + self.embedding_dim)
         for start, end, w in self._weight_chunks(weight, init_std):
+            lo, hi = max(start, first), min(end, last)
+            if lo >= hi:
+                continue
+            w = w[lo - start: hi - start]
+            rows = slice(lo - first, hi - first)
             if self.step is None:  # per-row steps sit inline after the codes
                 s = 2 * w.abs().mean(1) / root_qp
                 s = torch.where(s > 0, s, torch.full_like(s, table_step))
-                self.qweight[start:end, po:po + 4] = s.contiguous().view(torch.uint8).view(-1, 4)
-            self._encode(torch.arange(start, end, device=w.device), w, counter=0)
+                self.qweight[rows, po:po + 4] = s.contiguous().view(torch.uint8).view(-1, 4)
+            self._encode(torch.arange(rows.start, rows.stop, device=w.device), w[:, columns],
+                         counter=0)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the initial table drawn from ``seed`` (N(0, init_std^2)), with zero
+        optimizer state and update count."""
+        for t in (self.state, self.step_state, self.num_updates, self.nonfinite_rows):
+            t.zero_()
+        self._host_counters, self._pending = None, None
+        self._init_table(None, self.init_std)
 
     # --- counters ---------------------------------------------------------------------
 
@@ -161,7 +188,8 @@ class _LowPrecisionTable(nn.Module):
         ops.lowp_update(self.qweight, self.step, self.state, self.step_state, rows,
                         torch.zeros_like(weights), self.bits, self.embedding_dim, self.format,
                         "none", stochastic=self.rounding == "stochastic", seed=self._counters()[0],
-                        counter=counter, weights=weights.contiguous())
+                        counter=counter, weights=weights.contiguous(),
+                        row_offset=self.row_offset, column_offset=self.column_offset)
 
     def dequantize(self) -> torch.Tensor:
         """The whole table as fp32 [R, D] (a copy, for inspection and export)."""
@@ -236,7 +264,8 @@ class _LowPrecisionTable(nn.Module):
         return dict(bits=self.bits, dim=self.embedding_dim, fmt=self.format, lr=self.lr,
                     eps=self.eps, weight_decay=self.weight_decay, betas=self.betas,
                     step_optimizer=self.step_optimizer, step_lr=self.step_lr,
-                    seed=self._counters()[0])
+                    seed=self._counters()[0], row_offset=self.row_offset,
+                    column_offset=self.column_offset)
 
     @torch.no_grad()
     def update_rows(self, unique_rows: torch.Tensor, grad_rows: torch.Tensor) -> None:

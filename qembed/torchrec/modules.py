@@ -26,7 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .. import ops
 from ..nn._common import TrainableLookup
-from ..nn.lowp import LowPrecisionEmbeddingBag
+from ..nn.lowp import LowPrecisionEmbeddingBag, _LowPrecisionTable
 from ..nn.quantized import QuantizedEmbeddingBag
 from .interchange import from_quant_ebc, to_quant_ebc
 
@@ -105,6 +105,11 @@ class _Collection(nn.Module):
 
     def is_weighted(self) -> bool:
         return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        """The tables' device (TorchRec's collections have this too)."""
+        return next(iter(self.embedding_bags.values())).qweight.device
 
     @property
     def nbytes(self) -> int:
@@ -197,18 +202,13 @@ class _Collection(nn.Module):
                       for b in order], permute)
 
     def _table_args(self):
-        """The op's per-table lists: tables, steps (empty where the format has none), bits,
-        dims, formats. Kept while the modules hold the same tensors (.to() and assignment
-        replace them, load_state_dict copies into them): a batch costs no new tensors."""
+        """The op's per-table lists (:func:`table_args`), kept while the modules hold the
+        same tensors (.to() and assignment replace them, load_state_dict copies into them): a
+        batch costs no new tensors."""
         modules = list(self.embedding_bags.values())
         key = tuple(id(t) for m in modules for t in (m.qweight, m.step))
         if self._args_cache is None or self._args_cache[0] != key:
-            tables = [m.qweight for m in modules]
-            steps = [m.step if m.step is not None else
-                     m.qweight.new_empty(0, dtype=torch.float32) for m in modules]
-            self._args_cache = (key, (tables, steps, [m.bits for m in modules],
-                                      [m.embedding_dim for m in modules],
-                                      [m.format for m in modules]))
+            self._args_cache = (key, table_args(modules))
         return self._args_cache[1]
 
     def _output_dtype(self) -> torch.dtype:
@@ -394,7 +394,7 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
                 if m._step_pass:
                     m._apply_row_grads(r, g)
         elif self._fused(modules):
-            self._update_all(modules, rows, grads)
+            update_tables(modules, self._table_args(), rows, grads)
         else:
             for m, r, g in zip(modules, rows, grads):
                 m._apply_row_grads(r, g)
@@ -407,25 +407,39 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
         return all(m.fused_update and not (m.learn_step and m.step_grad == "two_pass") and
                    tuple(getattr(m, o) for o in _UPDATE_OPTIONS) == first for m in modules)
 
-    @torch.no_grad()
-    def _update_all(self, modules: list[LowPrecisionEmbeddingBag], rows, grads) -> None:
-        """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call."""
-        for m in modules:
-            m._finish_pending()
-        counters = [m._next_update() for m in modules]
-        m0 = modules[0]
-        tables, steps, bits, dims, formats = self._table_args()
-        skipped = ops.embedding_bags_update(
-            tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
-            grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
-            weight_decay=m0.weight_decay, betas=m0.betas, learn_step=m0.learn_step,
-            step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
-            stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
-            counters=counters)
-        if skipped.device.type == "cpu" and not bool(skipped.any()):
-            return  # the usual case, without a counter update per table
-        for m, s in zip(modules, skipped.to(m0.qweight.device)):
-            m._count_skipped(s)
-
     def extra_repr(self) -> str:
         return f"tables={len(self.embedding_bags)}, is_weighted={self._is_weighted}"
+
+
+def table_args(modules: list[nn.Module]):
+    """The embedding_bags ops' per-table lists for these table modules: tables, steps
+    (empty where the format has none), bits, dims, formats."""
+    tables = [m.qweight for m in modules]
+    steps = [m.step if m.step is not None else m.qweight.new_empty(0, dtype=torch.float32)
+             for m in modules]
+    return (tables, steps, [m.bits for m in modules], [m.embedding_dim for m in modules],
+            [m.format for m in modules])
+
+
+@torch.no_grad()
+def update_tables(modules: list[_LowPrecisionTable], args, rows, grads) -> None:
+    """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call (the tables share
+    their update options; `args`: their :func:`table_args`); a table that is a shard keys
+    its rounding by its place in the whole table."""
+    for m in modules:
+        m._finish_pending()
+    counters = [m._next_update() for m in modules]
+    m0 = modules[0]
+    tables, steps, bits, dims, formats = args
+    skipped = ops.embedding_bags_update(
+        tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
+        grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
+        weight_decay=m0.weight_decay, betas=m0.betas, learn_step=m0.learn_step,
+        step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
+        stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
+        counters=counters, row_offsets=[m.row_offset for m in modules],
+        column_offsets=[m.column_offset for m in modules])
+    if skipped.device.type == "cpu" and not bool(skipped.any()):
+        return  # the usual case, without a counter update per table
+    for m, s in zip(modules, skipped.to(m0.qweight.device)):
+        m._count_skipped(s)

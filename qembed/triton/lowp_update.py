@@ -55,15 +55,16 @@ def _next_step(s, gs, st, mask, step_lr, b1, b2, omb1, omb2, bc1, bc2, eps,
 
 
 @triton.jit
-def _encode(rows, base, mask, w, s, r, cols, DIM, seed_lo, seed_hi, counter_lo,
-            BITS: tl.constexpr, QN: tl.constexpr, QP: tl.constexpr, STOCHASTIC: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Re-quantizes w [BLOCK_R, BLOCK_D] with steps s into the rows at byte offsets base."""
+def _encode(rows, base, mask, w, s, r, cols, DIM, seed_lo, seed_hi, counter_lo, row_offset,
+            column_offset, BITS: tl.constexpr, QN: tl.constexpr, QP: tl.constexpr,
+            STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Re-quantizes w [BLOCK_R, BLOCK_D] with steps s into the rows at byte offsets base;
+    rounding keys row r and column c as row_offset + r, column_offset + c."""
     x = tl.div_rn(w, s[:, None])
     if STOCHASTIC:
-        u = philox_uniform(tl.broadcast_to(r[:, None], (BLOCK_R, BLOCK_D)),
-                           tl.broadcast_to(cols[None, :], (BLOCK_R, BLOCK_D)), seed_lo, seed_hi,
-                           counter_lo)
+        u = philox_uniform(tl.broadcast_to((r + row_offset)[:, None], (BLOCK_R, BLOCK_D)),
+                           tl.broadcast_to((cols + column_offset)[None, :], (BLOCK_R, BLOCK_D)),
+                           seed_lo, seed_hi, counter_lo)
         q = tl.floor(x + u)
     else:
         q = rint(x)
@@ -74,8 +75,8 @@ def _encode(rows, base, mask, w, s, r, cols, DIM, seed_lo, seed_hi, counter_lo,
 @triton.jit
 def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, num_unique,
                    grad, weights, kept, lsq, skipped, DIM, lr, eps, wd, step_lr, b1, b2, omb1,
-                   omb2, bc1, bc2, row_gscale, seed_lo, seed_hi, counter_lo,
-                   BITS: tl.constexpr, QN: tl.constexpr, QP: tl.constexpr,
+                   omb2, bc1, bc2, row_gscale, seed_lo, seed_hi, counter_lo, row_offset,
+                   column_offset, BITS: tl.constexpr, QN: tl.constexpr, QP: tl.constexpr,
                    CODE_BYTES: tl.constexpr, PARAM_OFFSET: tl.constexpr, PER_ROW: tl.constexpr,
                    OPT: tl.constexpr, LEARN: tl.constexpr, STEP_ADAM: tl.constexpr,
                    DEFER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
@@ -138,8 +139,8 @@ def _update_kernel(rows, stride, num_rows, table_step, state, step_state, uniq, 
                            omb2, bc1, bc2, eps, STEP_ADAM)
             tl.store(f32_at(rows + base + PARAM_OFFSET), s, mask=go)
     if not DEFER:
-        _encode(rows, base, go, w, s, r, cols, DIM, seed_lo, seed_hi, counter_lo, BITS, QN, QP,
-                STOCHASTIC, BLOCK_R, BLOCK_D)
+        _encode(rows, base, go, w, s, r, cols, DIM, seed_lo, seed_hi, counter_lo, row_offset,
+                column_offset, BITS, QN, QP, STOCHASTIC, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -162,7 +163,8 @@ def _table_step_kernel(table_step, step_state, lsq, skipped, num_unique, DIM, st
 
 @triton.jit
 def _encode_kernel(rows, stride, num_rows, table_step, uniq, num_unique, kept, skipped, DIM,
-                   seed_lo, seed_hi, counter_lo, BITS: tl.constexpr, QN: tl.constexpr,
+                   seed_lo, seed_hi, counter_lo, row_offset, column_offset,
+                   BITS: tl.constexpr, QN: tl.constexpr,
                    QP: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """Re-quantizes the kept weights of the rows not skipped with the table's (new) step."""
@@ -175,7 +177,7 @@ def _encode_kernel(rows, stride, num_rows, table_step, uniq, num_unique, kept, s
                 mask=go[:, None] & (cols < DIM)[None, :], other=0.0)
     s = tl.zeros([BLOCK_R], tl.float32) + tl.load(table_step)
     _encode(rows, tl.where(go, r, 0) * stride, go, w, s, r, cols, DIM, seed_lo, seed_hi,
-            counter_lo, BITS, QN, QP, STOCHASTIC, BLOCK_R, BLOCK_D)
+            counter_lo, row_offset, column_offset, BITS, QN, QP, STOCHASTIC, BLOCK_R, BLOCK_D)
 
 
 def _f32(x: float) -> float:
@@ -185,18 +187,21 @@ def _f32(x: float) -> float:
 
 def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, weights_out,
                 bits, dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
-                learn_step, step_optimizer, step_lr, stochastic, seed, counter):
+                learn_step, step_optimizer, step_lr, stochastic, seed, counter, row_offset=0,
+                column_offset=0):
     """``torch.ops.qembed.lowp_update`` in Triton: in place; returns the number of rows skipped
     for a non-finite gradient (int64 scalar tensor on the table's device)."""
     uniq, grad = unique_rows.contiguous(), grad_rows.contiguous()
     check_update_args(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim,
-                      fmt, optimizer, iteration, learn_step, step_optimizer)
+                      fmt, optimizer, iteration, learn_step, step_optimizer, row_offset,
+                      column_offset)
     if validating(rows.device):
         check_update_rows_values(uniq, rows.shape[0])
     table = word_aligned(rows)
     skipped = _launch(table, step, state, step_state, uniq, grad, weights, weights_out, bits,
                       dim, fmt, optimizer, lr, eps, weight_decay, beta1, beta2, iteration,
-                      learn_step, step_optimizer, step_lr, stochastic, seed, counter)
+                      learn_step, step_optimizer, step_lr, stochastic, seed, counter, row_offset,
+                      column_offset)
     if table is not rows:
         rows.copy_(table)
     return skipped
@@ -204,7 +209,8 @@ def lowp_update(rows, step, state, step_state, unique_rows, grad_rows, weights, 
 
 def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bits, dim, fmt,
             optimizer, lr, eps, weight_decay, beta1, beta2, iteration, learn_step,
-            step_optimizer, step_lr, stochastic, seed, counter) -> torch.Tensor:
+            step_optimizer, step_lr, stochastic, seed, counter, row_offset,
+            column_offset) -> torch.Tensor:
     """Runs the update in place; returns the skipped-row count."""
     u = uniq.numel()
     skipped = torch.zeros(u, dtype=torch.int32, device=rows.device)
@@ -221,7 +227,8 @@ def _launch(rows, step, state, step_state, uniq, grad, weights, weights_out, bit
     adam = dict(b1=b1, b2=b2, omb1=omb1, omb2=omb2, bc1=bc1, bc2=bc2, eps=_f32(eps),
                 step_lr=_f32(step_lr), STEP_ADAM=learn_step and step_optimizer == 1)
     key = dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
-               counter_lo=counter & 0xFFFFFFFF, BITS=bits, QN=qmin(bits), QP=qmax(bits),
+               counter_lo=counter & 0xFFFFFFFF, row_offset=row_offset,
+               column_offset=column_offset, BITS=bits, QN=qmin(bits), QP=qmax(bits),
                STOCHASTIC=stochastic)
     block_d = triton.next_power_of_2(padded_dim(dim))  # whole groups of 8 codes
     block_r = max(1, min(16, ELEMENTS_PER_PROGRAM // block_d))

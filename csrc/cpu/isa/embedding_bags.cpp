@@ -30,7 +30,8 @@ bool pool_chunk(const BagsTable& t, const index_t* idx, const int64_t* off, int6
   bool valid = true;
   for (int64_t b = b0; b < b1; ++b) {
     const BagSum bag = pool_bag<BITS, FMT>(t.rows, t.num_rows, t.stride, idx, off[b],
-                                           off[b + 1], last, psw, t.dim, t.step, -1, acc);
+                                           off[b + 1], last, psw, padded_dim(t.dim), t.step, -1,
+                                           acc);
     valid = valid && !bag.bad_index;
     const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
     store_row<OUT>(acc, bag.shift, t.dim, factor, out, b * width + column);

@@ -33,7 +33,7 @@ void lowp_update_encode(const UpdateArgs& a, int64_t begin, int64_t end, float s
     for (int64_t k = begin; k < end; ++k) {
       if (a.skipped[k]) continue;
       RoundingKey key = a.rounding;
-      key.row_key = static_cast<uint64_t>(a.unique_rows[k]);
+      key.row_key = key.row_offset + static_cast<uint64_t>(a.unique_rows[k]);
       encode_row<BITS>(a.kept + k * width, width, RowParams{step, 0.0f, qmin(BITS)}, key,
                        a.table.rows + a.unique_rows[k] * a.table.stride);
     }
