@@ -128,28 +128,42 @@ class _LowPrecisionTable(nn.Module):
             raise ValueError(f"qembed: weight of shape {tuple(weight.shape)} does not match "
                              f"{self.full_size}")
         root_qp = max(qmax(self.bits), 1) ** 0.5
-        total = torch.zeros((), dtype=torch.float64, device=self.qweight.device)
-        for _, _, w in self._weight_chunks(weight, init_std):
-            total += w.abs().sum(dtype=torch.float64)
-        table_step = float(2 * total / max(self.full_size[0] * self.full_size[1], 1) / root_qp)
-        table_step = table_step if table_step > 0 else 1.0
+
+        def whole_table_step() -> float:
+            total = torch.zeros((), dtype=torch.float64, device=self.qweight.device)
+            for _, _, w in self._weight_chunks(weight, init_std):
+                total += w.abs().sum(dtype=torch.float64)
+            step = float(2 * total / max(self.full_size[0] * self.full_size[1], 1) / root_qp)
+            return step if step > 0 else 1.0
+
         if self.step is not None:
-            self.step.fill_(table_step)
+            self.step.fill_(whole_table_step())
         po = param_offset(self.embedding_dim, self.bits)
         first, last = self.row_offset, self.row_offset + self.num_embeddings
         columns = slice(self.column_offset, self.column_offset + self.embedding_dim)
+        # Per-row steps fall back to the table's for rows with none of their own (all zero,
+        # such as the padding row): that step takes a pass over the whole table of its own,
+        # so it is computed only if such a row exists, and those rows are then re-encoded.
+        stepless = []  # (rows, their values) of rows with no step of their own
         for start, end, w in self._weight_chunks(weight, init_std):
             lo, hi = max(start, first), min(end, last)
             if lo >= hi:
                 continue
             w = w[lo - start: hi - start]
-            rows = slice(lo - first, hi - first)
+            rows = torch.arange(lo - first, hi - first, device=w.device)
             if self.step is None:  # per-row steps sit inline after the codes
                 s = 2 * w.abs().mean(1) / root_qp
-                s = torch.where(s > 0, s, torch.full_like(s, table_step))
+                own = s > 0
+                if not bool(own.all()):
+                    stepless.append((rows[~own], w[~own][:, columns].clone()))
+                s = torch.where(own, s, torch.ones_like(s))
                 self.qweight[rows, po:po + 4] = s.contiguous().view(torch.uint8).view(-1, 4)
-            self._encode(torch.arange(rows.start, rows.stop, device=w.device), w[:, columns],
-                         counter=0)
+            self._encode(rows, w[:, columns], counter=0)
+        if stepless:
+            rows = torch.cat([r for r, _ in stepless])
+            steps = torch.full((rows.numel(),), whole_table_step(), device=self.qweight.device)
+            self.qweight[rows, po:po + 4] = steps.view(torch.uint8).view(-1, 4)
+            self._encode(rows, torch.cat([w for _, w in stepless]), counter=0)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
