@@ -308,7 +308,7 @@ class _MixedTable(nn.Module):
         # slice, still in increasing order (slots follow ids within a width), found with one
         # host read of the slice bounds instead of a masked selection per segment.
         loc, order = torch.sort(self.positions(rows))
-        grad = grad[order]
+        grad = grad.index_select(0, order)  # a third of advanced indexing's time on CPU
         starts = list(itertools.accumulate(
             [0] + [getattr(self, f"codes{b}").shape[0] for b in self.widths]))
         # pruned rows (-1) sort first
