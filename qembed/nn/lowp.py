@@ -157,7 +157,8 @@ class _LowPrecisionTable(nn.Module):
                 if not bool(own.all()):
                     stepless.append((rows[~own], w[~own][:, columns].clone()))
                 s = torch.where(own, s, torch.ones_like(s))
-                self.qweight[rows, po:po + 4] = s.contiguous().view(torch.uint8).view(-1, 4)
+                self.qweight[lo - first: hi - first, po:po + 4] = (
+                    s.contiguous().view(torch.uint8).view(-1, 4))
             self._encode(rows, w[:, columns], counter=0)
         if stepless:
             rows = torch.cat([r for r, _ in stepless])
