@@ -64,6 +64,31 @@ def test_tables_on_huge_pages(make):
     assert huge_bytes(t) >= 60 * MiB
 
 
+@needs_thp
+@pytest.mark.parametrize("result", ["lookup", "backward", "many-table lookup",
+                                    "many-table backward"])
+def test_large_results_on_huge_pages(result):
+    """A batch of one id per bag gives a lookup output and row gradients of tens of MB, fresh
+    each call: advised, so their first writes do not fault on every 4 KiB page."""
+    rows, dim, bags = 1 << 16, 128, 1 << 17  # 64 MiB of fp32 output
+    table = ops.quantize(torch.randn(rows, dim), 8, "affine")
+    ids = torch.randperm(bags) % rows  # every row twice: 32 MiB of row gradients
+    offsets = torch.arange(bags + 1)
+    if result == "lookup":
+        t = ops.embedding_bag(table, ids, offsets, bits=8, dim=dim, fmt="affine",
+                              include_last_offset=True)
+    elif result == "backward":
+        t = ops.embedding_bag_backward(torch.randn(bags, dim), ids, offsets,
+                                       include_last_offset=True)[1]
+    elif result == "many-table lookup":
+        t = ops.embedding_bags([table], [table.new_empty(0, dtype=torch.float32)], [8], [dim],
+                               ["affine"], [0], [0], ["sum"], ids, offsets)
+    else:
+        t = ops.embedding_bags_backward(torch.randn(bags, dim), [dim], [0], [0], ["sum"], ids,
+                                        offsets)[1][0]
+    assert t.nbytes >= 32 * MiB and huge_bytes(t) >= t.nbytes - 4 * MiB  # less both ends
+
+
 def test_advise_rejects_non_contiguous():
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.qembed.advise_huge_pages(torch.empty(8, 8).t())

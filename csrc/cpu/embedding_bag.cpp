@@ -10,6 +10,7 @@
 #include "../checks.h"
 #include "../padded_rows.h"
 #include "bags.h"
+#include "huge_pages.h"
 #include "isa/embedding_bag.h"
 
 namespace qembed {
@@ -32,7 +33,7 @@ at::Tensor embedding_bag_cpu(const at::Tensor& rows_in, const at::Tensor& indice
   at::Tensor psw_t;
   if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
   const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({num_out, dim}, rows.options().dtype(out_dtype));
+  at::Tensor out = empty_on_huge_pages({num_out, dim}, rows.options().dtype(out_dtype));
 
   const bool int64_indices = indices.scalar_type() == at::kLong;
   std::vector<int64_t> starts;

@@ -11,6 +11,7 @@
 #include <vector>
 #include "../checks.h"
 #include "bags.h"
+#include "huge_pages.h"
 #include "isa/embedding_bag_backward.h"
 #include "row_order.h"
 
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
   const int64_t num_unique = static_cast<int64_t>(seg.size());
 
   at::Tensor unique_rows = at::empty({num_unique}, indices.options());
-  at::Tensor grad_rows = at::empty({num_unique, dim}, grad_out.options());
+  at::Tensor grad_rows = empty_on_huge_pages({num_unique, dim}, grad_out.options());
   const BackwardArgs args{grad_out.data_ptr<float>(), dim, pos.data(), key.data(), used,
                           seg.data(), bag.data(), factor.data(),
                           unique_rows.data_ptr<int64_t>(), grad_rows.data_ptr<float>()};

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 #include "../checks.h"
+#include "huge_pages.h"
 #include "isa/embedding_bags_backward.h"
 #include "row_order.h"
 
@@ -86,7 +87,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     const int64_t u = static_cast<int64_t>(runs[t].starts.size());
     item_start[t + 1] = item_start[t] + u;
     unique_rows.push_back(at::empty({u}, values.options()));
-    grad_rows.push_back(at::empty({u, dims[t]}, grad_out.options()));
+    grad_rows.push_back(empty_on_huge_pages({u, dims[t]}, grad_out.options()));
   }
   // The feature of each position, for its columns in grad_out.
   std::vector<int64_t> column(n);

@@ -14,6 +14,7 @@
 #include "../checks.h"
 #include "../padded_rows.h"
 #include "bags.h"
+#include "huge_pages.h"
 #include "isa/mpe_embedding_bag.h"
 
 namespace qembed {
@@ -88,7 +89,7 @@ at::Tensor mpe_embedding_bag_cpu(at::TensorList segments, c10::IntArrayRef bits,
     const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
     starts = bag_bounds(offsets.data_ptr<int64_t>(), offsets.numel(), num_out, n);
   }
-  at::Tensor out = at::empty({num_out, dim}, beta.options().dtype(out_dtype));
+  at::Tensor out = empty_on_huge_pages({num_out, dim}, beta.options().dtype(out_dtype));
   MixedLookupArgs args{{segs.data(), num_segments, total, 0, nullptr, false, nullptr, nullptr,
                         nullptr, 0},
                        idx, mode == POOL_NONE ? nullptr : starts.data(), psw,
