@@ -14,6 +14,8 @@ multiple of the forward lookup. Writes markdown, CSV and a PNG to benchmarks/res
     python benchmarks/bench_train.py            # 1M and 4M rows, D = 64 and 128 (shapes
                                                 # over --max-gb of fp32 state are skipped)
     python benchmarks/bench_train.py --quick    # small smoke run
+    python benchmarks/bench_train.py --rows 2000000 --dims 128 --dists uniform \
+        --bags 106496 --length 1 --name bench_train_one_hot   # CTR-like: one id a bag
 """
 from __future__ import annotations
 
@@ -173,6 +175,7 @@ def main(argv=None):
                    help="skip shapes whose fp32 baselines together need more memory")
     p.add_argument("--quick", action="store_true", help="100k rows, D=64, uniform, 3 repeats")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--name", default="bench_train", help="the results' file name, no suffix")
     a = p.parse_args(argv)
     if a.quick:
         a.rows, a.dims, a.dists, a.repeats, a.warmup = "100000", "64", "uniform", 3, 1
@@ -253,7 +256,7 @@ def write(results, a):
     table = "\n".join(lines) + "\n\n" + targets_table(results)
     print("\n" + header + "\n" + table)
     os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, "bench_train" + ("_quick" if a.quick else ""))
+    base = os.path.join(a.out, a.name + ("_quick" if a.quick else ""))
     with open(base + ".md", "w") as f:
         f.write("# Training step: qembed low-precision tables vs fp32\n\n" + header + "\n" + table + "\n")
     with open(base + ".csv", "w", newline="") as f:
