@@ -16,6 +16,8 @@ Training step (forward, backward and the update of the rows read):
 
   python benchmarks/bench_collection.py             # D = 64 and 128, rows capped at 2M
   python benchmarks/bench_collection.py --quick     # small smoke run
+  MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
+      python benchmarks/bench_collection.py --suffix _kept_memory  # freed memory reused
 
 Memory: at D = 128 and 2M rows per table (10.6M rows in all) the run holds about 11 GB.
 Times are medians over repeats that time every candidate in turn (the order rotating), over
@@ -224,6 +226,7 @@ def main():
                         "timed, which a loaded machine disturbs least")
     p.add_argument("--quick", action="store_true", help="small tables and batch: a smoke run")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--suffix", default="", help="appended to the results' file names")
     a = p.parse_args()
     if a.quick:
         a.max_rows, a.batch, a.repeats, a.batches, a.multi_hot = 20_000, 256, 3, 2, 4
@@ -251,11 +254,16 @@ def main():
     notes = (f"{len(CRITEO_ROWS)} tables, Criteo's cardinalities capped at {a.max_rows:,} rows; "
              f"batch {a.batch}, {a.dist} ids; medians of {a.repeats} repeats over {a.batches} "
              f"batches, candidates timed in turn.")
-    print(write_results("collection_cpu", lookup, "Criteo-shaped collection lookup (CPU)",
-                        notes, a.out))
-    print(write_results("collection_train_cpu", train, "Criteo-shaped collection training step "
-                        "(CPU)", notes, a.out))
-    plot(lookup, os.path.join(a.out, "collection_cpu.png"))
+    # The allocator's settings decide whether a step's fresh memory faults page by page,
+    # which moves FBGEMM's step time by up to 2x: say which were set.
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"]
+    notes += f" Environment: {' '.join(env)}." if env else ""
+    print(write_results("collection_cpu" + a.suffix, lookup,
+                        "Criteo-shaped collection lookup (CPU)", notes, a.out))
+    print(write_results("collection_train_cpu" + a.suffix, train,
+                        "Criteo-shaped collection training step (CPU)", notes, a.out))
+    plot(lookup, os.path.join(a.out, f"collection_cpu{a.suffix}.png"))
     print(stamp())
 
 
