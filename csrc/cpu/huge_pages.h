@@ -1,8 +1,9 @@
-// Tables on transparent huge pages. A lookup reads rows at random from the whole table:
-// with 4 KiB pages nearly every row read from a table of hundreds of MB misses the TLB and
-// waits on a page walk before its cache lines can even be requested; 2 MiB pages leave the
-// walks to a few hundred entries. Only a hint: where the kernel's THP mode is `never` (or
-// on other systems) the table keeps ordinary pages.
+// Tables and large op results on transparent huge pages. A lookup reads rows at random from
+// the whole table: with 4 KiB pages nearly every row read from a table of hundreds of MB
+// misses the TLB and waits on a page walk before its cache lines can even be requested; 2 MiB
+// pages leave the walks to a few hundred entries. A large result is fresh memory each call,
+// first written a page fault per 4 KiB page. Only a hint: where the kernel's THP mode is
+// `never` (or on other systems) the memory keeps ordinary pages.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
