@@ -51,9 +51,31 @@ QEMBED_INLINE uint64_t pack_code_bytes(uint64_t x) {
   return x;
 }
 
-// The codes of the chunk x (values over their step, shifted by their offset) as bytes:
-// round_to_code lane by lane, minus lo. Clamping by max then min: max_ps returns its second
-// operand, lo, for a NaN, as round_to_code does.
+// The codes of a SIMD chunk x (values over their step, shifted by their offset) in its int32
+// lanes: round_to_code lane by lane, minus lo. Clamping by max then min: max_ps returns its
+// second operand, lo, for a NaN, as round_to_code does.
+#if defined(__AVX512F__)
+QEMBED_INLINE __m512i chunk_code_lanes(__m512 x, const float* u, bool stochastic, int32_t lo,
+                                       int32_t hi) {
+  __m512 r = stochastic ? Lanes<__m512>::floor(x + Lanes<__m512>::load(u))
+                        : Lanes<__m512>::nearbyint(x);
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(static_cast<float>(lo))),
+                    _mm512_set1_ps(static_cast<float>(hi)));
+  return _mm512_sub_epi32(_mm512_cvttps_epi32(r), _mm512_set1_epi32(lo));
+}
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+QEMBED_INLINE __m256i chunk_code_lanes(__m256 x, const float* u, bool stochastic, int32_t lo,
+                                       int32_t hi) {
+  __m256 r = stochastic ? Lanes<__m256>::floor(x + Lanes<__m256>::load(u))
+                        : Lanes<__m256>::nearbyint(x);
+  r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(static_cast<float>(lo))),
+                    _mm256_set1_ps(static_cast<float>(hi)));
+  return _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(lo));
+}
+#endif
+
+// The codes of the chunk x as bytes.
 template <typename T>
 QEMBED_INLINE void chunk_codes(T x, const float* u, bool stochastic, int32_t lo, int32_t hi,
                                uint8_t* out) {
@@ -61,31 +83,57 @@ QEMBED_INLINE void chunk_codes(T x, const float* u, bool stochastic, int32_t lo,
     *out = static_cast<uint8_t>(round_to_code(x, stochastic ? *u : 0.0f, stochastic, lo, hi) - lo);
 #if defined(__AVX512F__)
   } else if constexpr (sizeof(T) == 64) {
-    __m512 r = stochastic ? Lanes<T>::floor(x + Lanes<T>::load(u)) : Lanes<T>::nearbyint(x);
-    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(static_cast<float>(lo))),
-                      _mm512_set1_ps(static_cast<float>(hi)));
-    const __m512i c = _mm512_sub_epi32(_mm512_cvttps_epi32(r), _mm512_set1_epi32(lo));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(c));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm512_cvtepi32_epi8(chunk_code_lanes(x, u, stochastic, lo, hi)));
 #endif
   } else {
 #if defined(__AVX2__) || defined(__AVX512F__)
-    __m256 r = stochastic ? Lanes<T>::floor(x + Lanes<T>::load(u)) : Lanes<T>::nearbyint(x);
-    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(static_cast<float>(lo))),
-                      _mm256_set1_ps(static_cast<float>(hi)));
-    const __m256i c = _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(lo));
+    const __m256i c = chunk_code_lanes(x, u, stochastic, lo, hi);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(words, words));
 #endif
   }
 }
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+// The 4-bit codes of a SIMD chunk packed in registers, byte j = code[2j] + 16 * code[2j + 1],
+// stored at out: no byte buffer, whose 8-byte stores a wider load cannot take forwarded and
+// must wait out. In each 64-bit lane c | c >> 28 puts the lane's pair in its low byte.
+QEMBED_INLINE void chunk_nibbles(__m256 x, const float* u, bool stochastic, int32_t lo,
+                                 int32_t hi, uint8_t* out) {
+  const __m256i c = chunk_code_lanes(x, u, stochastic, lo, hi);
+  const __m256i pairs = _mm256_or_si256(c, _mm256_srli_epi64(c, 28));
+  const __m256i low_bytes = _mm256_shuffle_epi8(
+      pairs, _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                              0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+  const __m128i packed = _mm_unpacklo_epi16(_mm256_castsi256_si128(low_bytes),
+                                            _mm256_extracti128_si256(low_bytes, 1));
+  const int32_t four = _mm_cvtsi128_si32(packed);
+  std::memcpy(out, &four, 4);
+}
+#endif
+#if defined(__AVX512F__)
+QEMBED_INLINE void chunk_nibbles(__m512 x, const float* u, bool stochastic, int32_t lo,
+                                 int32_t hi, uint8_t* out) {
+  const __m512i c = chunk_code_lanes(x, u, stochastic, lo, hi);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out),
+                   _mm512_cvtepi64_epi8(_mm512_or_si512(c, _mm512_srli_epi64(c, 28))));
+}
+#endif
+
 // codes of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1],
 // stochastically with the uniforms of row k.row_key from element k.column_offset. In blocks
-// of 64 values: their uniforms (sr_uniforms.h), their codes as bytes, then packed.
+// of 64 values: their uniforms (sr_uniforms.h), their codes as bytes, then packed (4-bit
+// codes in SIMD builds packed chunk by chunk in registers).
 template <int BITS>
 inline void encode_row(const float* w, int64_t dim, const RowParams& p, const RoundingKey& k,
                        uint8_t* codes) {
   constexpr int64_t kBlock = 64;
+#if defined(__AVX2__) || defined(__AVX512F__)
+  constexpr bool kNibblesInRegisters = BITS == 4;
+#else
+  constexpr bool kNibblesInRegisters = false;
+#endif
   const int32_t lo = p.offset, hi = p.offset + static_cast<int32_t>(code_mask(BITS));
   alignas(64) float u[kBlock];
   alignas(8) uint8_t bytes[kBlock];
@@ -95,26 +143,18 @@ inline void encode_row(const float* w, int64_t dim, const RowParams& p, const Ro
     for_chunks(n, [&](auto lanes, int64_t d) {
       using T = decltype(lanes);
       const T x = (load_lanes<T>(w + b + d) - p.bias) / p.scale;
-      chunk_codes(x, u + d, k.stochastic, lo, hi, bytes + d);
+      if constexpr (kNibblesInRegisters)
+        chunk_nibbles(x, u + d, k.stochastic, lo, hi, codes + (b + d) / 2);
+      else
+        chunk_codes(x, u + d, k.stochastic, lo, hi, bytes + d);
     });
-    int64_t g = 0;
-#if defined(__AVX2__)
-    if constexpr (BITS == 4) {  // 32 codes at a time: byte pairs lo + 16 * hi, then bytes
-      for (; 8 * g + 32 <= n; g += 4) {
-        const __m256i pairs = _mm256_maddubs_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 8 * g)),
-            _mm256_set1_epi16(0x1001));
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (b / 8 + g) * BITS),
-                         _mm256_castsi256_si128(packed));
+    if constexpr (!kNibblesInRegisters) {
+      for (int64_t g = 0; g < n / 8; ++g) {
+        uint64_t x;
+        std::memcpy(&x, bytes + 8 * g, 8);
+        x = pack_code_bytes<BITS>(x);
+        store_group<BITS>(codes + (b / 8 + g) * BITS, x);
       }
-    }
-#endif
-    for (; g < n / 8; ++g) {
-      uint64_t x;
-      std::memcpy(&x, bytes + 8 * g, 8);
-      x = pack_code_bytes<BITS>(x);
-      store_group<BITS>(codes + (b / 8 + g) * BITS, x);
     }
   }
 }
