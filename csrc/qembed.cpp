@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <string>
 #include "cpu/dispatch.h"
+#include "cpu/result_cache.h"
 
 namespace {
 
@@ -35,6 +36,14 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* cached_result_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(qembed::cached_result_bytes());
+}
+
+PyObject* empty_result_cache(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(qembed::empty_result_cache());
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels run in: scalar, avx2 or avx512."},
@@ -42,6 +51,10 @@ PyMethodDef methods[] = {
      "The CPU kernel variants this build has and this CPU runs, lowest first."},
     {"_set_cpu_capability", set_cpu_capability, METH_O,
      "Run the CPU kernels in the given variant (tests)."},
+    {"cached_result_bytes", cached_result_bytes, METH_NOARGS,
+     "Bytes of freed CPU op results held for reuse."},
+    {"empty_result_cache", empty_result_cache, METH_NOARGS,
+     "Return the held memory of freed CPU op results to the system; the bytes released."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -52,6 +65,12 @@ extern "C" PyObject* PyInit__C(void) {
   const std::string error = qembed::cpu::choose_capability();
   if (!error.empty()) {
     PyErr_SetString(PyExc_ValueError, error.c_str());
+    return nullptr;
+  }
+  try {
+    qembed::result_allocator();  // reads QEMBED_RESULT_CACHE_MB: a bad value fails the import
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
   }
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

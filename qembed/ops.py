@@ -90,6 +90,22 @@ def cpu_capability() -> str | None:
     return _C.cpu_capability() if HAS_EXTENSION else None
 
 
+def cached_result_bytes() -> int:
+    """Bytes held for reuse from freed CPU op results. A lookup's output or row gradients of
+    1 MiB and more get memory of earlier results freed since (on huge pages where the system
+    allows), so a training loop does not fault in tens of MB of fresh pages every step. Up to
+    ``QEMBED_RESULT_CACHE_MB`` (default 512; 0 turns the reuse off) idle bytes are kept, the
+    longest idle returned to the system first. 0 without the extension."""
+    return _C.cached_result_bytes() if HAS_EXTENSION else 0
+
+
+def empty_result_cache() -> int:
+    """Returns the memory :func:`cached_result_bytes` counts to the system (as
+    ``torch.cuda.empty_cache`` does for CUDA memory); the bytes released. Results still in
+    use are untouched."""
+    return _C.empty_result_cache() if HAS_EXTENSION else 0
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [N, D] (each < 2^bits) -> bit-packed uint8 [N, D*bits/8]."""
     if _compiled():

@@ -103,6 +103,28 @@ def test_large_batch_many_threads_equals_one_thread():
                 on_threads(3, lambda: ops.embedding_bags(*b.lookup_args())))
 
 
+@pytest.mark.parametrize("dims", [(128, 64, 64), (128, 64, 60)], ids=["streamed", "dim-60"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", backends("cpu"))
+def test_large_output_equals_single_table_ops(backend, dims, weighted):
+    """An fp32 output of 16 MiB and more is written with streaming stores where every block
+    is a multiple of 8 columns (not with a block of 60); the values are those of the
+    single-table lookup, feature by feature, and of the reference, with any thread count."""
+    specs = [(5000, dims[0], 8, "affine"), (300, dims[1], 4, "symmetric"),
+             (2000, dims[2], 3, "symmetric_table")]
+    tables_of = [0, 1, 2, 0, 1, 0, 2, 0, 1, 0, 2]
+    poolings = ["sum"] * 11 if weighted else ["sum", "mean", "sum", "mean", "mean", "sum"] * 2
+    b = KeyedBatch(specs, tables_of, batch=4608, max_len=2, weighted=weighted,
+                   poolings=poolings[:11])
+    out = backend.run(ops.embedding_bags, *b.lookup_args())
+    assert out.nbytes >= 16 << 20
+    assert_close(out, reference.embedding_bags(*b.lookup_args()))
+    for f, t in enumerate(b.tables_of):
+        col, dim = b.columns[f], b.tables[t].dim
+        assert same(out[:, col: col + dim], single_table_lookup(backend, b, f))
+    assert same(out, on_threads(1, lambda: ops.embedding_bags(*b.lookup_args())))
+
+
 # --- backward ------------------------------------------------------------------------------
 
 def backward_args(b, grad):

@@ -1,4 +1,7 @@
-"""Tables on transparent huge pages: values as torch.zeros, memory advised (Linux)."""
+"""Tables and large op results on transparent huge pages (values as torch.zeros, memory
+advised, Linux), and the reuse of freed results' memory."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -93,3 +96,51 @@ def test_large_results_on_huge_pages(result):
 def test_advise_rejects_non_contiguous():
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.qembed.advise_huge_pages(torch.empty(8, 8).t())
+
+
+def many_table_lookup(bags: int, dim: int = 128, rows: int = 1000) -> torch.Tensor:
+    table = ops.quantize(torch.randn(rows, dim), 8, "affine")
+    ids = torch.randint(0, rows, (bags,))
+    return ops.embedding_bags([table], [torch.empty(0)], [8], [dim], ["affine"], [0], [0],
+                              ["sum"], ids, torch.arange(bags + 1))
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
+def test_freed_results_memory_is_reused_then_released():
+    """A large result's memory, once freed, serves the next result of about its size; the
+    cache is emptied on request."""
+    ops.empty_result_cache()
+    first = many_table_lookup(1 << 13)  # 4 MiB of fp32 output
+    address, size = first.data_ptr(), first.nbytes
+    del first
+    assert ops.cached_result_bytes() >= size
+    again = many_table_lookup(1 << 13)
+    assert again.data_ptr() == address
+    assert ops.cached_result_bytes() == 0
+    del again
+    held = ops.cached_result_bytes()
+    assert ops.empty_result_cache() == held >= size and ops.cached_result_bytes() == 0
+    small = many_table_lookup(16)  # small results come from torch's allocator, never cached
+    del small
+    assert ops.cached_result_bytes() == 0
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("limit,held", [("0", False), ("64", True)])
+def test_result_cache_limit_from_environment(limit, held):
+    code = ("import torch, qembed\n"
+            "t = qembed.ops.quantize(torch.randn(10, 128), 8, 'affine')\n"
+            "out = qembed.ops.embedding_bags([t], [torch.empty(0)], [8], [128], ['affine'], [0],"
+            " [0], ['sum'], torch.zeros(8192, dtype=torch.long), torch.arange(8193))\n"
+            "del out\nprint(qembed.ops.cached_result_bytes())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, QEMBED_RESULT_CACHE_MB=limit))
+    assert run.returncode == 0, run.stderr
+    assert (int(run.stdout) >= 4 * MiB) == held
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
+def test_bad_result_cache_limit_fails_the_import():
+    run = subprocess.run([sys.executable, "-c", "import qembed"], capture_output=True, text=True,
+                         env=dict(os.environ, QEMBED_RESULT_CACHE_MB="lots"))
+    assert run.returncode != 0 and "QEMBED_RESULT_CACHE_MB" in run.stderr and "lots" in run.stderr

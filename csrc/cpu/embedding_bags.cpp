@@ -4,8 +4,9 @@
 // table, so small and large tables share the threads evenly. Within a chunk the features
 // go one after another, each pooled as the single-table lookup pools it (pool_bag.h) and
 // written straight into its block of the chunk's output rows; the next feature's first
-// rows are prefetched before the current one's are read. The op checks its arguments and
-// deals the chunks; the kernel (isa/embedding_bags.cpp) pools them.
+// rows are prefetched before the current one's are read; a large fp32 output is written with
+// streaming stores. The op checks its arguments and deals the chunks; the kernel
+// (isa/embedding_bags.cpp) pools them.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -33,6 +34,11 @@ constexpr int64_t kRunPositions = 2048;
 // ... and at most this many bags (one id a feature: 256 bags, 3.4 MB of 26 x 128 floats;
 // 2048 bags took 1.2-1.4x their time).
 constexpr int64_t kChunkBags = 256;
+
+// Outputs from this size on are written with streaming stores (BagsLookupArgs): larger than
+// a core's share of the last-level cache, they would be read from memory before being
+// written and leave the cache before their reader comes. Smaller ones stay cached for it.
+constexpr int64_t kStreamOutputFrom = int64_t{16} << 20;
 
 struct Chunk {
   int64_t first_bag, end_bag;
@@ -88,9 +94,13 @@ at::Tensor embedding_bags_cpu(at::TensorList tables_in, at::TensorList steps,
   const std::vector<Chunk> chunks = make_chunks(values.numel(), num_features, batch, threads);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const bool int64_values = values.scalar_type() == at::kLong;
+  bool stream_output = out_dtype == at::kFloat && out.nbytes() >= kStreamOutputFrom &&
+                       width % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+  for (const int64_t d : dims) stream_output = stream_output && d % 8 == 0;
   const BagsLookupArgs args{tables.data(), values.data_ptr(), int64_values, off, batch,
                             num_features, feature_tables.data(), feature_columns.data(),
-                            poolings.data(), psw, width, out.data_ptr(), output_type(out_dtype)};
+                            poolings.data(), psw, width, out.data_ptr(), output_type(out_dtype),
+                            stream_output};
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(padded_dim(max_dim));

@@ -25,7 +25,7 @@ void prefetch_first_rows(const BagsTable& t, const index_t* idx, int64_t p, int6
 template <int BITS, int64_t FMT, OutputType OUT, typename index_t>
 bool pool_chunk(const BagsTable& t, const index_t* idx, const int64_t* off, int64_t b0,
                 int64_t b1, const float* psw, bool mean, int64_t width, void* out,
-                int64_t column, float* acc) {
+                int64_t column, bool stream, float* acc) {
   const int64_t last = off[b1];
   bool valid = true;
   for (int64_t b = b0; b < b1; ++b) {
@@ -34,6 +34,13 @@ bool pool_chunk(const BagsTable& t, const index_t* idx, const int64_t* off, int6
                                            acc);
     valid = valid && !bag.bad_index;
     const float factor = (mean && bag.count > 0) ? 1.0f / static_cast<float>(bag.count) : 1.0f;
+    if constexpr (OUT == OutputType::kFloat) {
+      if (stream) {
+        store_row_streaming(acc, bag.shift, t.dim, factor, static_cast<float*>(out),
+                            b * width + column);
+        continue;
+      }
+    }
     store_row<OUT>(acc, bag.shift, t.dim, factor, out, b * width + column);
   }
   return valid;
@@ -42,16 +49,16 @@ bool pool_chunk(const BagsTable& t, const index_t* idx, const int64_t* off, int6
 template <OutputType OUT, typename index_t>
 bool pool_chunk_any(const BagsTable& t, const index_t* idx, const int64_t* off, int64_t b0,
                     int64_t b1, const float* psw, bool mean, int64_t width, void* out,
-                    int64_t column, float* acc) {
+                    int64_t column, bool stream, float* acc) {
   return QEMBED_DISPATCH_BITS(t.bits, [&] {
     if (t.fmt == SYM_ROW)
       return pool_chunk<BITS, SYM_ROW, OUT>(t, idx, off, b0, b1, psw, mean, width, out, column,
-                                            acc);
+                                            stream, acc);
     if (t.fmt == SYM_TABLE)
       return pool_chunk<BITS, SYM_TABLE, OUT>(t, idx, off, b0, b1, psw, mean, width, out,
-                                              column, acc);
+                                              column, stream, acc);
     return pool_chunk<BITS, AFFINE, OUT>(t, idx, off, b0, b1, psw, mean, width, out, column,
-                                         acc);
+                                         stream, acc);
   });
 }
 
@@ -74,9 +81,10 @@ bool embedding_bags_chunk(const BagsLookupArgs& a, int64_t first_bag, int64_t en
         valid = pool_chunk_any<OUT>(a.tables[a.feature_tables[f]], idx, a.offsets + f * batch,
                                     first_bag, end_bag, a.per_sample_weights,
                                     a.poolings[f] == POOL_MEAN, a.width, a.out,
-                                    a.feature_columns[f], acc) &&
+                                    a.feature_columns[f], a.stream_output, acc) &&
                 valid;
       }
+      if (a.stream_output) stream_fence();
       return valid;
     });
   });

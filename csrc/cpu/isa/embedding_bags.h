@@ -29,6 +29,9 @@ struct BagsLookupArgs {
   int64_t width;
   void* out;  // [B, width] of out_type
   OutputType out_type;
+  // Write the output with streaming stores (pool_bag.h: store_row_streaming): fp32, every
+  // block 32-byte aligned, and too large to stay in cache for its reader.
+  bool stream_output;
 };
 
 // Bags [first_bag, end_bag) of every feature, one feature after another, the next feature's
