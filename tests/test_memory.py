@@ -71,8 +71,8 @@ def test_tables_on_huge_pages(make):
 @pytest.mark.parametrize("result", ["lookup", "backward", "many-table lookup",
                                     "many-table backward"])
 def test_large_results_on_huge_pages(result):
-    """A batch of one id per bag gives a lookup output and row gradients of tens of MB, fresh
-    each call: advised, so their first writes do not fault on every 4 KiB page."""
+    """A batch of one id per bag gives a lookup output and row gradients of tens of MB: on
+    huge pages, so the first writes to fresh memory do not fault on every 4 KiB page."""
     # above glibc's largest mmap threshold (32 MiB), so fresh memory however the process ran
     rows, dim, bags = 1 << 17, 128, 1 << 18  # 128 MiB of fp32 output
     table = ops.quantize(torch.randn(rows, dim), 8, "affine")

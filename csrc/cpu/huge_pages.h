@@ -1,9 +1,9 @@
 // Tables and large op results on transparent huge pages. A lookup reads rows at random from
 // the whole table: with 4 KiB pages nearly every row read from a table of hundreds of MB
 // misses the TLB and waits on a page walk before its cache lines can even be requested; 2 MiB
-// pages leave the walks to a few hundred entries. A large result is fresh memory each call,
-// first written a page fault per 4 KiB page. Only a hint: where the kernel's THP mode is
-// `never` (or on other systems) the memory keeps ordinary pages.
+// pages leave the walks to a few hundred entries. A large result's fresh memory would fault
+// at each 4 KiB page's first write (empty_on_huge_pages, below). Only a hint: where the
+// kernel's THP mode is `never` (or on other systems) the memory keeps ordinary pages.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/EmptyTensor.h>
@@ -40,12 +40,13 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 // pages (4096 x 26 x 128 fp32, 54 MB: 30 ms against 7 ms on huge pages, 1 thread).
 inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr int64_t kCachedFrom = int64_t{1} << 20;
-  int64_t bytes = static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
+  int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
   for (const int64_t s : sizes) bytes *= s;
   if (options.device().is_cpu() && bytes >= kCachedFrom)
-    return at::Tensor(at::detail::empty_generic(sizes, result_allocator(),
-                                     c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     c10::typeMetaToScalarType(options.dtype()), std::nullopt));
+    return at::Tensor(at::detail::empty_generic(
+        sizes, result_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+        std::nullopt));
   at::Tensor t = at::empty(sizes, options);
   if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
   return t;

@@ -26,8 +26,10 @@ inline void store_row_streaming(const float* acc, float shift, int64_t dim, floa
                                 float* out, int64_t first) {
 #if defined(__AVX2__)
   const __m256 s = _mm256_set1_ps(shift), f = _mm256_set1_ps(factor);
-  for (int64_t d = 0; d < dim; d += 8)
-    _mm256_stream_ps(out + first + d, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + d), s), f));
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + d), s), f);
+    _mm256_stream_ps(out + first + d, v);
+  }
 #else
   store_row<OutputType::kFloat>(acc, shift, dim, factor, out, first);
 #endif

@@ -9,10 +9,10 @@
 #include "result_cache.h"
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <string>
 #include <vector>
 #include "huge_pages.h"
 
