@@ -17,6 +17,9 @@
 
 namespace qembed {
 
+// A transparent huge page on x86-64 Linux.
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
 // Advises the whole pages inside [data, data + bytes). Takes effect for pages not yet
 // touched, so call it on fresh memory, before writing the table.
 inline void advise_huge_pages(void* data, size_t bytes) {
@@ -24,8 +27,7 @@ inline void advise_huge_pages(void* data, size_t bytes) {
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(page - 1);
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;  // less holds no huge page: no call
-  if (end >= begin + kHugePage)
+  if (end >= begin + kHugePageBytes)  // less holds no huge page: no call
     madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
   (void)data;

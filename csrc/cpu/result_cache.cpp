@@ -19,8 +19,6 @@
 namespace qembed {
 namespace {
 
-constexpr size_t kHugePage = size_t{2} << 20;
-
 size_t limit_from_environment() {
   const char* text = std::getenv("QEMBED_RESULT_CACHE_MB");
   if (text == nullptr || *text == '\0') return size_t{512} << 20;
@@ -39,10 +37,11 @@ class ResultCache final : public c10::Allocator {
   };
 
   c10::DataPtr allocate(size_t bytes) override {
-    const size_t capacity = (std::max<size_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t capacity =
+        (std::max<size_t>(bytes, 1) + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
     Block* block = take(bytes, capacity);
     if (block == nullptr) {
-      void* data = std::aligned_alloc(kHugePage, capacity);
+      void* data = std::aligned_alloc(kHugePageBytes, capacity);
       TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "qembed: out of memory allocating ",
                        capacity, " bytes for an op's result");
       advise_huge_pages(data, capacity);
