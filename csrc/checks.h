@@ -210,17 +210,14 @@ inline void check_update_f32(const at::Tensor& t, const char* name, int64_t n0, 
   check_same_device(t, name, rows, "rows");
 }
 
-// lowp_update's arguments, all but the values of unique_rows (range and order), which each
-// device checks its own way. `grad` is grad_rows made contiguous. The key offsets place a
-// shard's rows and elements in its whole table: not negative, columns by whole groups of 8.
-inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
-                              const at::Tensor& state, const at::Tensor& step_state,
-                              const at::Tensor& unique_rows, const at::Tensor& grad,
-                              const c10::optional<at::Tensor>& weights,
-                              const c10::optional<at::Tensor>& weights_out, int64_t bits,
-                              int64_t dim, int64_t fmt, int64_t optimizer, int64_t iteration,
-                              bool learn_step, int64_t step_optimizer, int64_t row_offset,
-                              int64_t column_offset) {
+// lowp_update's arguments about the table: its rows, step, state and options. The key
+// offsets place a shard's rows and elements in its whole table: not negative, columns by
+// whole groups of 8.
+inline void check_update_table_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
+                                    const at::Tensor& state, const at::Tensor& step_state,
+                                    int64_t bits, int64_t dim, int64_t fmt, int64_t optimizer,
+                                    int64_t iteration, bool learn_step, int64_t step_optimizer,
+                                    int64_t row_offset, int64_t column_offset) {
   check_rows(rows, dim, bits, fmt);
   TORCH_CHECK_VALUE(fmt != AFFINE, "qembed.lowp_update: training needs a symmetric format");
   TORCH_CHECK_VALUE(rows.is_contiguous(), "qembed.lowp_update: rows must be contiguous");
@@ -237,14 +234,29 @@ inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Te
                     row_offset);
   TORCH_CHECK_VALUE(column_offset >= 0 && column_offset % 8 == 0, "qembed.lowp_update: ",
                     "column_offset must be a non-negative multiple of 8, got ", column_offset);
-  check_index_dtype(unique_rows, "unique_rows");
-  check_same_device(unique_rows, "unique_rows", rows, "rows");
-  const int64_t u = unique_rows.numel(), num_rows = rows.size(0);
-  check_update_f32(grad, "grad_rows", u, dim, rows);
+  const int64_t num_rows = rows.size(0);
   if (state_width(optimizer, dim) > 0)
     check_update_f32(state, "state", num_rows, state_width(optimizer, dim), rows);
   if (learn_step && step_optimizer == STEP_ADAM)
     check_update_f32(step_state, "step_state", fmt == SYM_ROW ? num_rows : 1, 2, rows);
+}
+
+// lowp_update's arguments, all but the values of unique_rows (range and order), which each
+// device checks its own way. `grad` is grad_rows made contiguous.
+inline void check_update_args(const at::Tensor& rows, const c10::optional<at::Tensor>& step,
+                              const at::Tensor& state, const at::Tensor& step_state,
+                              const at::Tensor& unique_rows, const at::Tensor& grad,
+                              const c10::optional<at::Tensor>& weights,
+                              const c10::optional<at::Tensor>& weights_out, int64_t bits,
+                              int64_t dim, int64_t fmt, int64_t optimizer, int64_t iteration,
+                              bool learn_step, int64_t step_optimizer, int64_t row_offset,
+                              int64_t column_offset) {
+  check_update_table_args(rows, step, state, step_state, bits, dim, fmt, optimizer, iteration,
+                          learn_step, step_optimizer, row_offset, column_offset);
+  check_index_dtype(unique_rows, "unique_rows");
+  check_same_device(unique_rows, "unique_rows", rows, "rows");
+  const int64_t u = unique_rows.numel();
+  check_update_f32(grad, "grad_rows", u, dim, rows);
   if (weights.has_value()) check_update_f32(*weights, "weights", u, dim, rows);
   if (weights_out.has_value()) check_update_f32(*weights_out, "weights_out", u, dim, rows);
 }
@@ -375,13 +387,13 @@ inline void check_bags_grad_out(const char* op, const at::Tensor& grad_out,
 
 // embedding_bags_backward's arguments: the lookup's features over tables of widths dims, and
 // grad_out; returns the batch's shape.
-inline BagsShape check_bags_backward_args(const at::Tensor& grad_out, c10::IntArrayRef dims,
+inline BagsShape check_bags_backward_args(const char* op, const at::Tensor& grad_out,
+                                          c10::IntArrayRef dims,
                                           c10::IntArrayRef feature_tables,
                                           c10::IntArrayRef feature_columns,
                                           c10::IntArrayRef poolings, const at::Tensor& values,
                                           const at::Tensor& offsets,
                                           const c10::optional<at::Tensor>& psw) {
-  const char* op = "qembed.embedding_bags_backward: ";
   const BagsShape shape = check_bags_features(op, dims, feature_tables, feature_columns,
                                               poolings, values, offsets, psw);
   check_bags_grad_out(op, grad_out, shape, values);
@@ -411,10 +423,40 @@ inline int64_t key_offset(at::OptionalIntArrayRef offsets, size_t t) {
   return offsets.has_value() ? (*offsets)[t] : 0;
 }
 
-// embedding_bags_update's arguments: one entry per table in every list (the key offsets'
-// lists may be absent: all 0), table t's as lowp_update checks them (iteration =
-// counters[t]; grads[t]: grad_rows[t] made contiguous), every table on table 0's device.
-// The values of unique_rows (range and order) each device checks its own way.
+// The update of every table (embedding_bags_update, embedding_bags_backward_update): one
+// entry per table in every list (the key offsets' lists may be absent: all 0), table t's as
+// lowp_update checks them (iteration = counters[t]), every table on table 0's device.
+inline void check_bags_update_tables(const char* op, at::TensorList tables, at::TensorList steps,
+                                     at::TensorList states, at::TensorList step_states,
+                                     c10::IntArrayRef bits, c10::IntArrayRef dims,
+                                     c10::IntArrayRef formats, int64_t optimizer,
+                                     bool learn_step, int64_t step_optimizer,
+                                     c10::IntArrayRef seeds, c10::IntArrayRef counters,
+                                     at::OptionalIntArrayRef row_offsets,
+                                     at::OptionalIntArrayRef column_offsets) {
+  const size_t num_tables = tables.size();
+  TORCH_CHECK_VALUE(num_tables >= 1 && steps.size() == num_tables &&
+                        states.size() == num_tables && step_states.size() == num_tables &&
+                        bits.size() == num_tables && dims.size() == num_tables &&
+                        formats.size() == num_tables && seeds.size() == num_tables &&
+                        counters.size() == num_tables &&
+                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
+                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
+                    op, "at least one table is needed, and every list needs one entry per ",
+                    "table (", num_tables, ")");
+  for (size_t t = 0; t < num_tables; ++t) {
+    const c10::optional<at::Tensor> step =
+        formats[t] == SYM_TABLE ? c10::optional<at::Tensor>(steps[t]) : c10::nullopt;
+    check_update_table_args(tables[t], step, states[t], step_states[t], bits[t], dims[t],
+                            formats[t], optimizer, counters[t], learn_step, step_optimizer,
+                            key_offset(row_offsets, t), key_offset(column_offsets, t));
+    check_same_device(tables[t], "every table", tables[0], "table 0");
+  }
+}
+
+// embedding_bags_update's arguments: the tables' (check_bags_update_tables) and table t's
+// unique_rows[t] and grads[t] (grad_rows[t] made contiguous) as lowp_update checks them. The
+// values of unique_rows (range and order) each device checks its own way.
 inline void check_bags_update_args(at::TensorList tables, at::TensorList steps,
                                    at::TensorList states, at::TensorList step_states,
                                    at::TensorList unique_rows, at::TensorList grads,
@@ -424,26 +466,40 @@ inline void check_bags_update_args(at::TensorList tables, at::TensorList steps,
                                    c10::IntArrayRef seeds, c10::IntArrayRef counters,
                                    at::OptionalIntArrayRef row_offsets,
                                    at::OptionalIntArrayRef column_offsets) {
+  const char* op = "qembed.embedding_bags_update: ";
+  check_bags_update_tables(op, tables, steps, states, step_states, bits, dims, formats,
+                           optimizer, learn_step, step_optimizer, seeds, counters, row_offsets,
+                           column_offsets);
   const size_t num_tables = tables.size();
-  TORCH_CHECK_VALUE(num_tables >= 1 && steps.size() == num_tables &&
-                        states.size() == num_tables && step_states.size() == num_tables &&
-                        unique_rows.size() == num_tables && grads.size() == num_tables &&
-                        bits.size() == num_tables && dims.size() == num_tables &&
-                        formats.size() == num_tables && seeds.size() == num_tables &&
-                        counters.size() == num_tables &&
-                        (!row_offsets.has_value() || row_offsets->size() == num_tables) &&
-                        (!column_offsets.has_value() || column_offsets->size() == num_tables),
-                    "qembed.embedding_bags_update: at least one table is needed, and every ",
-                    "list needs one entry per table (", num_tables, ")");
+  TORCH_CHECK_VALUE(unique_rows.size() == num_tables && grads.size() == num_tables, op,
+                    "at least one table is needed, and every list needs one entry per table (",
+                    num_tables, ")");
   for (size_t t = 0; t < num_tables; ++t) {
-    const c10::optional<at::Tensor> step =
-        formats[t] == SYM_TABLE ? c10::optional<at::Tensor>(steps[t]) : c10::nullopt;
-    check_update_args(tables[t], step, states[t], step_states[t], unique_rows[t], grads[t],
-                      c10::nullopt, c10::nullopt, bits[t], dims[t], formats[t], optimizer,
-                      counters[t], learn_step, step_optimizer, key_offset(row_offsets, t),
-                      key_offset(column_offsets, t));
-    check_same_device(tables[t], "every table", tables[0], "table 0");
+    check_index_dtype(unique_rows[t], "unique_rows");
+    check_same_device(unique_rows[t], "unique_rows", tables[t], "rows");
+    check_update_f32(grads[t], "grad_rows", unique_rows[t].numel(), dims[t], tables[t]);
   }
+}
+
+// embedding_bags_backward_update's arguments: the lookup's (the tables on values' device)
+// with grad_out, and the update's; returns the batch's shape.
+inline BagsShape check_bags_backward_update_args(
+    const at::Tensor& grad_out, c10::IntArrayRef feature_tables,
+    c10::IntArrayRef feature_columns, c10::IntArrayRef poolings, const at::Tensor& values,
+    const at::Tensor& offsets, const c10::optional<at::Tensor>& psw, at::TensorList tables,
+    at::TensorList steps, at::TensorList states, at::TensorList step_states,
+    c10::IntArrayRef bits, c10::IntArrayRef dims, c10::IntArrayRef formats, int64_t optimizer,
+    bool learn_step, int64_t step_optimizer, c10::IntArrayRef seeds, c10::IntArrayRef counters,
+    at::OptionalIntArrayRef row_offsets, at::OptionalIntArrayRef column_offsets) {
+  const char* op = "qembed.embedding_bags_backward_update: ";
+  check_bags_tables(op, tables, steps, bits, dims, formats, values.device());
+  const BagsShape shape = check_bags_backward_args(op, grad_out, dims, feature_tables,
+                                                   feature_columns, poolings, values, offsets,
+                                                   psw);
+  check_bags_update_tables(op, tables, steps, states, step_states, bits, dims, formats,
+                           optimizer, learn_step, step_optimizer, seeds, counters, row_offsets,
+                           column_offsets);
+  return shape;
 }
 
 // embedding_bags' offsets (host memory, num_features * batch + 1 of them): from 0,

@@ -19,3 +19,7 @@ inline namespace QEMBED_ISA {}  // declared inline before anything reopens it
 #define QEMBED_ISA_BEGIN
 #define QEMBED_ISA_END
 #endif
+
+// For the kernels' small helpers that run once per row: out of line, the accumulators'
+// registers go through memory on every call, and GCC drops a helper's prefetches.
+#define QEMBED_INLINE inline __attribute__((always_inline))

@@ -191,6 +191,18 @@ TORCH_LIBRARY(qembed, m) {
       "float beta1, float beta2, bool learn_step, int step_optimizer, float step_lr, "
       "bool stochastic, int[] seeds, int[] counters, int[]? row_offsets=None, "
       "int[]? column_offsets=None) -> Tensor");
+  // embedding_bags_backward and embedding_bags_update in one call, the row gradients never
+  // stored: the lookup's arguments and grad_out as the backward takes them, then the tables,
+  // their state and the update's options as the update takes them (dims[t] for both). Every
+  // table gets the bits the two ops give it; returns the update's int64 [T].
+  m.def(
+      "embedding_bags_backward_update(Tensor grad_out, int[] feature_tables, "
+      "int[] feature_columns, int[] poolings, Tensor values, Tensor offsets, "
+      "Tensor? per_sample_weights, Tensor(a!)[] tables, Tensor(b!)[] steps, "
+      "Tensor(c!)[] states, Tensor(d!)[] step_states, int[] bits, int[] dims, int[] formats, "
+      "int optimizer, float lr, float eps, float weight_decay, float beta1, float beta2, "
+      "bool learn_step, int step_optimizer, float step_lr, bool stochastic, int[] seeds, "
+      "int[] counters, int[]? row_offsets=None, int[]? column_offsets=None) -> Tensor");
   // A memory hint, values unchanged: back the CPU tensor t (contiguous, not yet written)
   // with transparent huge pages where the system allows it (cpu/huge_pages.h).
   m.def("advise_huge_pages(Tensor t) -> ()");

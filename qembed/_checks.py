@@ -242,14 +242,14 @@ def check_update_f32(t: torch.Tensor, name: str, n0: int, n1: int, rows: torch.T
     check_same_device(t, name, rows, "rows")
 
 
-def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tensor,
-                      step_state: torch.Tensor, unique_rows: torch.Tensor, grad: torch.Tensor,
-                      weights: torch.Tensor | None, weights_out: torch.Tensor | None, bits: int,
-                      dim: int, fmt: int, optimizer: int, iteration: int, learn_step: bool,
-                      step_optimizer: int, row_offset: int = 0, column_offset: int = 0) -> None:
-    """lowp_update's arguments, all but the values of unique_rows (check_update_rows_values);
-    ``grad`` is grad_rows made contiguous. The key offsets place a shard's rows and elements
-    in its whole table: not negative, columns by whole groups of 8."""
+def check_update_table_args(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tensor,
+                            step_state: torch.Tensor, bits: int, dim: int, fmt: int,
+                            optimizer: int, iteration: int, learn_step: bool,
+                            step_optimizer: int, row_offset: int = 0,
+                            column_offset: int = 0) -> None:
+    """lowp_update's arguments about the table: its rows, step, state and options. The key
+    offsets place a shard's rows and elements in its whole table: not negative, columns by
+    whole groups of 8."""
     check_rows(rows, dim, bits, fmt)
     if fmt == AFFINE:
         fail(ValueError, "qembed.lowp_update: training needs a symmetric format")
@@ -269,15 +269,27 @@ def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torc
     if column_offset < 0 or column_offset % 8:
         fail(ValueError, "qembed.lowp_update: column_offset must be a non-negative multiple of "
              "8, got ", column_offset)
-    check_index_dtype(unique_rows, "unique_rows")
-    check_same_device(unique_rows, "unique_rows", rows, "rows")
-    u, num_rows = unique_rows.numel(), rows.shape[0]
-    check_update_f32(grad, "grad_rows", u, dim, rows)
+    num_rows = rows.shape[0]
     width = state_width(optimizer, dim)
     if width > 0:
         check_update_f32(state, "state", num_rows, width, rows)
     if learn_step and step_optimizer == STEP_OPTIMIZERS["adam"]:
         check_update_f32(step_state, "step_state", num_rows if fmt == SYM_ROW else 1, 2, rows)
+
+
+def check_update_args(rows: torch.Tensor, step: torch.Tensor | None, state: torch.Tensor,
+                      step_state: torch.Tensor, unique_rows: torch.Tensor, grad: torch.Tensor,
+                      weights: torch.Tensor | None, weights_out: torch.Tensor | None, bits: int,
+                      dim: int, fmt: int, optimizer: int, iteration: int, learn_step: bool,
+                      step_optimizer: int, row_offset: int = 0, column_offset: int = 0) -> None:
+    """lowp_update's arguments, all but the values of unique_rows (check_update_rows_values);
+    ``grad`` is grad_rows made contiguous."""
+    check_update_table_args(rows, step, state, step_state, bits, dim, fmt, optimizer, iteration,
+                            learn_step, step_optimizer, row_offset, column_offset)
+    check_index_dtype(unique_rows, "unique_rows")
+    check_same_device(unique_rows, "unique_rows", rows, "rows")
+    u = unique_rows.numel()
+    check_update_f32(grad, "grad_rows", u, dim, rows)
     if weights is not None:
         check_update_f32(weights, "weights", u, dim, rows)
     if weights_out is not None:
@@ -401,9 +413,9 @@ def check_bags_grad_out(op: str, grad_out: torch.Tensor, shape: tuple[int, int],
 def check_bags_backward_args(grad_out: torch.Tensor, dims: list[int], feature_tables: list[int],
                              feature_columns: list[int], poolings: list[int],
                              values: torch.Tensor, offsets: torch.Tensor,
-                             psw: torch.Tensor | None) -> tuple[int, int]:
+                             psw: torch.Tensor | None,
+                             op: str = "qembed.embedding_bags_backward: ") -> tuple[int, int]:
     """embedding_bags_backward's arguments; returns (batch size, output width)."""
-    op = "qembed.embedding_bags_backward: "
     shape = check_bags_features(op, dims, feature_tables, feature_columns, poolings, values,
                                 offsets, psw)
     check_bags_grad_out(op, grad_out, shape, values)
@@ -425,6 +437,31 @@ def check_bags_psw_backward_args(grad_out: torch.Tensor, tables: list[torch.Tens
     return shape
 
 
+def check_bags_update_tables(op: str, tables: list[torch.Tensor], steps: list[torch.Tensor],
+                             states: list[torch.Tensor], step_states: list[torch.Tensor],
+                             bits: list[int], dims: list[int], formats: list[int],
+                             optimizer: int, learn_step: bool, step_optimizer: int,
+                             seeds: list[int], counters: list[int],
+                             row_offsets: list[int] | None = None,
+                             column_offsets: list[int] | None = None) -> None:
+    """The update of every table (embedding_bags_update, embedding_bags_backward_update): one
+    entry per table in every list (the key offsets' lists may be None: all 0), table t's as
+    lowp_update checks them (iteration = counters[t]), every table on table 0's device."""
+    n = len(tables)
+    row_offsets = [0] * n if row_offsets is None else row_offsets
+    column_offsets = [0] * n if column_offsets is None else column_offsets
+    if n < 1 or any(len(x) != n for x in (steps, states, step_states, bits, dims, formats,
+                                          seeds, counters, row_offsets, column_offsets)):
+        fail(ValueError, op, "at least one table is needed, and every list needs one entry per "
+             "table (", n, ")")
+    for t in range(n):
+        check_update_table_args(tables[t], steps[t] if formats[t] == SYM_TABLE else None,
+                                states[t], step_states[t], bits[t], dims[t], formats[t],
+                                optimizer, counters[t], learn_step, step_optimizer,
+                                row_offsets[t], column_offsets[t])
+        check_same_device(tables[t], "every table", tables[0], "table 0")
+
+
 def check_bags_update_args(tables: list[torch.Tensor], steps: list[torch.Tensor],
                            states: list[torch.Tensor], step_states: list[torch.Tensor],
                            unique_rows: list[torch.Tensor], grads: list[torch.Tensor],
@@ -432,23 +469,43 @@ def check_bags_update_args(tables: list[torch.Tensor], steps: list[torch.Tensor]
                            learn_step: bool, step_optimizer: int, seeds: list[int],
                            counters: list[int], row_offsets: list[int] | None = None,
                            column_offsets: list[int] | None = None) -> None:
-    """embedding_bags_update's arguments: one entry per table in every list (the key offsets'
-    lists may be None: all 0), table t's as lowp_update checks them (iteration = counters[t];
-    grads: grad_rows made contiguous), every table on table 0's device."""
+    """embedding_bags_update's arguments: the tables' (check_bags_update_tables) and table
+    t's unique_rows[t] and grads[t] (grad_rows[t] made contiguous) as lowp_update checks
+    them."""
+    op = "qembed.embedding_bags_update: "
+    check_bags_update_tables(op, tables, steps, states, step_states, bits, dims, formats,
+                             optimizer, learn_step, step_optimizer, seeds, counters,
+                             row_offsets, column_offsets)
     n = len(tables)
-    row_offsets = [0] * n if row_offsets is None else row_offsets
-    column_offsets = [0] * n if column_offsets is None else column_offsets
-    if n < 1 or any(len(x) != n for x in (steps, states, step_states, unique_rows, grads, bits,
-                                          dims, formats, seeds, counters, row_offsets,
-                                          column_offsets)):
-        fail(ValueError, "qembed.embedding_bags_update: at least one table is needed, and every "
-             "list needs one entry per table (", n, ")")
+    if len(unique_rows) != n or len(grads) != n:
+        fail(ValueError, op, "at least one table is needed, and every list needs one entry per "
+             "table (", n, ")")
     for t in range(n):
-        check_update_args(tables[t], steps[t] if formats[t] == SYM_TABLE else None, states[t],
-                          step_states[t], unique_rows[t], grads[t], None, None, bits[t], dims[t],
-                          formats[t], optimizer, counters[t], learn_step, step_optimizer,
-                          row_offsets[t], column_offsets[t])
-        check_same_device(tables[t], "every table", tables[0], "table 0")
+        check_index_dtype(unique_rows[t], "unique_rows")
+        check_same_device(unique_rows[t], "unique_rows", tables[t], "rows")
+        check_update_f32(grads[t], "grad_rows", unique_rows[t].numel(), dims[t], tables[t])
+
+
+def check_bags_backward_update_args(grad_out: torch.Tensor, feature_tables: list[int],
+                                    feature_columns: list[int], poolings: list[int],
+                                    values: torch.Tensor, offsets: torch.Tensor,
+                                    psw: torch.Tensor | None, tables: list[torch.Tensor],
+                                    steps: list[torch.Tensor], states: list[torch.Tensor],
+                                    step_states: list[torch.Tensor], bits: list[int],
+                                    dims: list[int], formats: list[int], optimizer: int,
+                                    learn_step: bool, step_optimizer: int, seeds: list[int],
+                                    counters: list[int], row_offsets: list[int] | None = None,
+                                    column_offsets: list[int] | None = None) -> tuple[int, int]:
+    """embedding_bags_backward_update's arguments: the lookup's (the tables on values'
+    device) with grad_out, and the update's; returns (batch size, output width)."""
+    op = "qembed.embedding_bags_backward_update: "
+    check_bags_tables(op, tables, steps, bits, dims, formats, values.device)
+    shape = check_bags_backward_args(grad_out, dims, feature_tables, feature_columns, poolings,
+                                     values, offsets, psw, op)
+    check_bags_update_tables(op, tables, steps, states, step_states, bits, dims, formats,
+                             optimizer, learn_step, step_optimizer, seeds, counters, row_offsets,
+                             column_offsets)
+    return shape
 
 
 def check_f32_shape(t: torch.Tensor, op: str, name: str, shape: list[int]) -> None:

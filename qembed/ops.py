@@ -412,6 +412,45 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
     return torch.ops.qembed.embedding_bags_update(*args)
 
 
+def embedding_bags_backward_update(grad_out: torch.Tensor, feature_tables: list[int],
+                                   feature_columns: list[int], poolings: list,
+                                   values: torch.Tensor, offsets: torch.Tensor,
+                                   per_sample_weights: torch.Tensor | None,
+                                   tables: list[torch.Tensor], steps: list[torch.Tensor],
+                                   states: list[torch.Tensor], step_states: list[torch.Tensor],
+                                   bits: list[int], dims: list[int], formats: list,
+                                   optimizer: str = "adagrad", lr: float = 0.01,
+                                   eps: float = 1e-8, weight_decay: float = 0.0,
+                                   betas: tuple[float, float] = (0.9, 0.999),
+                                   learn_step: bool = False, step_optimizer: str = "sgd",
+                                   step_lr: float = 0.0, stochastic: bool = True,
+                                   seeds: list[int] | None = None,
+                                   counters: list[int] | None = None,
+                                   row_offsets: list[int] | None = None,
+                                   column_offsets: list[int] | None = None) -> torch.Tensor:
+    """:func:`embedding_bags_backward` then :func:`embedding_bags_update` on its result, in
+    one call that never stores the row gradients: each distinct row's gradient is summed and
+    applied at once (on the CPU; CUDA runs the two ops). The lookup's arguments and
+    ``grad_out`` as the backward takes them, the tables and the update's options as the
+    update takes them; every table gets the bits the two ops give it. Returns the rows
+    skipped per table for a non-finite gradient (int64 [T])."""
+    n = len(tables)
+    seeds = [0] * n if seeds is None else [int(x) for x in seeds]
+    counters = [1] * n if counters is None else [int(x) for x in counters]
+    row_offsets = None if row_offsets is None else [int(x) for x in row_offsets]
+    column_offsets = None if column_offsets is None else [int(x) for x in column_offsets]
+    args = (grad_out, [int(t) for t in feature_tables], [int(c) for c in feature_columns],
+            _pooling_ids(poolings), values, offsets, per_sample_weights, list(tables),
+            list(steps), list(states), list(step_states), [int(b) for b in bits],
+            [int(d) for d in dims], _format_ids(formats), optimizer_id(optimizer), lr, eps,
+            weight_decay, betas[0], betas[1], learn_step,
+            optimizer_id(step_optimizer, STEP_OPTIMIZERS), step_lr, stochastic, seeds, counters,
+            row_offsets, column_offsets)
+    if not _compiled():
+        return reference.embedding_bags_backward_update(*args)
+    return torch.ops.qembed.embedding_bags_backward_update(*args)
+
+
 def table_zeros(*shape: int, dtype: torch.dtype = torch.uint8, device=None) -> torch.Tensor:
     """``torch.zeros`` for a table's storage. On CPU the memory is advised for transparent
     huge pages before it is first written (where the system allows it): random row reads
@@ -558,6 +597,20 @@ if HAS_EXTENSION:
                                        [g.contiguous() for g in grad_rows], bits, dims, formats,
                                        optimizer, learn_step, step_optimizer, seeds, counters,
                                        row_offsets, column_offsets)
+        return tables[0].new_empty(len(tables), dtype=torch.long)
+
+    @torch.library.register_fake("qembed::embedding_bags_backward_update")
+    def _embedding_bags_backward_update_fake(grad_out, feature_tables, feature_columns,
+                                             poolings, values, offsets, psw, tables, steps,
+                                             states, step_states, bits, dims, formats,
+                                             optimizer, lr, eps, weight_decay, beta1, beta2,
+                                             learn_step, step_optimizer, step_lr, stochastic,
+                                             seeds, counters, row_offsets=None,
+                                             column_offsets=None):
+        _checks.check_bags_backward_update_args(
+            grad_out, feature_tables, feature_columns, poolings, values, offsets, psw, tables,
+            steps, states, step_states, bits, dims, formats, optimizer, learn_step,
+            step_optimizer, seeds, counters, row_offsets, column_offsets)
         return tables[0].new_empty(len(tables), dtype=torch.long)
 
     # embedding_bags' tables get no gradient (training updates them in its own backward, see

@@ -227,7 +227,8 @@ def _lane_sum(x: torch.Tensor) -> torch.Tensor:
     upper half of the partials added onto the lower, 16 -> 8 -> 4 -> 2 -> 1. Padding with
     zeros changes nothing: the partials start at +0 and never hold -0."""
     n = x.shape[-1]
-    x = torch.nn.functional.pad(x, (0, -n % SUM_LANES)).reshape(*x.shape[:-1], -1, SUM_LANES)
+    groups = (n + SUM_LANES - 1) // SUM_LANES  # not -1 in the reshape: x may have no rows
+    x = torch.nn.functional.pad(x, (0, -n % SUM_LANES)).reshape(*x.shape[:-1], groups, SUM_LANES)
     acc = torch.zeros(x.shape[:-2] + (SUM_LANES,), dtype=x.dtype, device=x.device)
     for k in range(x.shape[-2]):
         acc = acc + x[..., k, :]
@@ -547,6 +548,45 @@ def embedding_bags_update(tables: list[torch.Tensor], steps: list[torch.Tensor],
                            column_offset=column_offsets[t])
                for t in range(n)]
     return torch.stack([s.reshape(()) for s in skipped]).long()
+
+
+def embedding_bags_backward_update(grad_out: torch.Tensor, feature_tables: list[int],
+                                   feature_columns: list[int], poolings: list,
+                                   values: torch.Tensor, offsets: torch.Tensor,
+                                   per_sample_weights: torch.Tensor | None,
+                                   tables: list[torch.Tensor], steps: list[torch.Tensor],
+                                   states: list[torch.Tensor], step_states: list[torch.Tensor],
+                                   bits: list[int], dims: list[int], formats: list,
+                                   optimizer: str | int = "adagrad", lr: float = 0.01,
+                                   eps: float = 1e-8, weight_decay: float = 0.0,
+                                   beta1: float = 0.9, beta2: float = 0.999,
+                                   learn_step: bool = False, step_optimizer: str | int = "sgd",
+                                   step_lr: float = 0.0, stochastic: bool = True,
+                                   seeds: list[int] | None = None,
+                                   counters: list[int] | None = None,
+                                   row_offsets: list[int] | None = None,
+                                   column_offsets: list[int] | None = None) -> torch.Tensor:
+    """embedding_bags_backward, then embedding_bags_update on its rows and gradients."""
+    op = "qembed.embedding_bags_backward_update: "
+    opt, sopt = optimizer_id(optimizer), optimizer_id(step_optimizer, STEP_OPTIMIZERS)
+    n = len(tables)
+    seeds = [0] * n if seeds is None else seeds
+    counters = [1] * n if counters is None else counters
+    fmts = [format_id(f) for f in formats]
+    pools = [pooling_id(p) for p in poolings]
+    batch, _ = _checks.check_bags_backward_update_args(
+        grad_out, feature_tables, feature_columns, pools, values, offsets, per_sample_weights,
+        tables, steps, states, step_states, bits, dims, fmts, opt, learn_step, sopt, seeds,
+        counters, row_offsets, column_offsets)
+    _checks.check_bags_offsets_values(op, offsets, max(batch, 1), values.numel())
+    _checks.check_bags_ids_values(op, values, offsets, batch, feature_tables,
+                                  [t.shape[0] for t in tables])
+    rows, grads = embedding_bags_backward(grad_out, dims, feature_tables, feature_columns, pools,
+                                          values, offsets, per_sample_weights)
+    return embedding_bags_update(tables, steps, states, step_states, rows, grads, bits, dims,
+                                 fmts, opt, lr, eps, weight_decay, beta1, beta2, learn_step,
+                                 sopt, step_lr, stochastic, seeds, counters, row_offsets,
+                                 column_offsets)
 
 
 # --- mixed-precision embeddings (MPE) -----------------------------------------------------

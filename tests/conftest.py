@@ -509,15 +509,19 @@ def mixed_specs(bits_list, dims=(8, 20, 64, 3, 24), fmts=FORMATS):
             for i, b in enumerate(bits_list)]
 
 
+def training_state(t: Table, optimizer: str, step_optimizer: str | None) -> dict:
+    """A symmetric table with random optimizer state, as a dict of embedding_bags_update's
+    per-table arguments."""
+    rows = t.rows.shape[0]
+    step_state = torch.rand(rows if t.fmt == "symmetric" else 1,
+                            2 if step_optimizer == "adam" else 0)
+    return dict(rows=t.rows, step=t.step if t.step is not None else torch.empty(0),
+                state=torch.rand(rows, STATE_WIDTH[optimizer](t.dim)), step_state=step_state,
+                bits=t.bits, dim=t.dim, fmt=t.fmt)
+
+
 def trainable_tables(specs):
-    """Symmetric tables with random steps and optimizer state, as dicts of embedding_bags_update's
-    per-table arguments; specs: (rows, dim, bits, format, optimizer, step optimizer or None)."""
-    out = []
-    for rows, dim, bits, fmt, optimizer, step_optimizer in specs:
-        t = random_table(rows, dim, bits, fmt)
-        step_state = torch.rand(rows if fmt == "symmetric" else 1,
-                                2 if step_optimizer == "adam" else 0)
-        out.append(dict(rows=t.rows, step=t.step if t.step is not None else torch.empty(0),
-                        state=torch.rand(rows, STATE_WIDTH[optimizer](dim)),
-                        step_state=step_state, bits=bits, dim=dim, fmt=fmt))
-    return out
+    """Symmetric tables with random steps and optimizer state (training_state); specs:
+    (rows, dim, bits, format, optimizer, step optimizer or None)."""
+    return [training_state(random_table(rows, dim, bits, fmt), optimizer, step_optimizer)
+            for rows, dim, bits, fmt, optimizer, step_optimizer in specs]

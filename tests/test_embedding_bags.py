@@ -1,8 +1,10 @@
 """embedding_bags (every feature of a batch in one lookup), its backward, its per-sample
-weight gradient and the fused update of all tables, on the CPU and CUDA kernels: against
-the reference, against the single-table ops feature by feature, and on bad input. No
-TorchRec needed."""
+weight gradient, the fused update of all tables and the backward and update in one op, on
+the CPU and CUDA kernels: against the reference, against the single-table ops feature by
+feature (and the one op against the two), and on bad input. No TorchRec needed."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from conftest import (
     mixed_specs,
     same,
     trainable_tables,
+    training_state,
 )
 
 from qembed import formats, ops, reference
@@ -261,6 +264,103 @@ def test_update_equals_single_table_update(backend, optimizer, learn_step, step_
             assert same(got[key], ref[key]), key
 
 
+# --- backward and update in one op ---------------------------------------------------------
+
+TRAIN_FORMATS = ("symmetric", "symmetric_table")
+TRAIN_OPTIONS = [("adagrad", False, "sgd"), ("adam", True, "adam"), ("sgd", True, "sgd")]
+
+
+def update_options(tables, optimizer, learn_step, step_optimizer):
+    n = len(tables)
+    return dict(optimizer=optimizer, lr=0.05, eps=1e-6, weight_decay=0.01, betas=(0.8, 0.95),
+                learn_step=learn_step, step_optimizer=step_optimizer, step_lr=0.01,
+                stochastic=True, seeds=[3 + 2**40 * t for t in range(n)],
+                counters=[2 + t for t in range(n)], row_offsets=[5 * t for t in range(n)],
+                column_offsets=[8 * t for t in range(n)])
+
+
+def backward_update(backend, impl, b, grad, tables, options):
+    """impl (an embedding_bags_backward_update) on the backend, in place in `tables`."""
+    moved = [{k: backend.to(v) for k, v in t.items()} for t in tables]
+    skipped = backend.run(
+        impl, grad, b.tables_of, b.columns, b.poolings, b.values, b.offsets, b.weights,
+        [t["rows"] for t in moved], [t["step"] for t in moved], [t["state"] for t in moved],
+        [t["step_state"] for t in moved], [t["bits"] for t in moved],
+        [t["dim"] for t in moved], [t["fmt"] for t in moved], **options)
+    for t, m in zip(tables, moved):
+        t.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in m.items()})
+    return skipped.cpu()
+
+
+def assert_same_tables(got, want):
+    for g, w in zip(got, want):
+        for key in ("rows", "step", "state", "step_state"):
+            assert same(g[key], w[key]), key
+
+
+@pytest.mark.parametrize("bits,tables_of,poolings", CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("optimizer,learn_step,step_optimizer", TRAIN_OPTIONS)
+@pytest.mark.parametrize("backend", backends(*COMPILED_BACKENDS))
+def test_backward_update_equals_backward_then_update(backend, bits, tables_of, poolings,
+                                                    weighted, optimizer, learn_step,
+                                                    step_optimizer):
+    """Bit for bit: every table gets what embedding_bags_backward then embedding_bags_update
+    give it, and what the reference gives it; a row with a non-finite gradient is skipped
+    alike."""
+    if weighted:
+        poolings = ["sum"] * len(tables_of)
+    b = KeyedBatch(mixed_specs(bits, fmts=TRAIN_FORMATS), tables_of, batch=9,
+                   poolings=poolings, weighted=weighted)
+    tables = [training_state(t, optimizer, step_optimizer) for t in b.tables]
+    grad = torch.randn(9, b.width) * 0.1
+    grad[:, 1] = float("nan")  # feature 0's column 1: every row it read is skipped
+    options = update_options(tables, optimizer, learn_step, step_optimizer)
+    fused, two, ref = clone_tables(tables), clone_tables(tables), clone_tables(tables)
+    skipped = backward_update(backend, ops.embedding_bags_backward_update, b, grad, fused,
+                              options)
+    rows, grads = backend.run(ops.embedding_bags_backward, *backward_args(b, grad))
+    skipped_two = update_all(backend, ops.embedding_bags_update, two, rows, grads, **options)
+    assert same(skipped, skipped_two)
+    assert int(skipped[tables_of[0]]) == b.feature(0)[0].unique().numel() > 0
+    assert_same_tables(fused, two)
+    skipped_ref = backward_update(backends("reference")[0].values[0],
+                                  ops.embedding_bags_backward_update, b, grad, ref, options)
+    assert same(skipped, skipped_ref)
+    assert_same_tables(fused, ref)
+
+
+@pytest.mark.usefixtures("cpu_capability")
+@pytest.mark.parametrize("optimizer,learn_step,step_optimizer", TRAIN_OPTIONS)
+def test_backward_update_thread_count(optimizer, learn_step, step_optimizer):
+    """The rows are split over threads by their work: any thread count gives the same bits,
+    tables of a few rows read by many positions included."""
+    specs = [(3, 16, 8, "symmetric"), (2000, 24, 4, "symmetric_table"), (7, 8, 2, "symmetric")]
+    b = KeyedBatch(specs, [0, 1, 2, 0], batch=2000, max_len=3)
+    tables = [training_state(t, optimizer, step_optimizer) for t in b.tables]
+    grad = torch.randn(2000, b.width)
+    options = update_options(tables, optimizer, learn_step, step_optimizer)
+    one, many = clone_tables(tables), clone_tables(tables)
+    cpu = backends("cpu")[0].values[0]
+    on_threads(1, lambda: backward_update(cpu, ops.embedding_bags_backward_update, b, grad, one,
+                                          options))
+    on_threads(3, lambda: backward_update(cpu, ops.embedding_bags_backward_update, b, grad,
+                                          many, options))
+    assert_same_tables(one, many)
+
+
+@pytest.mark.parametrize("backend", backends("cpu", "reference", "cuda"))
+def test_backward_update_empty_batch(backend):
+    b = KeyedBatch(mixed_specs([8, 2], dims=(16, 8), fmts=TRAIN_FORMATS), [0, 1], batch=0)
+    tables = [training_state(t, "adagrad", None) for t in b.tables]
+    before = clone_tables(tables)
+    options = update_options(tables, "adagrad", False, "sgd")
+    skipped = backward_update(backend, ops.embedding_bags_backward_update, b,
+                              torch.zeros(0, 24), tables, options)
+    assert skipped.tolist() == [0, 0]
+    assert_same_tables(tables, before)
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 def lookup_raises(backend, b, exc, match):
@@ -328,6 +428,34 @@ def test_bad_backward_and_update_arguments(backend):
             backend.context():
         ops.embedding_bags_update(*args, [torch.tensor([1, 2])] * 2, grads, *meta,
                                   optimizer="sgd", column_offsets=[0, 12])
+
+
+@pytest.mark.parametrize("backend", backends("cpu", "reference"))
+def test_bad_backward_update_arguments(backend):
+    """Checked before anything is read or written: the tables stay as they were."""
+    b = KeyedBatch(mixed_specs([8, 4], fmts=TRAIN_FORMATS), [0, 1], batch=4, max_len=3)
+    tables = [training_state(t, "adagrad", None) for t in b.tables]
+    before = clone_tables(tables)
+    options = update_options(tables, "adagrad", False, "sgd")
+    grad = torch.zeros(4, b.width)
+
+    def raises(exc, match, batch=b, grad=grad, tables=tables, **changed):
+        with pytest.raises(exc, match=match):
+            backward_update(backend, ops.embedding_bags_backward_update, batch, grad, tables,
+                            dict(options, **changed))
+        assert_same_tables(tables, before)
+
+    raises(ValueError, r"grad_out must be \[4, ", grad=torch.zeros(5, b.width))
+    raises(ValueError, "one entry per table", seeds=[1])
+    raises(ValueError, "column_offset must be a non-negative multiple of 8",
+           column_offsets=[0, 12])
+    affine = clone_tables(tables)
+    affine[1]["fmt"] = "affine"
+    raises(ValueError, "table 1 must be", tables=affine)
+    wrong = copy.copy(b)
+    wrong.values = b.values.clone()
+    wrong.values[-1] = b.tables[1].rows.shape[0]  # feature 1's last id, one past its table
+    raises(IndexError, r"feature 1 \(table 1\) has id", batch=wrong)
 
 
 # --- torch.compile -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from conftest import (
     random_table,
     search_inputs,
     trainable_tables,
+    training_state,
 )
 
 from qembed import formats, ops
@@ -134,6 +135,19 @@ def bags_update_args(learn_step, stochastic, key_offsets=()):
             formats.STEP_OPTIMIZERS["adam"], 0.01, stochastic, [1, 2], [3, 4], *key_offsets)
 
 
+def bags_backward_update_args(learn_step, weighted):
+    b = KeyedBatch(mixed_specs([4, 7, 2], fmts=["symmetric", "symmetric_table"]), [0, 1, 2, 0],
+                   batch=5, weighted=weighted)
+    tables = [training_state(t, "adagrad", "adam") for t in b.tables]
+    return (torch.randn(b.batch, b.width), b.tables_of, b.columns, [0, 1, 0, 0] if not weighted
+            else [0, 0, 0, 0], b.values, b.offsets, b.weights, [t["rows"] for t in tables],
+            [t["step"] for t in tables], [t["state"] for t in tables],
+            [t["step_state"] for t in tables], [t["bits"] for t in tables],
+            [t["dim"] for t in tables], [FMT[t["fmt"]] for t in tables],
+            formats.OPTIMIZERS["adagrad"], 0.1, 1e-8, 0.0, 0.9, 0.999, learn_step,
+            formats.STEP_OPTIMIZERS["adam"], 0.01, True, [1, 2, 3], [3, 4, 5])
+
+
 # op name -> argument sets (built inside the test, so from its seeded generator) and the
 # opcheck utils to run (None: all)
 CASES = {
@@ -182,6 +196,8 @@ CASES = {
     "embedding_bags_update": [lambda: bags_update_args(True, True),
                               lambda: bags_update_args(False, False),
                               lambda: bags_update_args(True, True, ([5, 0], [0, 8]))],
+    "embedding_bags_backward_update": [lambda: bags_backward_update_args(True, False),
+                                       lambda: bags_backward_update_args(False, True)],
     "advise_huge_pages": [lambda: (torch.empty(3 << 20, dtype=torch.uint8),),
                           lambda: (torch.empty(5, 16),)],
 }

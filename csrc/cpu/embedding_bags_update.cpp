@@ -2,17 +2,15 @@
 // distinct row) is a work item of one parallel loop, so small and large tables share the
 // threads; each row is updated by the same function as lowp_update's (update_row.h), with its
 // table's width, state, seed and counter, so a table gets the bits lowp_update gives it.
-// Tables with a learned per-table step finish with lowp_update's step pass. The op checks its
-// arguments and splits the items over threads; the kernels (isa/embedding_bags_update.cpp,
-// isa/lowp_update.cpp) update the rows.
+// Tables with a learned per-table step finish with lowp_update's step pass
+// (bags_training.h). The op checks its arguments and splits the items over threads; the
+// kernels (isa/embedding_bags_update.cpp, isa/lowp_update.cpp) update the rows.
 #include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <algorithm>
 #include <vector>
 #include "../checks.h"
-#include "../optim.h"
 #include "../padded_rows.h"
+#include "bags_training.h"
 #include "isa/embedding_bags_update.h"
 
 namespace qembed {
@@ -36,13 +34,9 @@ at::Tensor embedding_bags_update_cpu(
   // Rows are updated at their padded width (update_row.h): zero gradient on the pad columns.
   for (at::Tensor& g : grads) g = pad_columns(g).contiguous();
   std::vector<at::Tensor> uniqs;
-  std::vector<UpdateArgs> work(num_tables);
-  // A table's second-pass buffers (a learned per-table step): the rows' updated values
-  // [U, padded D] and LSQ sums; and every table's skipped rows.
-  std::vector<std::vector<float>> kept(num_tables), lsq(num_tables);
-  std::vector<std::vector<uint8_t>> skipped(num_tables);
-  std::vector<int64_t> item_start(num_tables + 1, 0);
-  int64_t max_dim = 0;
+  std::vector<const int64_t*> rows;
+  std::vector<int64_t> counts;
+  std::vector<const float*> grad_ptrs;
   for (size_t t = 0; t < num_tables; ++t) {
     uniqs.push_back(unique_rows[t].to(at::kLong).contiguous());
     const int64_t u = uniqs[t].numel(), num_rows = tables[t].size(0);
@@ -54,47 +48,20 @@ at::Tensor embedding_bags_update_cpu(
       TORCH_CHECK_VALUE(k == 0 || uniq[k] > uniq[k - 1], op, "table ", t, ": unique_rows must ",
                         "be strictly increasing (as embedding_bags_backward returns them)");
     }
-    const bool deferred = learn_step && formats[t] == SYM_TABLE;
-    if (deferred) {
-      kept[t].resize(u * padded_dim(dims[t]));
-      lsq[t].resize(u);
-    }
-    skipped[t].assign(u, 0);
-    work[t] = {{tables[t].data_ptr<uint8_t>(), tables[t].size(1),
-                formats[t] == SYM_TABLE ? steps[t].data_ptr<float>() : nullptr,
-                states[t].data_ptr<float>(), step_states[t].data_ptr<float>()},
-               bits[t], uniq, u, grads[t].data_ptr<float>(), nullptr,
-               deferred ? kept[t].data() : nullptr, false, deferred ? lsq[t].data() : nullptr,
-               skipped[t].data(),
-               make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
-                                  beta2, counters[t], learn_step, step_optimizer, step_lr),
-               {stochastic, static_cast<uint64_t>(seeds[t]), static_cast<uint64_t>(counters[t]),
-                0, static_cast<uint64_t>(key_offset(row_offsets, t)),
-                key_offset(column_offsets, t)}};
-    item_start[t + 1] = item_start[t] + u;
-    max_dim = std::max(max_dim, padded_dim(dims[t]));
+    rows.push_back(uniq);
+    counts.push_back(u);
+    grad_ptrs.push_back(grads[t].data_ptr<float>());
   }
-
-  const BagsUpdateArgs args{work.data(), item_start.data()};
-  at::parallel_for(0, item_start[num_tables], 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * max_dim);
+  const TableUpdates updates = table_updates(
+      tables, steps, states, step_states, rows, counts, grad_ptrs, bits, dims, formats,
+      optimizer, lr, eps, weight_decay, beta1, beta2, learn_step, step_optimizer, step_lr,
+      stochastic, seeds, counters, row_offsets, column_offsets);
+  const BagsUpdateArgs args = updates.args();
+  at::parallel_for(0, updates.item_start.back(), 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(3 * updates.max_dim);
     QEMBED_CPU_KERNEL(embedding_bags_update_rows)(args, begin, end, scratch.data());
   });
-
-  at::Tensor num_skipped = at::zeros({static_cast<int64_t>(num_tables)},
-                                     at::TensorOptions().dtype(at::kLong));
-  int64_t* counts = num_skipped.data_ptr<int64_t>();
-  for (size_t t = 0; t < num_tables; ++t) {
-    const UpdateArgs& w = work[t];
-    for (uint8_t x : skipped[t]) counts[t] += x;
-    if (w.lsq && counts[t] < w.num_unique) {
-      const float s = QEMBED_CPU_KERNEL(lowp_update_table_step)(w, counts[t]);
-      at::parallel_for(0, w.num_unique, 16, [&](int64_t begin, int64_t end) {
-        QEMBED_CPU_KERNEL(lowp_update_encode)(w, begin, end, s);
-      });
-    }
-  }
-  return num_skipped;
+  return finish_updates(updates);
 }
 
 }  // namespace

@@ -12,10 +12,6 @@
 #include <algorithm>
 #include <cstring>
 
-// The accumulators' methods run once per row read: when the compiler leaves one out of line,
-// the accumulator registers go through memory on every call.
-#define QEMBED_INLINE inline __attribute__((always_inline))
-
 namespace qembed {
 
 // The rest differs per instruction set (the accumulators' types too), so it lies in the

@@ -193,12 +193,14 @@ QEMBED_INLINE void prefetch_unique_row(const UpdateArgs& a, int64_t k) {
   if (sw > 0) prefetch_span(a.table.state + r * sw, sw * sizeof(float));
 }
 
-// update_row for row unique_rows[k] of a's table, its rounding keyed by the row (plus the table's row offset): its values
-// go to a.kept (or scratch, 3 * padded dim floats), its LSQ sum, with one learned step per
-// table, to a.lsq. A row whose gradient or given weights are not finite is marked skipped
-// (and reads NaN in the weights kept for the caller).
+// update_row for row unique_rows[k] of a's table with gradient grad ([padded dim]), its
+// rounding keyed by the row (plus the table's row offset): its values go to a.kept (or
+// scratch, 3 * padded dim floats), its LSQ sum, with one learnt step per table, to a.lsq. A
+// row whose gradient or given weights are not finite is marked skipped (and reads NaN in the
+// weights kept for the caller).
 template <int BITS>
-inline void update_unique_row(const UpdateArgs& a, int64_t k, float* scratch) {
+inline void update_unique_row(const UpdateArgs& a, int64_t k, const float* grad,
+                              float* scratch) {
   const UpdateConfig& c = a.config;
   const int64_t width = padded_dim(c.dim), r = a.unique_rows[k];
   const int64_t ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
@@ -209,7 +211,7 @@ inline void update_unique_row(const UpdateArgs& a, int64_t k, float* scratch) {
                       c.fmt == SYM_ROW ? 0.0f : *a.table.table_step,
                       a.table.state + r * state_width(c.optimizer, c.dim),
                       a.table.step_state + r * ssw,
-                      a.grad + k * width,
+                      grad,
                       a.weights ? a.weights + k * width : nullptr,
                       w,
                       scratch + width};

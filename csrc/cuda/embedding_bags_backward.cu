@@ -36,7 +36,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     c10::IntArrayRef feature_columns, c10::IntArrayRef poolings, const at::Tensor& values,
     const at::Tensor& offsets_in, const c10::optional<at::Tensor>& psw) {
   const char* op = "qembed.embedding_bags_backward: ";
-  const BagsShape shape = check_bags_backward_args(grad_out_in, dims, feature_tables,
+  const BagsShape shape = check_bags_backward_args(op, grad_out_in, dims, feature_tables,
                                                    feature_columns, poolings, values,
                                                    offsets_in, psw);
   const int64_t batch = shape.batch_size;

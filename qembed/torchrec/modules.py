@@ -384,19 +384,20 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
                                                values, offsets)
 
     def _backward(self, grad_out, values, offsets, weights, plan: _Plan) -> None:
-        rows, grads = ops.embedding_bags_backward(
-            grad_out, [m.embedding_dim for m in self.embedding_bags.values()],
-            plan.feature_tables, plan.feature_columns, plan.poolings, values, offsets,
-            None if weights is None else weights.detach())
         modules = list(self.embedding_bags.values())
-        if any(m._step_pass for m in modules):  # only the tables two-pass ALPT is stepping
-            for m, r, g in zip(modules, rows, grads):
-                if m._step_pass:
-                    m._apply_row_grads(r, g)
-        elif self._fused(modules):
-            update_tables(modules, self._table_args(), rows, grads)
-        else:
-            for m, r, g in zip(modules, rows, grads):
+        dims = [m.embedding_dim for m in modules]
+        weights = None if weights is None else weights.detach()
+        stepping = any(m._step_pass for m in modules)
+        if not stepping and self._fused(modules):
+            backward_update_tables(modules, self._table_args(), grad_out, plan.feature_tables,
+                                   plan.feature_columns, plan.poolings, values, offsets,
+                                   weights)
+            return
+        rows, grads = ops.embedding_bags_backward(
+            grad_out, dims, plan.feature_tables, plan.feature_columns, plan.poolings, values,
+            offsets, weights)
+        for m, r, g in zip(modules, rows, grads):
+            if m._step_pass or not stepping:  # only the tables two-pass ALPT is stepping
                 m._apply_row_grads(r, g)
 
     @staticmethod
@@ -421,25 +422,39 @@ def table_args(modules: list[nn.Module]):
             [m.format for m in modules])
 
 
-@torch.no_grad()
-def update_tables(modules: list[_LowPrecisionTable], args, rows, grads) -> None:
-    """Each table's LowPrecisionEmbeddingBag.update_rows, all in one call (the tables share
-    their update options; `args`: their :func:`table_args`); a table that is a shard keys
-    its rounding by its place in the whole table."""
+def _update_options(modules: list[_LowPrecisionTable]) -> dict:
+    """The many-table update's options for these tables (which share them), their counters
+    advanced: a table that is a shard keys its rounding by its place in the whole table."""
     for m in modules:
         m._finish_pending()
-    counters = [m._next_update() for m in modules]
     m0 = modules[0]
-    tables, steps, bits, dims, formats = args
-    skipped = ops.embedding_bags_update(
-        tables, steps, [m.state for m in modules], [m.step_state for m in modules], rows,
-        grads, bits, dims, formats, optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps,
-        weight_decay=m0.weight_decay, betas=m0.betas, learn_step=m0.learn_step,
-        step_optimizer=m0.step_optimizer, step_lr=m0.step_lr,
-        stochastic=m0.rounding == "stochastic", seeds=[m._counters()[0] for m in modules],
-        counters=counters, row_offsets=[m.row_offset for m in modules],
-        column_offsets=[m.column_offset for m in modules])
+    return dict(optimizer=m0.optimizer, lr=m0.lr, eps=m0.eps, weight_decay=m0.weight_decay,
+                betas=m0.betas, learn_step=m0.learn_step, step_optimizer=m0.step_optimizer,
+                step_lr=m0.step_lr, stochastic=m0.rounding == "stochastic",
+                seeds=[m._counters()[0] for m in modules],
+                counters=[m._next_update() for m in modules],
+                row_offsets=[m.row_offset for m in modules],
+                column_offsets=[m.column_offset for m in modules])
+
+
+def _count_skipped(modules: list[_LowPrecisionTable], skipped: torch.Tensor) -> None:
+    """Each table's count of rows skipped for a non-finite gradient."""
     if skipped.device.type == "cpu" and not bool(skipped.any()):
         return  # the usual case, without a counter update per table
-    for m, s in zip(modules, skipped.to(m0.qweight.device)):
+    for m, s in zip(modules, skipped.to(modules[0].qweight.device)):
         m._count_skipped(s)
+
+
+@torch.no_grad()
+def backward_update_tables(modules: list[_LowPrecisionTable], args, grad_out, feature_tables,
+                           feature_columns, poolings, values, offsets, weights) -> None:
+    """The backward of a lookup of these tables (`args`: their :func:`table_args`) and their
+    update, in one call that never stores the row gradients (they share their update
+    options)."""
+    options = _update_options(modules)
+    tables, steps, bits, dims, formats = args
+    skipped = ops.embedding_bags_backward_update(
+        grad_out, feature_tables, feature_columns, poolings, values, offsets, weights, tables,
+        steps, [m.state for m in modules], [m.step_state for m in modules], bits, dims,
+        formats, **options)
+    _count_skipped(modules, skipped)

@@ -101,8 +101,8 @@ from .modules import (
     _POOLING,
     LowPrecisionEmbeddingBagCollection,
     QuantizedEmbeddingBagCollection,
+    backward_update_tables,
     table_args,
-    update_tables,
 )
 
 SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value,
@@ -206,10 +206,9 @@ class _ShardLookupFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, offsets, weights = ctx.saved_tensors
         lookup = ctx.lookup
-        rows, grads = ops.embedding_bags_backward(
-            grad_out, [m.embedding_dim for m in lookup.tables], lookup.feature_tables,
-            lookup.feature_columns, lookup.poolings, values, offsets, weights)
-        update_tables(lookup.tables, table_args(lookup.tables), rows, grads)
+        backward_update_tables(lookup.tables, table_args(lookup.tables), grad_out,
+                               lookup.feature_tables, lookup.feature_columns, lookup.poolings,
+                               values, offsets, weights)
         return None, None, None, None, None
 
 

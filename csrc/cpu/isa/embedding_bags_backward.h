@@ -6,9 +6,9 @@
 
 namespace qembed {
 
-// Each table's positions in row order (pos[t][j], with row key[t][j]), cut into runs of one
-// row (run k starts at j = starts[t][k] and ends at the next run's start, or num_positions[t]).
-// Work item i of [0, item_start[T]) is run i - item_start[t] of table t.
+// Each table's positions in row order (pos[t][j]), cut into runs of one row (run k starts at
+// j = starts[t][k] and ends at the next run's start, or num_positions[t]). Work item i of
+// [0, item_start[T]) is run i - item_start[t] of table t.
 struct BagsBackwardArgs {
   const float* grad_out;  // [B, width]
   int64_t width;
@@ -16,17 +16,15 @@ struct BagsBackwardArgs {
   const int64_t* item_start;  // [T + 1]
   const int64_t* dims;        // [T]
   const int64_t* const* pos;
-  const int64_t* const* key;
   const int64_t* const* starts;
   const int64_t* num_positions;  // [T]
   const int64_t* bag;     // the row of grad_out of each position
   const int64_t* column;  // the first column of its feature's block in grad_out
   const float* factor;    // the factor of each position's gradient
-  int64_t* const* unique_rows;  // [T][U_t]
-  float* const* grad_rows;      // [T][U_t, dim_t]
+  float* const* grad_rows;  // [T][U_t, dim_t] (embedding_bags_backward's result)
 };
 
-// Work items [begin, end): each run's gradients summed in position order.
+// Work items [begin, end): each run's gradients summed in position order into grad_rows.
 QEMBED_DECLARE_CPU_KERNEL(void embedding_bags_backward_rows(const BagsBackwardArgs& a,
                                                             int64_t begin, int64_t end))
 

@@ -17,7 +17,8 @@ void embedding_bags_update_rows(const BagsUpdateArgs& a, int64_t begin, int64_t 
     const int64_t k = i - a.item_start[t];
     if (k + kUpdatePrefetchDistance < table.num_unique && i + kUpdatePrefetchDistance < end)
       prefetch_unique_row(table, k + kUpdatePrefetchDistance);
-    QEMBED_DISPATCH_BITS(table.bits, [&] { update_unique_row<BITS>(table, k, scratch); });
+    const float* grad = table.grad + k * padded_dim(table.config.dim);
+    QEMBED_DISPATCH_BITS(table.bits, [&] { update_unique_row<BITS>(table, k, grad, scratch); });
   }
 }
 

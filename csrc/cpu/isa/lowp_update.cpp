@@ -10,9 +10,10 @@ QEMBED_ISA_BEGIN
 
 void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end, float* scratch) {
   QEMBED_DISPATCH_BITS(a.bits, [&] {
+    const int64_t width = padded_dim(a.config.dim);
     for (int64_t k = begin; k < end; ++k) {
       if (k + kUpdatePrefetchDistance < end) prefetch_unique_row(a, k + kUpdatePrefetchDistance);
-      update_unique_row<BITS>(a, k, scratch);
+      update_unique_row<BITS>(a, k, a.grad + k * width, scratch);
     }
   });
 }

@@ -24,7 +24,7 @@ struct UpdateArgs {
   int64_t bits;
   const int64_t* unique_rows;
   int64_t num_unique;
-  const float* grad;     // [U, W]
+  const float* grad;     // [U, W]; null where each row's gradient is summed as it is updated
   const float* weights;  // [U, W] fp32 weights to start from instead of the codes; or null
   // [U, W]: the updated weights, kept for the caller (weights_out) or for the second pass
   // (one step per table, learnt); else null.

@@ -1,0 +1,215 @@
+// What the many-table training ops share (embedding_bags_backward, embedding_bags_update and
+// embedding_bags_backward_update, which is the two in one pass):
+// - RowRuns: a batch's positions ordered by row per table, cut into runs of one row, with
+//   where each position's gradient is in grad_out and its factor; one (table, run) is one
+//   work item, and a run's gradient is summed in position order (run_gradient.h);
+// - TableUpdates: the per-table update arguments, and the end of an update (skipped rows
+//   counted, a learnt per-table step moved and its rows re-quantized).
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <algorithm>
+#include <vector>
+#include "../checks.h"
+#include "../optim.h"
+#include "isa/embedding_bags_backward.h"
+#include "isa/embedding_bags_update.h"
+#include "isa/lowp_update.h"
+#include "row_order.h"
+
+namespace qembed {
+
+struct RowRuns {
+  // Per position: its row of grad_out, the first column of its feature's block there, and
+  // the factor its gradient is scaled by (the weight, 1 / bag length for mean, or 1).
+  std::vector<int64_t> bag, column;
+  std::vector<float> factor;
+  // Per table: positions ordered by row (repeats in position order), the start of each run,
+  // and the distinct rows (one per run, ascending).
+  std::vector<std::vector<int64_t>> pos, starts, rows;
+  std::vector<int64_t> item_start;  // [T + 1]: table t's first work item
+  // The pointer arrays of the kernels' arguments.
+  std::vector<const int64_t*> pos_ptr, starts_ptr, rows_ptr;
+  std::vector<int64_t> num_positions, num_rows;
+
+  int64_t num_items() const { return item_start.back(); }
+
+  // The kernels' arguments; grad_rows (one pointer per table) is null where the kernel sums
+  // into scratch.
+  BagsBackwardArgs args(const float* grad_out, int64_t width, c10::IntArrayRef dims,
+                        float* const* grad_rows) const {
+    return {grad_out,          width,          static_cast<int64_t>(pos.size()),
+            item_start.data(), dims.data(),    pos_ptr.data(),
+            starts_ptr.data(), num_positions.data(), bag.data(),
+            column.data(),     factor.data(),  grad_rows};
+  }
+};
+
+// The runs of a batch of `batch` bags per feature (offsets checked, key-major, int64).
+inline RowRuns row_runs(int64_t num_tables, int64_t batch, c10::IntArrayRef feature_tables,
+                        c10::IntArrayRef feature_columns, c10::IntArrayRef poolings,
+                        const int64_t* idx, const int64_t* off, int64_t n, const float* psw) {
+  const int64_t num_features = static_cast<int64_t>(feature_tables.size());
+  RowRuns r;
+  r.bag.resize(n);
+  r.column.resize(n);
+  r.factor.resize(n);
+  at::parallel_for(0, num_features * batch, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t f = k / batch;
+      const bool mean = poolings[f] == POOL_MEAN;
+      const float inv = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
+      for (int64_t p = off[k]; p < off[k + 1]; ++p) {
+        r.bag[p] = k % batch;
+        r.column[p] = feature_columns[f];
+        r.factor[p] = psw ? psw[p] : (mean ? inv : 1.0f);
+      }
+    }
+  });
+  r.pos.resize(num_tables);
+  r.starts.resize(num_tables);
+  r.rows.resize(num_tables);
+  at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::vector<int64_t> table_pos;
+      for (int64_t f = 0; f < num_features; ++f)
+        if (feature_tables[f] == t)
+          for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p) table_pos.push_back(p);
+      std::vector<int64_t> key(table_pos.size());
+      for (size_t j = 0; j < key.size(); ++j) key[j] = idx[table_pos[j]];
+      SortedPositions sorted = sorted_positions(key.data(), static_cast<int64_t>(key.size()));
+      for (size_t j = 0; j < key.size(); ++j) {
+        sorted.pos[j] = table_pos[sorted.pos[j]];
+        if (j == 0 || sorted.key[j] != sorted.key[j - 1]) {
+          r.starts[t].push_back(static_cast<int64_t>(j));
+          r.rows[t].push_back(sorted.key[j]);
+        }
+      }
+      r.pos[t].swap(sorted.pos);
+    }
+  });
+  r.item_start.assign(num_tables + 1, 0);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    r.item_start[t + 1] = r.item_start[t] + static_cast<int64_t>(r.rows[t].size());
+    r.pos_ptr.push_back(r.pos[t].data());
+    r.starts_ptr.push_back(r.starts[t].data());
+    r.rows_ptr.push_back(r.rows[t].data());
+    r.num_positions.push_back(static_cast<int64_t>(r.pos[t].size()));
+    r.num_rows.push_back(static_cast<int64_t>(r.rows[t].size()));
+  }
+  return r;
+}
+
+// Work items [0, num_items) split into `parts` ranges of about equal work, a run costing its
+// positions plus `run_cost`: at::parallel_for's equal counts of items would give one thread
+// all the runs of a small table, thousands of positions each. Returns the parts + 1 bounds.
+inline std::vector<int64_t> balanced_bounds(const RowRuns& r, int64_t parts, int64_t run_cost) {
+  const int64_t num_tables = static_cast<int64_t>(r.pos.size());
+  std::vector<int64_t> work(r.num_items() + 1, 0);  // work before item i
+  int64_t i = 0;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const int64_t runs = r.num_rows[t];
+    for (int64_t k = 0; k < runs; ++k, ++i) {
+      const int64_t end = k + 1 < runs ? r.starts[t][k + 1] : r.num_positions[t];
+      work[i + 1] = work[i] + end - r.starts[t][k] + run_cost;
+    }
+  }
+  std::vector<int64_t> bounds(parts + 1, r.num_items());
+  bounds[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = work.back() * p / parts;
+    bounds[p] = std::lower_bound(work.begin(), work.end(), target) - work.begin();
+  }
+  return bounds;
+}
+
+// Calls fn(begin, end) on each of balanced_bounds' ranges, one per thread.
+template <typename F>
+void parallel_over_runs(const RowRuns& r, int64_t run_cost, const F& fn) {
+  const std::vector<int64_t> bounds = balanced_bounds(r, at::get_num_threads(), run_cost);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part)
+      if (bounds[part] < bounds[part + 1]) fn(bounds[part], bounds[part + 1]);
+  });
+}
+
+// The update of every table's distinct rows rows[t][0, counts[t]) with gradients grads[t]
+// ([U_t, padded dim], or null where the kernel sums them itself), as embedding_bags_update
+// takes its arguments (checked).
+struct TableUpdates {
+  std::vector<UpdateArgs> work;
+  // A table's second-pass buffers (a learnt per-table step): the rows' updated values
+  // [U, padded D] and LSQ sums; and every table's skipped rows.
+  std::vector<std::vector<float>> kept, lsq;
+  std::vector<std::vector<uint8_t>> skipped;
+  std::vector<int64_t> item_start;
+  int64_t max_dim = 0;  // the largest padded dim
+
+  BagsUpdateArgs args() const { return {work.data(), item_start.data()}; }
+};
+
+inline TableUpdates table_updates(at::TensorList tables, at::TensorList steps,
+                                  at::TensorList states, at::TensorList step_states,
+                                  const std::vector<const int64_t*>& rows,
+                                  const std::vector<int64_t>& counts,
+                                  const std::vector<const float*>& grads, c10::IntArrayRef bits,
+                                  c10::IntArrayRef dims, c10::IntArrayRef formats,
+                                  int64_t optimizer, double lr, double eps, double weight_decay,
+                                  double beta1, double beta2, bool learn_step,
+                                  int64_t step_optimizer, double step_lr, bool stochastic,
+                                  c10::IntArrayRef seeds, c10::IntArrayRef counters,
+                                  at::OptionalIntArrayRef row_offsets,
+                                  at::OptionalIntArrayRef column_offsets) {
+  const size_t num_tables = tables.size();
+  TableUpdates u;
+  u.work.resize(num_tables);
+  u.kept.resize(num_tables);
+  u.lsq.resize(num_tables);
+  u.skipped.resize(num_tables);
+  u.item_start.assign(num_tables + 1, 0);
+  for (size_t t = 0; t < num_tables; ++t) {
+    const int64_t count = counts[t];
+    const bool deferred = learn_step && formats[t] == SYM_TABLE;
+    if (deferred) {
+      u.kept[t].resize(count * padded_dim(dims[t]));
+      u.lsq[t].resize(count);
+    }
+    u.skipped[t].assign(count, 0);
+    u.work[t] = {{tables[t].data_ptr<uint8_t>(), tables[t].size(1),
+                  formats[t] == SYM_TABLE ? steps[t].data_ptr<float>() : nullptr,
+                  states[t].data_ptr<float>(), step_states[t].data_ptr<float>()},
+                 bits[t], rows[t], count, grads[t], nullptr,
+                 deferred ? u.kept[t].data() : nullptr, false,
+                 deferred ? u.lsq[t].data() : nullptr, u.skipped[t].data(),
+                 make_update_config(dims[t], formats[t], optimizer, lr, eps, weight_decay, beta1,
+                                    beta2, counters[t], learn_step, step_optimizer, step_lr),
+                 {stochastic, static_cast<uint64_t>(seeds[t]),
+                  static_cast<uint64_t>(counters[t]), 0,
+                  static_cast<uint64_t>(key_offset(row_offsets, t)),
+                  key_offset(column_offsets, t)}};
+    u.item_start[t + 1] = u.item_start[t] + count;
+    u.max_dim = std::max(u.max_dim, padded_dim(dims[t]));
+  }
+  return u;
+}
+
+// After every row's update: the rows skipped per table (int64 [T], the op's result), and
+// the tables with a learnt per-table step moved and re-quantized.
+inline at::Tensor finish_updates(const TableUpdates& u) {
+  const int64_t num_tables = static_cast<int64_t>(u.work.size());
+  at::Tensor num_skipped = at::zeros({num_tables}, at::TensorOptions().dtype(at::kLong));
+  int64_t* counts = num_skipped.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const UpdateArgs& w = u.work[t];
+    for (uint8_t x : u.skipped[t]) counts[t] += x;
+    if (w.lsq && counts[t] < w.num_unique) {
+      const float s = QEMBED_CPU_KERNEL(lowp_update_table_step)(w, counts[t]);
+      at::parallel_for(0, w.num_unique, 16, [&](int64_t begin, int64_t end) {
+        QEMBED_CPU_KERNEL(lowp_update_encode)(w, begin, end, s);
+      });
+    }
+  }
+  return num_skipped;
+}
+
+}  // namespace qembed

@@ -1,0 +1,40 @@
+// The gradient of one distinct row of a many-table backward (isa/embedding_bags_backward.h's
+// runs): the one summation embedding_bags_backward and embedding_bags_backward_update share,
+// so that both give a row the same bits.
+#pragma once
+#include <cstdint>
+#include "../isa_namespace.h"
+#include "isa/embedding_bags_backward.h"
+
+namespace qembed {
+QEMBED_ISA_BEGIN
+
+// Positions ahead whose gradient row is fetched: rows in row order read grad_out's rows in
+// no order, and a small table's run holds many positions, so the fetch runs ahead over the
+// table's positions rather than over its runs.
+constexpr int64_t kPositionPrefetch = 16;
+
+// acc[0, dim) <- the sum over table t's run k (of num_runs) of its positions' gradients
+// times their factors, in position order.
+QEMBED_INLINE void sum_run_gradient(const BagsBackwardArgs& a, int64_t t, int64_t k,
+                                    int64_t num_runs, float* acc) {
+  const int64_t dim = a.dims[t], n = a.num_positions[t];
+  const int64_t* pos = a.pos[t];
+  const int64_t j0 = a.starts[t][k];
+  const int64_t j1 = k + 1 < num_runs ? a.starts[t][k + 1] : n;
+  for (int64_t d = 0; d < dim; ++d) acc[d] = 0.0f;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kPositionPrefetch < n) {
+      const int64_t q = pos[j + kPositionPrefetch];
+      const float* ahead = a.grad_out + a.bag[q] * a.width + a.column[q];
+      for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(ahead + d, 0, 3);
+    }
+    const int64_t p = pos[j];
+    const float f = a.factor[p];
+    const float* g = a.grad_out + a.bag[p] * a.width + a.column[p];
+    for (int64_t d = 0; d < dim; ++d) acc[d] += g[d] * f;
+  }
+}
+
+QEMBED_ISA_END
+}  // namespace qembed
