@@ -1,6 +1,6 @@
 // What the many-table training ops share (embedding_bags_backward, embedding_bags_update and
 // embedding_bags_backward_update, which is the two in one pass):
-// - RowRuns: a batch's positions ordered by row per table, cut into runs of one row, with
+// - RowRuns: a batch's positions ordered by row per table, cut into runs of one row, as
 //   where each position's gradient is in grad_out and its factor; one (table, run) is one
 //   work item, and a run's gradient is summed in position order (run_gradient.h);
 // - TableUpdates: the per-table update arguments, and the end of an update (skipped rows
@@ -20,81 +20,85 @@
 namespace qembed {
 
 struct RowRuns {
-  // Per position: its row of grad_out, the first column of its feature's block there, and
-  // the factor its gradient is scaled by (the weight, 1 / bag length for mean, or 1).
-  std::vector<int64_t> bag, column;
-  std::vector<float> factor;
-  // Per table: positions ordered by row (repeats in position order), the start of each run,
-  // and the distinct rows (one per run, ascending).
-  std::vector<std::vector<int64_t>> pos, starts, rows;
+  // Per table, in row order (repeats in position order): each position's gradient, as the
+  // offset of its row in grad_out (its bag's row, its feature's first column) and the factor
+  // it is scaled by (the weight, 1 / bag length for mean, or 1); the start of each run; the
+  // distinct rows (one per run, ascending). The kernels then read these in order, and only
+  // the gradient rows at random.
+  std::vector<std::vector<int64_t>> offset, starts, rows;
+  std::vector<std::vector<float>> factor;
   std::vector<int64_t> item_start;  // [T + 1]: table t's first work item
   // The pointer arrays of the kernels' arguments.
-  std::vector<const int64_t*> pos_ptr, starts_ptr, rows_ptr;
+  std::vector<const int64_t*> offset_ptr, starts_ptr, rows_ptr;
+  std::vector<const float*> factor_ptr;
   std::vector<int64_t> num_positions, num_rows;
 
   int64_t num_items() const { return item_start.back(); }
 
   // The kernels' arguments; grad_rows (one pointer per table) is null where the kernel sums
   // into scratch.
-  BagsBackwardArgs args(const float* grad_out, int64_t width, c10::IntArrayRef dims,
+  BagsBackwardArgs args(const float* grad_out, c10::IntArrayRef dims,
                         float* const* grad_rows) const {
-    return {grad_out,          width,          static_cast<int64_t>(pos.size()),
-            item_start.data(), dims.data(),    pos_ptr.data(),
-            starts_ptr.data(), num_positions.data(), bag.data(),
-            column.data(),     factor.data(),  grad_rows};
+    return {grad_out,          static_cast<int64_t>(offset.size()),
+            item_start.data(), dims.data(),
+            offset_ptr.data(), factor_ptr.data(),
+            starts_ptr.data(), num_positions.data(),
+            grad_rows};
   }
 };
 
-// The runs of a batch of `batch` bags per feature (offsets checked, key-major, int64).
-inline RowRuns row_runs(int64_t num_tables, int64_t batch, c10::IntArrayRef feature_tables,
-                        c10::IntArrayRef feature_columns, c10::IntArrayRef poolings,
-                        const int64_t* idx, const int64_t* off, int64_t n, const float* psw) {
+// The runs of a batch of `batch` bags per feature (offsets checked, key-major, int64) whose
+// output gradient is `width` wide.
+inline RowRuns row_runs(int64_t num_tables, int64_t batch, int64_t width,
+                        c10::IntArrayRef feature_tables, c10::IntArrayRef feature_columns,
+                        c10::IntArrayRef poolings, const int64_t* idx, const int64_t* off,
+                        const float* psw) {
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
   RowRuns r;
-  r.bag.resize(n);
-  r.column.resize(n);
-  r.factor.resize(n);
-  at::parallel_for(0, num_features * batch, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t f = k / batch;
-      const bool mean = poolings[f] == POOL_MEAN;
-      const float inv = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
-      for (int64_t p = off[k]; p < off[k + 1]; ++p) {
-        r.bag[p] = k % batch;
-        r.column[p] = feature_columns[f];
-        r.factor[p] = psw ? psw[p] : (mean ? inv : 1.0f);
-      }
-    }
-  });
-  r.pos.resize(num_tables);
+  r.offset.resize(num_tables);
+  r.factor.resize(num_tables);
   r.starts.resize(num_tables);
   r.rows.resize(num_tables);
   at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      std::vector<int64_t> table_pos;
-      for (int64_t f = 0; f < num_features; ++f)
-        if (feature_tables[f] == t)
-          for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p) table_pos.push_back(p);
-      std::vector<int64_t> key(table_pos.size());
-      for (size_t j = 0; j < key.size(); ++j) key[j] = idx[table_pos[j]];
-      SortedPositions sorted = sorted_positions(key.data(), static_cast<int64_t>(key.size()));
-      for (size_t j = 0; j < key.size(); ++j) {
-        sorted.pos[j] = table_pos[sorted.pos[j]];
+      // The table's positions in the order of values: their ids, gradient offsets, factors.
+      std::vector<int64_t> key, offset;
+      std::vector<float> factor;
+      for (int64_t f = 0; f < num_features; ++f) {
+        if (feature_tables[f] != t) continue;
+        const bool mean = poolings[f] == POOL_MEAN;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t k = f * batch + b;
+          const float inv = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
+          for (int64_t p = off[k]; p < off[k + 1]; ++p) {
+            key.push_back(idx[p]);
+            offset.push_back(b * width + feature_columns[f]);
+            factor.push_back(psw ? psw[p] : (mean ? inv : 1.0f));
+          }
+        }
+      }
+      const int64_t n = static_cast<int64_t>(key.size());
+      SortedPositions sorted = sorted_positions(key.data(), n);
+      r.offset[t].resize(n);
+      r.factor[t].resize(n);
+      for (int64_t j = 0; j < n; ++j) {
+        r.offset[t][j] = offset[sorted.pos[j]];
+        r.factor[t][j] = factor[sorted.pos[j]];
         if (j == 0 || sorted.key[j] != sorted.key[j - 1]) {
-          r.starts[t].push_back(static_cast<int64_t>(j));
+          r.starts[t].push_back(j);
           r.rows[t].push_back(sorted.key[j]);
         }
       }
-      r.pos[t].swap(sorted.pos);
     }
   });
   r.item_start.assign(num_tables + 1, 0);
   for (int64_t t = 0; t < num_tables; ++t) {
     r.item_start[t + 1] = r.item_start[t] + static_cast<int64_t>(r.rows[t].size());
-    r.pos_ptr.push_back(r.pos[t].data());
+    r.offset_ptr.push_back(r.offset[t].data());
+    r.factor_ptr.push_back(r.factor[t].data());
     r.starts_ptr.push_back(r.starts[t].data());
     r.rows_ptr.push_back(r.rows[t].data());
-    r.num_positions.push_back(static_cast<int64_t>(r.pos[t].size()));
+    r.num_positions.push_back(static_cast<int64_t>(r.offset[t].size()));
     r.num_rows.push_back(static_cast<int64_t>(r.rows[t].size()));
   }
   return r;
@@ -104,7 +108,7 @@ inline RowRuns row_runs(int64_t num_tables, int64_t batch, c10::IntArrayRef feat
 // positions plus `run_cost`: at::parallel_for's equal counts of items would give one thread
 // all the runs of a small table, thousands of positions each. Returns the parts + 1 bounds.
 inline std::vector<int64_t> balanced_bounds(const RowRuns& r, int64_t parts, int64_t run_cost) {
-  const int64_t num_tables = static_cast<int64_t>(r.pos.size());
+  const int64_t num_tables = static_cast<int64_t>(r.offset.size());
   std::vector<int64_t> work(r.num_items() + 1, 0);  // work before item i
   int64_t i = 0;
   for (int64_t t = 0; t < num_tables; ++t) {

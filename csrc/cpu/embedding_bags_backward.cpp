@@ -38,8 +38,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
                             values.numel());
   at::Tensor psw;
   if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
-  const RowRuns runs = row_runs(num_tables, batch, feature_tables, feature_columns, poolings,
-                                values.data_ptr<int64_t>(), off, values.numel(),
+  const RowRuns runs = row_runs(num_tables, batch, shape.width, feature_tables,
+                                feature_columns, poolings, values.data_ptr<int64_t>(), off,
                                 psw.defined() ? psw.data_ptr<float>() : nullptr);
 
   std::vector<at::Tensor> unique_rows, grad_rows;
@@ -51,8 +51,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     grad_rows.push_back(empty_on_huge_pages({u, dims[t]}, grad_out.options()));
     out.push_back(grad_rows[t].data_ptr<float>());
   }
-  const BagsBackwardArgs args = runs.args(grad_out.data_ptr<float>(), shape.width, dims,
-                                          out.data());
+  const BagsBackwardArgs args = runs.args(grad_out.data_ptr<float>(), dims, out.data());
   parallel_over_runs(runs, 1, [&](int64_t begin, int64_t end) {
     QEMBED_CPU_KERNEL(embedding_bags_backward_rows)(args, begin, end);
   });

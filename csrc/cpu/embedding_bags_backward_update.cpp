@@ -42,8 +42,8 @@ at::Tensor embedding_bags_backward_update_cpu(
   check_bags_ids_values(op, idx, off, batch, feature_tables, num_rows);
   at::Tensor psw;
   if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
-  const RowRuns runs = row_runs(static_cast<int64_t>(tables.size()), batch, feature_tables,
-                                feature_columns, poolings, idx, off, values.numel(),
+  const RowRuns runs = row_runs(static_cast<int64_t>(tables.size()), batch, shape.width,
+                                feature_tables, feature_columns, poolings, idx, off,
                                 psw.defined() ? psw.data_ptr<float>() : nullptr);
 
   const std::vector<const float*> no_grads(tables.size(), nullptr);
@@ -51,8 +51,7 @@ at::Tensor embedding_bags_backward_update_cpu(
       tables, steps, states, step_states, runs.rows_ptr, runs.num_rows, no_grads, bits, dims,
       formats, optimizer, lr, eps, weight_decay, beta1, beta2, learn_step, step_optimizer,
       step_lr, stochastic, seeds, counters, row_offsets, column_offsets);
-  const BagsBackwardArgs grad_args =
-      runs.args(grad_out.data_ptr<float>(), shape.width, dims, nullptr);
+  const BagsBackwardArgs grad_args = runs.args(grad_out.data_ptr<float>(), dims, nullptr);
   const BagsUpdateArgs update_args = updates.args();
   // A distinct row's update costs about as much as summing a few gradient rows.
   parallel_over_runs(runs, 3, [&](int64_t begin, int64_t end) {

@@ -19,19 +19,18 @@ constexpr int64_t kPositionPrefetch = 16;
 QEMBED_INLINE void sum_run_gradient(const BagsBackwardArgs& a, int64_t t, int64_t k,
                                     int64_t num_runs, float* acc) {
   const int64_t dim = a.dims[t], n = a.num_positions[t];
-  const int64_t* pos = a.pos[t];
+  const int64_t* offset = a.offset[t];
+  const float* factor = a.factor[t];
   const int64_t j0 = a.starts[t][k];
   const int64_t j1 = k + 1 < num_runs ? a.starts[t][k + 1] : n;
   for (int64_t d = 0; d < dim; ++d) acc[d] = 0.0f;
   for (int64_t j = j0; j < j1; ++j) {
     if (j + kPositionPrefetch < n) {
-      const int64_t q = pos[j + kPositionPrefetch];
-      const float* ahead = a.grad_out + a.bag[q] * a.width + a.column[q];
+      const float* ahead = a.grad_out + offset[j + kPositionPrefetch];
       for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(ahead + d, 0, 3);
     }
-    const int64_t p = pos[j];
-    const float f = a.factor[p];
-    const float* g = a.grad_out + a.bag[p] * a.width + a.column[p];
+    const float f = factor[j];
+    const float* g = a.grad_out + offset[j];
     for (int64_t d = 0; d < dim; ++d) acc[d] += g[d] * f;
   }
 }

@@ -6,22 +6,20 @@
 
 namespace qembed {
 
-// Each table's positions in row order (pos[t][j]), cut into runs of one row (run k starts at
-// j = starts[t][k] and ends at the next run's start, or num_positions[t]). Work item i of
-// [0, item_start[T]) is run i - item_start[t] of table t.
+// Each table's positions in row order, as the offset of each one's gradient row in grad_out
+// (offset[t][j]) and the factor it is scaled by (factor[t][j]), cut into runs of one row (run
+// k starts at j = starts[t][k] and ends at the next run's start, or num_positions[t]). Work
+// item i of [0, item_start[T]) is run i - item_start[t] of table t.
 struct BagsBackwardArgs {
   const float* grad_out;  // [B, width]
-  int64_t width;
   int64_t num_tables;
   const int64_t* item_start;  // [T + 1]
   const int64_t* dims;        // [T]
-  const int64_t* const* pos;
+  const int64_t* const* offset;
+  const float* const* factor;
   const int64_t* const* starts;
   const int64_t* num_positions;  // [T]
-  const int64_t* bag;     // the row of grad_out of each position
-  const int64_t* column;  // the first column of its feature's block in grad_out
-  const float* factor;    // the factor of each position's gradient
-  float* const* grad_rows;  // [T][U_t, dim_t] (embedding_bags_backward's result)
+  float* const* grad_rows;       // [T][U_t, dim_t] (embedding_bags_backward's result)
 };
 
 // Work items [begin, end): each run's gradients summed in position order into grad_rows.
