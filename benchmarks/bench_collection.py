@@ -224,6 +224,10 @@ def main():
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's); with 1, CPU time of the thread is "
                         "timed, which a loaded machine disturbs least")
+    p.add_argument("--parts", nargs="+", default=["lookup", "training"],
+                   choices=["lookup", "training"],
+                   help="what to time (training alone needs far less memory: with glibc keeping "
+                        "freed memory, both in one process can exhaust 24 GiB)")
     p.add_argument("--quick", action="store_true", help="small tables and batch: a smoke run")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--suffix", default="", help="appended to the results' file names")
@@ -239,16 +243,17 @@ def main():
         cfg = configs(a.max_rows, dim)
         tbe = fbgemm_tbe(cfg, optimizer=True)
         ebc = torchrec_fp32(cfg, tbe)
-        for ids in (1, a.multi_hot):
+        for ids in (1, a.multi_hot) if "lookup" in a.parts else ():
             inputs = batches(cfg, a.batch, ids, a.batches, a.dist, gen)
             for r in lookup_rows(cfg, inputs, a.repeats, tbe, ebc, a.bits, clock):
                 lookup.append(dict(dim=dim, ids_per_bag=ids, **r))
                 print(lookup[-1], flush=True)
             gc.collect()
-        inputs = batches(cfg, a.batch, 1, a.batches, a.dist, gen)
-        for r in training_rows(cfg, inputs, a.repeats, tbe, ebc, a.train_bits, clock):
-            train.append(dict(dim=dim, ids_per_bag=1, **r))
-            print(train[-1], flush=True)
+        if "training" in a.parts:
+            inputs = batches(cfg, a.batch, 1, a.batches, a.dist, gen)
+            for r in training_rows(cfg, inputs, a.repeats, tbe, ebc, a.train_bits, clock):
+                train.append(dict(dim=dim, ids_per_bag=1, **r))
+                print(train[-1], flush=True)
         del tbe, ebc
         gc.collect()
     notes = (f"{len(CRITEO_ROWS)} tables, Criteo's cardinalities capped at {a.max_rows:,} rows; "
@@ -259,11 +264,13 @@ def main():
     env = [f"{k}={v}" for k, v in sorted(os.environ.items())
            if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"]
     notes += f" Environment: {' '.join(env)}." if env else ""
-    print(write_results("collection_cpu" + a.suffix, lookup,
-                        "Criteo-shaped collection lookup (CPU)", notes, a.out))
-    print(write_results("collection_train_cpu" + a.suffix, train,
-                        "Criteo-shaped collection training step (CPU)", notes, a.out))
-    plot(lookup, os.path.join(a.out, f"collection_cpu{a.suffix}.png"))
+    if lookup:
+        print(write_results("collection_cpu" + a.suffix, lookup,
+                            "Criteo-shaped collection lookup (CPU)", notes, a.out))
+        plot(lookup, os.path.join(a.out, f"collection_cpu{a.suffix}.png"))
+    if train:
+        print(write_results("collection_train_cpu" + a.suffix, train,
+                            "Criteo-shaped collection training step (CPU)", notes, a.out))
     print(stamp())
 
 
