@@ -325,10 +325,10 @@ class LowPrecisionEmbeddingBagCollection(_Collection):
     :class:`qembed.LowPrecisionEmbeddingBag` per table (``bits`` per table or for all, the
     other options of ``LowPrecisionEmbeddingBag`` for all), updated inside backward.
 
-    One backward computes every table's row gradients in one call
-    (:func:`qembed.ops.embedding_bags_backward`) and updates every table in one more
-    (:func:`qembed.ops.embedding_bags_update`); tables with ``fused_update=False`` or
-    two-pass ALPT go through their module's own path. Table ``t`` (in config order) draws
+    One call computes every table's row gradients and updates every table
+    (:func:`qembed.ops.embedding_bags_backward_update`, each row's gradient applied as soon
+    as it is summed); tables with ``fused_update=False`` or two-pass ALPT go through their
+    module's own path. Table ``t`` (in config order) draws
     its initial values and stochastic rounding from ``seed + t`` (or ``seed[name]`` from a
     dict), so a collection equals per-table modules built with those seeds, bit for bit.
     """
