@@ -47,12 +47,26 @@ struct RowRuns {
   }
 };
 
-// The runs of a batch of `batch` bags per feature (offsets checked, key-major, int64) whose
-// output gradient is `width` wide.
-inline RowRuns row_runs(int64_t num_tables, int64_t batch, int64_t width,
+// The runs of a batch whose arguments `op` has checked (check_bags_backward_args): values,
+// offsets and weights as the ops take them, shape.batch_size bags per feature, an output
+// gradient shape.width wide. The offsets are checked here, and with num_rows (each table's
+// rows) the ids too. The runs keep no pointer into the tensors.
+inline RowRuns row_runs(const char* op, int64_t num_tables, const BagsShape& shape,
                         c10::IntArrayRef feature_tables, c10::IntArrayRef feature_columns,
-                        c10::IntArrayRef poolings, const int64_t* idx, const int64_t* off,
-                        const float* psw) {
+                        c10::IntArrayRef poolings, const at::Tensor& values_in,
+                        const at::Tensor& offsets_in, const c10::optional<at::Tensor>& psw_in,
+                        const std::vector<int64_t>* num_rows = nullptr) {
+  const int64_t batch = shape.batch_size, width = shape.width;
+  const at::Tensor values = values_in.to(at::kLong).contiguous();
+  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  const int64_t* idx = values.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_bags_offsets_values(op, off, offsets.numel(), std::max<int64_t>(batch, 1),
+                            values.numel());
+  if (num_rows) check_bags_ids_values(op, idx, off, batch, feature_tables, *num_rows);
+  at::Tensor psw_t;
+  if (psw_in.has_value()) psw_t = psw_in->to(at::kFloat).contiguous();
+  const float* psw = psw_t.defined() ? psw_t.data_ptr<float>() : nullptr;
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
   RowRuns r;
   r.offset.resize(num_tables);

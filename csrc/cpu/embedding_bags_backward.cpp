@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
-#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -28,26 +27,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
   const BagsShape shape = check_bags_backward_args(op, grad_out_in, dims, feature_tables,
                                                    feature_columns, poolings, values_in,
                                                    offsets_in, psw_in);
-  const int64_t batch = shape.batch_size;
   const int64_t num_tables = static_cast<int64_t>(dims.size());
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
-  const at::Tensor values = values_in.to(at::kLong).contiguous();
-  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_bags_offsets_values(op, off, offsets.numel(), std::max<int64_t>(batch, 1),
-                            values.numel());
-  at::Tensor psw;
-  if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
-  const RowRuns runs = row_runs(num_tables, batch, shape.width, feature_tables,
-                                feature_columns, poolings, values.data_ptr<int64_t>(), off,
-                                psw.defined() ? psw.data_ptr<float>() : nullptr);
+  const RowRuns runs = row_runs(op, num_tables, shape, feature_tables, feature_columns,
+                                poolings, values_in, offsets_in, psw_in);
 
   std::vector<at::Tensor> unique_rows, grad_rows;
   std::vector<float*> out;
   for (int64_t t = 0; t < num_tables; ++t) {
     const int64_t u = runs.num_rows[t];
-    unique_rows.push_back(at::empty({u}, values.options()));
-    if (u > 0) std::memcpy(unique_rows[t].data_ptr<int64_t>(), runs.rows_ptr[t], u * 8);
+    unique_rows.push_back(at::empty({u}, values_in.options().dtype(at::kLong)));
+    if (u > 0) std::memcpy(unique_rows[t].data_ptr<int64_t>(), runs.rows_ptr[t], u * sizeof(int64_t));
     grad_rows.push_back(empty_on_huge_pages({u, dims[t]}, grad_out.options()));
     out.push_back(grad_rows[t].data_ptr<float>());
   }

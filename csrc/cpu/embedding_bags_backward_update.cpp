@@ -5,7 +5,6 @@
 // earlier rows are being updated. A table gets the bits the two ops give it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <algorithm>
 #include <vector>
 #include "../checks.h"
 #include "bags_training.h"
@@ -29,22 +28,12 @@ at::Tensor embedding_bags_backward_update_cpu(
       grad_out_in, feature_tables, feature_columns, poolings, values_in, offsets_in, psw_in,
       tables, steps, states, step_states, bits, dims, formats, optimizer, learn_step,
       step_optimizer, seeds, counters, row_offsets, column_offsets);
-  const int64_t batch = shape.batch_size;
   const at::Tensor grad_out = grad_out_in.to(at::kFloat).contiguous();
-  const at::Tensor values = values_in.to(at::kLong).contiguous();
-  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  const int64_t* idx = values.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_bags_offsets_values(op, off, offsets.numel(), std::max<int64_t>(batch, 1),
-                            values.numel());
   std::vector<int64_t> num_rows;
   for (const at::Tensor& t : tables) num_rows.push_back(t.size(0));
-  check_bags_ids_values(op, idx, off, batch, feature_tables, num_rows);
-  at::Tensor psw;
-  if (psw_in.has_value()) psw = psw_in->to(at::kFloat).contiguous();
-  const RowRuns runs = row_runs(static_cast<int64_t>(tables.size()), batch, shape.width,
-                                feature_tables, feature_columns, poolings, idx, off,
-                                psw.defined() ? psw.data_ptr<float>() : nullptr);
+  const RowRuns runs = row_runs(op, static_cast<int64_t>(tables.size()), shape, feature_tables,
+                                feature_columns, poolings, values_in, offsets_in, psw_in,
+                                &num_rows);
 
   const std::vector<const float*> no_grads(tables.size(), nullptr);
   const TableUpdates updates = table_updates(
