@@ -2,7 +2,8 @@
 // one row per distinct index (never a dense [R, D] gradient).
 // Positions are sorted by index with a stable sort, so repeats of an index keep their batch
 // order, and each distinct index is summed by one thread in that order: the result is the
-// same for any thread count. The kernel (isa/embedding_bag_backward.cpp) sums.
+// same for any thread count. The sum is the many-table backward's kernel
+// (isa/embedding_bags_backward.cpp) on one table.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,7 +13,7 @@
 #include "../checks.h"
 #include "bags.h"
 #include "huge_pages.h"
-#include "isa/embedding_bag_backward.h"
+#include "isa/embedding_bags_backward.h"
 #include "row_order.h"
 
 namespace qembed {
@@ -53,21 +54,40 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
       factor[p] = 1.0f / static_cast<float>(std::max<int64_t>(count[bag[p]], 1));
   }
 
+  // Each position's gradient (its bag's row of grad_out, times its factor) in row order,
+  // padding_idx's positions left out, cut into runs of one row: the layout the many-table
+  // backward's kernel sums (isa/embedding_bags_backward.h), as one table.
   const SortedPositions sorted = sorted_positions(idx, used);
-  const std::vector<int64_t>& pos = sorted.pos;
-  const std::vector<int64_t>& key = sorted.key;
-  std::vector<int64_t> seg;  // starts of the runs of equal keys, padding_idx's run left out
-  for (int64_t j = 0; j < used; ++j)
-    if ((j == 0 || key[j] != key[j - 1]) && key[j] != padding_idx) seg.push_back(j);
-  const int64_t num_unique = static_cast<int64_t>(seg.size());
+  // Sized for every position and cut to what is used: push_back's size updates in this
+  // loop of random reads made it several times slower.
+  std::vector<int64_t> offset(used), starts(used), rows(used);
+  std::vector<float> position_factor(used);
+  int64_t num_kept = 0, num_unique = 0;
+  for (int64_t j = 0; j < used; ++j) {
+    const int64_t row = sorted.key[j], p = sorted.pos[j];
+    if (row == padding_idx) continue;
+    if (num_unique == 0 || row != rows[num_unique - 1]) {
+      starts[num_unique] = num_kept;
+      rows[num_unique++] = row;
+    }
+    offset[num_kept] = bag[p] * dim;
+    position_factor[num_kept++] = factor[p];
+  }
+  rows.resize(num_unique);
+  const int64_t num_positions = num_kept;
 
   at::Tensor unique_rows = at::empty({num_unique}, indices.options());
+  std::copy(rows.begin(), rows.end(), unique_rows.data_ptr<int64_t>());
   at::Tensor grad_rows = empty_on_huge_pages({num_unique, dim}, grad_out.options());
-  const BackwardArgs args{grad_out.data_ptr<float>(), dim, pos.data(), key.data(), used,
-                          seg.data(), bag.data(), factor.data(),
-                          unique_rows.data_ptr<int64_t>(), grad_rows.data_ptr<float>()};
+  const int64_t item_start[2] = {0, num_unique};
+  const int64_t* offset_ptr = offset.data();
+  const float* factor_ptr = position_factor.data();
+  const int64_t* starts_ptr = starts.data();
+  float* grad_rows_ptr = grad_rows.data_ptr<float>();
+  const BagsBackwardArgs args{grad_out.data_ptr<float>(), 1, item_start, &dim, &offset_ptr,
+                              &factor_ptr, &starts_ptr, &num_positions, &grad_rows_ptr};
   at::parallel_for(0, num_unique, 64, [&](int64_t begin, int64_t end) {
-    QEMBED_CPU_KERNEL(embedding_bag_backward_rows)(args, begin, end);
+    QEMBED_CPU_KERNEL(embedding_bags_backward_rows)(args, begin, end);
   });
   return {unique_rows, grad_rows};
 }

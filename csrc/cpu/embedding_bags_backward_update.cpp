@@ -44,7 +44,7 @@ at::Tensor embedding_bags_backward_update_cpu(
   const BagsUpdateArgs update_args = updates.args();
   // A distinct row's update costs about as much as summing a few gradient rows.
   parallel_over_runs(runs, 3, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(4 * updates.max_dim);
+    std::vector<float> scratch(4 * kRowsTogether * updates.max_dim);
     QEMBED_CPU_KERNEL(embedding_bags_backward_update_rows)(grad_args, update_args, begin, end,
                                                            scratch.data());
   });

@@ -58,7 +58,7 @@ at::Tensor embedding_bags_update_cpu(
       stochastic, seeds, counters, row_offsets, column_offsets);
   const BagsUpdateArgs args = updates.args();
   at::parallel_for(0, updates.item_start.back(), 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * updates.max_dim);
+    std::vector<float> scratch(3 * kRowsTogether * updates.max_dim);
     QEMBED_CPU_KERNEL(embedding_bags_update_rows)(args, begin, end, scratch.data());
   });
   return finish_updates(updates);

@@ -74,7 +74,7 @@ at::Tensor lowp_update_cpu(at::Tensor& rows, const c10::optional<at::Tensor>& st
                                     static_cast<uint64_t>(counter), 0,
                                     static_cast<uint64_t>(row_offset), column_offset}};
   at::parallel_for(0, u, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * width);
+    std::vector<float> scratch(3 * width * kRowsTogether);
     QEMBED_CPU_KERNEL(lowp_update_rows)(args, begin, end, scratch.data());
   });
   int64_t num_skipped = 0;

@@ -1,6 +1,6 @@
-// The gradient of one distinct row of a many-table backward (isa/embedding_bags_backward.h's
-// runs): the one summation embedding_bags_backward and embedding_bags_backward_update share,
-// so that both give a row the same bits.
+// The gradient of one distinct row of a backward (isa/embedding_bags_backward.h's runs): the
+// one summation embedding_bags_backward, embedding_bags_backward_update and the single-table
+// embedding_bag_backward share, so that all give a row the same bits.
 #pragma once
 #include <cstdint>
 #include "../isa_namespace.h"

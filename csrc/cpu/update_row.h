@@ -1,5 +1,6 @@
-// The fused low-precision update of one row, for every CPU kernel that trains rows in place
-// (isa/lowp_update.cpp, isa/embedding_bags_update.cpp):
+// The fused low-precision update of a row, for every CPU kernel that trains rows in place
+// (isa/lowp_update.cpp, isa/embedding_bags_update.cpp, isa/embedding_bags_backward_update.cpp),
+// a few rows at a time (update_rows):
 //   w = s * q (or the given fp32 weights)      dequantize
 //   w -= lr * U(g + wd * w)                     SGD, row-wise Adagrad or Adam, in fp32
 //   s -= step_lr * V(g_s)                       ALPT: LSQ step gradient (per-row step)
@@ -69,6 +70,25 @@ QEMBED_INLINE bool all_finite(const float* x, int64_t n) {
   return zeros.total() == 0.0f;
 }
 
+// Row-wise Adagrad's sum of the row's squared (decayed) gradient over its padded width.
+QEMBED_INLINE float adagrad_squares(const float* w, const float* g, const UpdateConfig& c) {
+  LaneSum squares;
+  for_chunks(padded_dim(c.dim), [&](auto lanes, int64_t d) {
+    using T = decltype(lanes);
+    const T gd = decayed_grad(load_lanes<T>(w + d), load_lanes<T>(g + d), c);
+    squares.add(gd * gd, d);
+  });
+  return squares.total();
+}
+
+// w <- Adagrad's step of w with the row's denominator.
+QEMBED_INLINE void adagrad_row(float* w, const float* g, float denom, const UpdateConfig& c) {
+  for_chunks(padded_dim(c.dim), [&](auto lanes, int64_t d) {
+    using T = decltype(lanes);
+    store_lanes(w + d, adagrad_value(load_lanes<T>(w + d), load_lanes<T>(g + d), denom, c));
+  });
+}
+
 // w <- w - lr * U(g + wd * w) over the row's padded width; st is the row's optimizer state.
 // Adam's moments of a row whose dim is not a multiple of 8 are copied to padded rows in
 // `moments` (2 * padded dim floats) and back.
@@ -81,18 +101,8 @@ QEMBED_INLINE void optimizer_row(float* w, const float* g, float* st, const Upda
       store_lanes(w + d, sgd_value(load_lanes<T>(w + d), load_lanes<T>(g + d), c));
     });
   } else if (c.optimizer == OPT_ADAGRAD) {
-    LaneSum squares;
-    for_chunks(width, [&](auto lanes, int64_t d) {
-      using T = decltype(lanes);
-      const T gd = decayed_grad(load_lanes<T>(w + d), load_lanes<T>(g + d), c);
-      squares.add(gd * gd, d);
-    });
-    st[0] = st[0] + squares.total() / static_cast<float>(dim);
-    const float denom = adagrad_denom(st[0], c);
-    for_chunks(width, [&](auto lanes, int64_t d) {
-      using T = decltype(lanes);
-      store_lanes(w + d, adagrad_value(load_lanes<T>(w + d), load_lanes<T>(g + d), denom, c));
-    });
+    st[0] = st[0] + adagrad_squares(w, g, c) / static_cast<float>(dim);
+    adagrad_row(w, g, adagrad_denom(st[0], c), c);
   } else if (c.optimizer == OPT_ADAM) {
     const bool padded = width != dim;
     float* m_row = padded ? moments : st;
@@ -142,37 +152,62 @@ struct RowUpdate {
   float* moments;          // [2 * padded dim] of scratch (Adam, dim not a multiple of 8)
 };
 
-// The update of one row of a table of BITS-bit codes. Returns false, having changed
-// nothing, when the gradient or the given weights are not finite. With one step per table
-// and learn_step the step cannot move before all rows are summed: the row's LSQ sum goes to
-// *lsq and the row is left to encode_row once the step has moved (w keeps its values);
-// otherwise the row is re-quantized here.
+// The updates of rows a[0, n) (n <= kRowsTogether) of a table of BITS-bit codes, each as
+// one row alone would be updated, in phases over the rows. ok[i] is false, row i unchanged,
+// when its gradient or given weights are not finite. With one step per table and
+// learn_step the step cannot move before all rows are summed: each row's LSQ sum goes to
+// *lsq[i] and the row is left to encode_row once the step has moved (w keeps its values);
+// otherwise the rows are re-quantized here.
 template <int BITS>
-inline bool update_row(const RowUpdate& a, const UpdateConfig& c, const RoundingKey& key,
-                       float* lsq) {
+inline void update_rows(const RowUpdate* a, int n, const UpdateConfig& c,
+                        const RoundingKey* keys, float* const* lsq, bool* ok) {
   const int64_t dim = c.dim, width = padded_dim(dim), po = param_offset(dim, BITS);
   const int32_t qn = qmin(BITS), qp = qmax(BITS);
-  if (!all_finite(a.grad, width) || (a.weights && !all_finite(a.weights, width))) return false;
   const bool per_row = c.fmt == SYM_ROW;
-  float s = per_row ? read_f32(a.row + po) : a.step;
-  if (a.weights) {
-    for (int64_t d = 0; d < width; ++d) a.w[d] = a.weights[d];
-  } else {
-    dequantize_row<BITS>(a.row, width, s, qn, a.w);
-  }
-  for (int64_t d = dim; d < width; ++d) a.w[d] = 0.0f;  // the pad encodes as zero, whatever it held
-  optimizer_row(a.w, a.grad, a.state, c, a.moments);
-  if (c.learn_step) {
-    const float gs = lsq_sum(a.w, a.grad, width, s, qn, qp);
-    if (!per_row) {
-      *lsq = gs;
-      return true;
+  float s[kRowsTogether];
+  for (int i = 0; i < n; ++i) {
+    ok[i] = all_finite(a[i].grad, width) && (!a[i].weights || all_finite(a[i].weights, width));
+    if (!ok[i]) continue;
+    s[i] = per_row ? read_f32(a[i].row + po) : a[i].step;
+    if (a[i].weights) {
+      for (int64_t d = 0; d < width; ++d) a[i].w[d] = a[i].weights[d];
+    } else {
+      dequantize_row<BITS>(a[i].row, width, s[i], qn, a[i].w);
     }
-    s = next_step(s, lsq_scale(qp, dim) * gs, a.step_state, c);
-    write_f32(a.row + po, s);
+    for (int64_t d = dim; d < width; ++d) a[i].w[d] = 0.0f;  // the pad encodes as zero
   }
-  encode_row<BITS>(a.w, width, RowParams{s, 0.0f, qn}, key, a.row);
-  return true;
+  if (c.optimizer == OPT_ADAGRAD) {
+    float squares[kRowsTogether];
+    for (int i = 0; i < n; ++i)
+      if (ok[i]) squares[i] = adagrad_squares(a[i].w, a[i].grad, c);
+    for (int i = 0; i < n; ++i) {
+      if (!ok[i]) continue;
+      a[i].state[0] = a[i].state[0] + squares[i] / static_cast<float>(dim);
+      adagrad_row(a[i].w, a[i].grad, adagrad_denom(a[i].state[0], c), c);
+    }
+  } else {
+    for (int i = 0; i < n; ++i)
+      if (ok[i]) optimizer_row(a[i].w, a[i].grad, a[i].state, c, a[i].moments);
+  }
+  bool encode = true;
+  if (c.learn_step) {
+    float gs[kRowsTogether];
+    for (int i = 0; i < n; ++i)
+      if (ok[i]) gs[i] = lsq_sum(a[i].w, a[i].grad, width, s[i], qn, qp);
+    for (int i = 0; i < n; ++i) {
+      if (!ok[i]) continue;
+      if (!per_row) {
+        *lsq[i] = gs[i];
+        continue;
+      }
+      s[i] = next_step(s[i], lsq_scale(qp, dim) * gs[i], a[i].step_state, c);
+      write_f32(a[i].row + po, s[i]);
+    }
+    encode = per_row;
+  }
+  if (!encode) return;
+  for (int i = 0; i < n; ++i)
+    if (ok[i]) encode_row<BITS>(a[i].w, width, RowParams{s[i], 0.0f, qn}, keys[i], a[i].row);
 }
 
 // Rows of a large table miss the caches: the update fetches upcoming rows and their state
@@ -193,32 +228,42 @@ QEMBED_INLINE void prefetch_unique_row(const UpdateArgs& a, int64_t k) {
   if (sw > 0) prefetch_span(a.table.state + r * sw, sw * sizeof(float));
 }
 
-// update_row for row unique_rows[k] of a's table with gradient grad ([padded dim]), its
-// rounding keyed by the row (plus the table's row offset): its values go to a.kept (or
-// scratch, 3 * padded dim floats), its LSQ sum, with one learnt step per table, to a.lsq. A
-// row whose gradient or given weights are not finite is marked skipped (and reads NaN in the
-// weights kept for the caller).
+// update_rows for rows unique_rows[k, k + n) of a's table (n <= kRowsTogether) with
+// gradients grads[i] ([padded dim] each), their rounding keyed by the row (plus the table's
+// row offset): their values go to a.kept (or scratch, 3 * padded dim floats a row), their LSQ
+// sums, with one learnt step per table, to a.lsq. A row whose gradient or given weights are
+// not finite is marked skipped (and reads NaN in the weights kept for the caller).
 template <int BITS>
-inline void update_unique_row(const UpdateArgs& a, int64_t k, const float* grad,
-                              float* scratch) {
+inline void update_unique_rows(const UpdateArgs& a, int64_t k, int n, const float* const* grads,
+                               float* scratch) {
   const UpdateConfig& c = a.config;
-  const int64_t width = padded_dim(c.dim), r = a.unique_rows[k];
+  const int64_t width = padded_dim(c.dim);
   const int64_t ssw = c.step_optimizer == STEP_ADAM ? 2 : 0;
-  float* w = a.kept ? a.kept + k * width : scratch;
-  RoundingKey key = a.rounding;
-  key.row_key = key.row_offset + static_cast<uint64_t>(r);
-  const RowUpdate row{a.table.rows + r * a.table.stride,
-                      c.fmt == SYM_ROW ? 0.0f : *a.table.table_step,
-                      a.table.state + r * state_width(c.optimizer, c.dim),
-                      a.table.step_state + r * ssw,
-                      grad,
-                      a.weights ? a.weights + k * width : nullptr,
-                      w,
-                      scratch + width};
-  if (!update_row<BITS>(row, c, key, a.lsq ? a.lsq + k : nullptr)) {
-    a.skipped[k] = 1;
+  RowUpdate rows[kRowsTogether];
+  RoundingKey keys[kRowsTogether];
+  float* lsq[kRowsTogether];
+  bool ok[kRowsTogether];
+  for (int i = 0; i < n; ++i) {
+    const int64_t r = a.unique_rows[k + i];
+    float* w = a.kept ? a.kept + (k + i) * width : scratch + 3 * width * i;
+    keys[i] = a.rounding;
+    keys[i].row_key = keys[i].row_offset + static_cast<uint64_t>(r);
+    lsq[i] = a.lsq ? a.lsq + k + i : nullptr;
+    rows[i] = RowUpdate{a.table.rows + r * a.table.stride,
+                        c.fmt == SYM_ROW ? 0.0f : *a.table.table_step,
+                        a.table.state + r * state_width(c.optimizer, c.dim),
+                        a.table.step_state + r * ssw,
+                        grads[i],
+                        a.weights ? a.weights + (k + i) * width : nullptr,
+                        w,
+                        scratch + 3 * width * i + width};
+  }
+  update_rows<BITS>(rows, n, c, keys, lsq, ok);
+  for (int i = 0; i < n; ++i) {
+    if (ok[i]) continue;
+    a.skipped[k + i] = 1;
     if (a.kept_for_caller)
-      for (int64_t d = 0; d < width; ++d) w[d] = std::numeric_limits<float>::quiet_NaN();
+      for (int64_t d = 0; d < width; ++d) rows[i].w[d] = std::numeric_limits<float>::quiet_NaN();
   }
 }
 

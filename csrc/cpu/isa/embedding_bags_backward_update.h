@@ -10,7 +10,8 @@ namespace qembed {
 
 // Work items [begin, end) (a (table, distinct row) each, the same items in both arguments):
 // the row's gradient summed as embedding_bags_backward_rows sums it, then the row updated as
-// embedding_bags_update_rows updates it. scratch holds 4 * (the largest padded dim) floats.
+// embedding_bags_update_rows updates it. scratch holds 4 * kRowsTogether * (the largest
+// padded dim) floats.
 QEMBED_DECLARE_CPU_KERNEL(void embedding_bags_backward_update_rows(const BagsBackwardArgs& g,
                                                                    const BagsUpdateArgs& u,
                                                                    int64_t begin, int64_t end,

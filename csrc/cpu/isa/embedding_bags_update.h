@@ -14,7 +14,7 @@ struct BagsUpdateArgs {
 };
 
 // Items [begin, end), each row updated as lowp_update_rows updates it; scratch holds
-// 3 * (the largest padded dim) floats.
+// 3 * kRowsTogether * (the largest padded dim) floats.
 QEMBED_DECLARE_CPU_KERNEL(void embedding_bags_update_rows(const BagsUpdateArgs& a, int64_t begin,
                                                           int64_t end, float* scratch))
 

@@ -2,6 +2,7 @@
 // one instruction set (compiled once per variant, dispatch.h); the per-row work is
 // update_row.h's.
 #include "lowp_update.h"
+#include <algorithm>
 #include "../../layout.h"
 #include "../update_row.h"
 
@@ -11,9 +12,15 @@ QEMBED_ISA_BEGIN
 void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end, float* scratch) {
   QEMBED_DISPATCH_BITS(a.bits, [&] {
     const int64_t width = padded_dim(a.config.dim);
-    for (int64_t k = begin; k < end; ++k) {
-      if (k + kUpdatePrefetchDistance < end) prefetch_unique_row(a, k + kUpdatePrefetchDistance);
-      update_unique_row<BITS>(a, k, a.grad + k * width, scratch);
+    for (int64_t k = begin; k < end; k += kRowsTogether) {
+      const int n = static_cast<int>(std::min<int64_t>(kRowsTogether, end - k));
+      const float* grads[kRowsTogether];
+      for (int i = 0; i < n; ++i) {
+        if (k + i + kUpdatePrefetchDistance < end)
+          prefetch_unique_row(a, k + i + kUpdatePrefetchDistance);
+        grads[i] = a.grad + (k + i) * width;
+      }
+      update_unique_rows<BITS>(a, k, n, grads, scratch);
     }
   });
 }

@@ -8,6 +8,11 @@
 
 namespace qembed {
 
+// Rows updated together (update_row.h's update_rows): each row's update is a chain of
+// dependent steps (sums over the row, a square root, divisions), and rows side by side let
+// the core overlap one row's chain with another's.
+constexpr int kRowsTogether = 4;
+
 // One table's buffers.
 struct UpdateTable {
   uint8_t* rows;
@@ -38,7 +43,7 @@ struct UpdateArgs {
 
 // Rows [begin, end) of unique_rows: dequantized (or the given weights), stepped by the
 // optimizer, their steps learnt and (unless the table's step is learnt, which waits for every
-// row's step gradient) re-quantized. scratch holds 3 * W floats.
+// row's step gradient) re-quantized. scratch holds 3 * W * kRowsTogether floats.
 QEMBED_DECLARE_CPU_KERNEL(void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end,
                                                 float* scratch))
 // The second pass with one learnt step per table: the step moved by the step gradients of the
