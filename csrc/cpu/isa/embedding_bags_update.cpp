@@ -17,13 +17,15 @@ void embedding_bags_update_rows(const BagsUpdateArgs& a, int64_t begin, int64_t 
     const UpdateArgs& table = a.tables[t];
     const int64_t k = i - a.item_start[t];
     // Rows updated together come from one table.
-    const int n = static_cast<int>(std::min<int64_t>({kRowsTogether, end - i, table.num_unique - k}));
+    const int64_t width = padded_dim(table.config.dim);
+    const int n = static_cast<int>(
+        std::min<int64_t>({rows_together(width), end - i, table.num_unique - k}));
     const float* grads[kRowsTogether];
     for (int j = 0; j < n; ++j) {
       if (k + j + kUpdatePrefetchDistance < table.num_unique &&
           i + j + kUpdatePrefetchDistance < end)
         prefetch_unique_row(table, k + j + kUpdatePrefetchDistance);
-      grads[j] = table.grad + (k + j) * padded_dim(table.config.dim);
+      grads[j] = table.grad + (k + j) * width;
     }
     QEMBED_DISPATCH_BITS(table.bits,
                          [&] { update_unique_rows<BITS>(table, k, n, grads, scratch); });

@@ -12,8 +12,8 @@ QEMBED_ISA_BEGIN
 void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end, float* scratch) {
   QEMBED_DISPATCH_BITS(a.bits, [&] {
     const int64_t width = padded_dim(a.config.dim);
-    for (int64_t k = begin; k < end; k += kRowsTogether) {
-      const int n = static_cast<int>(std::min<int64_t>(kRowsTogether, end - k));
+    for (int64_t k = begin; k < end;) {
+      const int n = static_cast<int>(std::min<int64_t>(rows_together(width), end - k));
       const float* grads[kRowsTogether];
       for (int i = 0; i < n; ++i) {
         if (k + i + kUpdatePrefetchDistance < end)
@@ -21,6 +21,7 @@ void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end, float* sc
         grads[i] = a.grad + (k + i) * width;
       }
       update_unique_rows<BITS>(a, k, n, grads, scratch);
+      k += n;
     }
   });
 }
