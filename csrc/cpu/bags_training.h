@@ -35,6 +35,22 @@ struct RowRuns {
 
   int64_t num_items() const { return item_start.back(); }
 
+  // Sets item_start, the pointer arrays and the counts once each table's offset, factor,
+  // starts and rows are filled.
+  void index() {
+    const int64_t num_tables = static_cast<int64_t>(offset.size());
+    item_start.assign(num_tables + 1, 0);
+    for (int64_t t = 0; t < num_tables; ++t) {
+      item_start[t + 1] = item_start[t] + static_cast<int64_t>(rows[t].size());
+      offset_ptr.push_back(offset[t].data());
+      factor_ptr.push_back(factor[t].data());
+      starts_ptr.push_back(starts[t].data());
+      rows_ptr.push_back(rows[t].data());
+      num_positions.push_back(static_cast<int64_t>(offset[t].size()));
+      num_rows.push_back(static_cast<int64_t>(rows[t].size()));
+    }
+  }
+
   // The kernels' arguments; grad_rows (one pointer per table) is null where the kernel sums
   // into scratch.
   BagsBackwardArgs args(const float* grad_out, c10::IntArrayRef dims,
@@ -105,16 +121,7 @@ inline RowRuns row_runs(const char* op, int64_t num_tables, const BagsShape& sha
       }
     }
   });
-  r.item_start.assign(num_tables + 1, 0);
-  for (int64_t t = 0; t < num_tables; ++t) {
-    r.item_start[t + 1] = r.item_start[t] + static_cast<int64_t>(r.rows[t].size());
-    r.offset_ptr.push_back(r.offset[t].data());
-    r.factor_ptr.push_back(r.factor[t].data());
-    r.starts_ptr.push_back(r.starts[t].data());
-    r.rows_ptr.push_back(r.rows[t].data());
-    r.num_positions.push_back(static_cast<int64_t>(r.offset[t].size()));
-    r.num_rows.push_back(static_cast<int64_t>(r.rows[t].size()));
-  }
+  r.index();
   return r;
 }
 
