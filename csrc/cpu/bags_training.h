@@ -92,33 +92,43 @@ inline RowRuns row_runs(const char* op, int64_t num_tables, const BagsShape& sha
   at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // The table's positions in the order of values: their ids, gradient offsets, factors.
-      std::vector<int64_t> key, offset;
-      std::vector<float> factor;
+      // Arrays are sized first and written by index: push_back's size updates cost more
+      // than the loops' own work.
+      int64_t n = 0;
+      for (int64_t f = 0; f < num_features; ++f)
+        if (feature_tables[f] == t) n += off[(f + 1) * batch] - off[f * batch];
+      std::vector<int64_t> key(n), offset(n);
+      std::vector<float> factor(n);
+      int64_t i = 0;
       for (int64_t f = 0; f < num_features; ++f) {
         if (feature_tables[f] != t) continue;
         const bool mean = poolings[f] == POOL_MEAN;
         for (int64_t b = 0; b < batch; ++b) {
           const int64_t k = f * batch + b;
           const float inv = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
-          for (int64_t p = off[k]; p < off[k + 1]; ++p) {
-            key.push_back(idx[p]);
-            offset.push_back(b * width + feature_columns[f]);
-            factor.push_back(psw ? psw[p] : (mean ? inv : 1.0f));
+          for (int64_t p = off[k]; p < off[k + 1]; ++p, ++i) {
+            key[i] = idx[p];
+            offset[i] = b * width + feature_columns[f];
+            factor[i] = psw ? psw[p] : (mean ? inv : 1.0f);
           }
         }
       }
-      const int64_t n = static_cast<int64_t>(key.size());
       SortedPositions sorted = sorted_positions(key.data(), n);
       r.offset[t].resize(n);
       r.factor[t].resize(n);
+      r.starts[t].resize(n);
+      r.rows[t].resize(n);
+      int64_t runs = 0;
       for (int64_t j = 0; j < n; ++j) {
         r.offset[t][j] = offset[sorted.pos[j]];
         r.factor[t][j] = factor[sorted.pos[j]];
         if (j == 0 || sorted.key[j] != sorted.key[j - 1]) {
-          r.starts[t].push_back(j);
-          r.rows[t].push_back(sorted.key[j]);
+          r.starts[t][runs] = j;
+          r.rows[t][runs++] = sorted.key[j];
         }
       }
+      r.starts[t].resize(runs);
+      r.rows[t].resize(runs);
     }
   });
   r.index();
