@@ -21,7 +21,8 @@ void embedding_bags_backward_update_rows(const BagsBackwardArgs& g, const BagsUp
     const int64_t dim = table.config.dim, width = padded_dim(dim);
     // Rows updated together come from one table; their gradients go to the first
     // kRowsTogether * width floats of scratch, the update's buffers after them.
-    const int n = static_cast<int>(std::min<int64_t>({rows_together(width), end - i, num_runs - k}));
+    const int n =
+        static_cast<int>(std::min<int64_t>({rows_together(width), end - i, num_runs - k}));
     const float* grads[kRowsTogether];
     for (int j = 0; j < n; ++j) {
       if (k + j + kUpdatePrefetchDistance < num_runs && i + j + kUpdatePrefetchDistance < end)
