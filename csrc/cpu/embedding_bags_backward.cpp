@@ -37,7 +37,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
   for (int64_t t = 0; t < num_tables; ++t) {
     const int64_t u = runs.num_rows[t];
     unique_rows.push_back(at::empty({u}, values_in.options().dtype(at::kLong)));
-    if (u > 0) std::memcpy(unique_rows[t].data_ptr<int64_t>(), runs.rows_ptr[t], u * sizeof(int64_t));
+    if (u > 0)
+      std::memcpy(unique_rows[t].data_ptr<int64_t>(), runs.rows_ptr[t], u * sizeof(int64_t));
     grad_rows.push_back(empty_on_huge_pages({u, dims[t]}, grad_out.options()));
     out.push_back(grad_rows[t].data_ptr<float>());
   }

@@ -11,6 +11,7 @@
 // optimizer value and no row sum, so the lanes run over whole chunks while divisors count the
 // D real columns; only Adam's state, [R, 2D], is copied to padded rows around the step.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include "../optim.h"
@@ -270,6 +271,27 @@ inline void update_unique_rows(const UpdateArgs& a, int64_t k, int n, const floa
     if (a.kept_for_caller)
       for (int64_t d = 0; d < width; ++d) rows[i].w[d] = std::numeric_limits<float>::quiet_NaN();
   }
+}
+
+// How many rows update_unique_rows takes next from row k of a's table, with items_left
+// work items left in the caller's range; the rows kUpdatePrefetchDistance beyond each
+// (within the range) are fetched.
+QEMBED_INLINE int next_rows(const UpdateArgs& a, int64_t k, int64_t items_left) {
+  const int n = static_cast<int>(std::min<int64_t>(
+      {rows_together(padded_dim(a.config.dim)), items_left, a.num_unique - k}));
+  for (int j = 0; j < n; ++j)
+    if (k + j + kUpdatePrefetchDistance < a.num_unique && j + kUpdatePrefetchDistance < items_left)
+      prefetch_unique_row(a, k + j + kUpdatePrefetchDistance);
+  return n;
+}
+
+// update_unique_rows for rows [k, k + n) with their gradients in a.grad.
+template <int BITS>
+inline void update_stored_rows(const UpdateArgs& a, int64_t k, int n, float* scratch) {
+  const int64_t width = padded_dim(a.config.dim);
+  const float* grads[kRowsTogether];
+  for (int j = 0; j < n; ++j) grads[j] = a.grad + (k + j) * width;
+  update_unique_rows<BITS>(a, k, n, grads, scratch);
 }
 
 QEMBED_ISA_END

@@ -2,7 +2,6 @@
 // variant, dispatch.h): run_gradient.h's sum and update_row.h's update, a few rows at a time,
 // so a row's gradient goes from the caches straight into its update.
 #include "embedding_bags_backward_update.h"
-#include <algorithm>
 #include "../../layout.h"
 #include "../run_gradient.h"
 #include "../update_row.h"
@@ -21,12 +20,9 @@ void embedding_bags_backward_update_rows(const BagsBackwardArgs& g, const BagsUp
     const int64_t dim = table.config.dim, width = padded_dim(dim);
     // Rows updated together come from one table; their gradients go to the first
     // kRowsTogether * width floats of scratch, the update's buffers after them.
-    const int n =
-        static_cast<int>(std::min<int64_t>({rows_together(width), end - i, num_runs - k}));
+    const int n = next_rows(table, k, end - i);
     const float* grads[kRowsTogether];
     for (int j = 0; j < n; ++j) {
-      if (k + j + kUpdatePrefetchDistance < num_runs && i + j + kUpdatePrefetchDistance < end)
-        prefetch_unique_row(table, k + j + kUpdatePrefetchDistance);
       float* grad = scratch + j * width;
       sum_run_gradient(g, t, k + j, num_runs, grad);
       for (int64_t d = dim; d < width; ++d) grad[d] = 0.0f;

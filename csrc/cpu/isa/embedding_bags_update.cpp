@@ -1,7 +1,6 @@
 // embedding_bags_update's kernel, for one instruction set (compiled once per variant,
 // dispatch.h); the per-row work is update_row.h's, as in lowp_update.
 #include "embedding_bags_update.h"
-#include <algorithm>
 #include "../../layout.h"
 #include "../update_row.h"
 
@@ -16,19 +15,8 @@ void embedding_bags_update_rows(const BagsUpdateArgs& a, int64_t begin, int64_t 
     while (i >= a.item_start[t + 1]) ++t;
     const UpdateArgs& table = a.tables[t];
     const int64_t k = i - a.item_start[t];
-    // Rows updated together come from one table.
-    const int64_t width = padded_dim(table.config.dim);
-    const int n = static_cast<int>(
-        std::min<int64_t>({rows_together(width), end - i, table.num_unique - k}));
-    const float* grads[kRowsTogether];
-    for (int j = 0; j < n; ++j) {
-      if (k + j + kUpdatePrefetchDistance < table.num_unique &&
-          i + j + kUpdatePrefetchDistance < end)
-        prefetch_unique_row(table, k + j + kUpdatePrefetchDistance);
-      grads[j] = table.grad + (k + j) * width;
-    }
-    QEMBED_DISPATCH_BITS(table.bits,
-                         [&] { update_unique_rows<BITS>(table, k, n, grads, scratch); });
+    const int n = next_rows(table, k, end - i);  // rows updated together: one table's
+    QEMBED_DISPATCH_BITS(table.bits, [&] { update_stored_rows<BITS>(table, k, n, scratch); });
     i += n;
   }
 }

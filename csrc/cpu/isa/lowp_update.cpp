@@ -2,7 +2,6 @@
 // one instruction set (compiled once per variant, dispatch.h); the per-row work is
 // update_row.h's.
 #include "lowp_update.h"
-#include <algorithm>
 #include "../../layout.h"
 #include "../update_row.h"
 
@@ -11,16 +10,9 @@ QEMBED_ISA_BEGIN
 
 void lowp_update_rows(const UpdateArgs& a, int64_t begin, int64_t end, float* scratch) {
   QEMBED_DISPATCH_BITS(a.bits, [&] {
-    const int64_t width = padded_dim(a.config.dim);
     for (int64_t k = begin; k < end;) {
-      const int n = static_cast<int>(std::min<int64_t>(rows_together(width), end - k));
-      const float* grads[kRowsTogether];
-      for (int i = 0; i < n; ++i) {
-        if (k + i + kUpdatePrefetchDistance < end)
-          prefetch_unique_row(a, k + i + kUpdatePrefetchDistance);
-        grads[i] = a.grad + (k + i) * width;
-      }
-      update_unique_rows<BITS>(a, k, n, grads, scratch);
+      const int n = next_rows(a, k, end - k);
+      update_stored_rows<BITS>(a, k, n, scratch);
       k += n;
     }
   });
