@@ -29,6 +29,12 @@ QEMBED_INLINE T chunk_code_values(const uint8_t* codes, int64_t d, int64_t dim) 
     return static_cast<float>(group_code<BITS>(load_group<BITS>(codes + d / 8 * BITS),
                                                static_cast<int>(d % 8)));
 #if defined(QEMBED_ACCUMULATOR_AVX512)
+  } else if constexpr (sizeof(T) == 64 && BITS == 4) {
+    // byte j of the 8 into 64-bit lane j; shifted copy puts its high nibble in the odd lane
+    const __m512i q = _mm512_cvtepu8_epi64(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + d / 2)));
+    return _mm512_cvtepi32_ps(
+        _mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15)));
   } else if constexpr (sizeof(T) == 64) {
     return decode16<BITS>(codes, static_cast<int>(d / 16), static_cast<int>(dim * BITS / 8),
                           false);
