@@ -84,15 +84,32 @@ QEMBED_INLINE void dequantize_row(const uint8_t* codes, int64_t dim, float s, in
   });
 }
 
-// Whether every x[0..n) is finite: x - x is 0 for finite x, NaN otherwise.
+// Whether every x[0..n) is finite: x - x is +0 (no bit set) for finite x, NaN otherwise;
+// the lanes' bits are or-ed and tested once, no sum across lanes.
 QEMBED_INLINE bool all_finite(const float* x, int64_t n) {
-  LaneSum zeros;
+#if defined(__AVX512F__)
+  __m512i bits = _mm512_setzero_si512();
   for_chunks(n, [&](auto lanes, int64_t d) {
     using T = decltype(lanes);
     const T v = load_lanes<T>(x + d);
-    zeros.add(v - v, d);
+    if constexpr (sizeof(T) == 64)
+      bits = _mm512_or_si512(bits, _mm512_castps_si512(v - v));
+    else
+      bits = _mm512_or_si512(bits, _mm512_zextsi256_si512(_mm256_castps_si256(v - v)));
   });
-  return zeros.total() == 0.0f;
+  return _mm512_test_epi32_mask(bits, bits) == 0;
+#elif defined(__AVX2__)
+  __m256i bits = _mm256_setzero_si256();
+  for_chunks(n, [&](auto, int64_t d) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    bits = _mm256_or_si256(bits, _mm256_castps_si256(v - v));
+  });
+  return _mm256_testz_si256(bits, bits);
+#else
+  for (int64_t d = 0; d < n; ++d)
+    if (!(x[d] - x[d] == 0.0f)) return false;
+  return true;
+#endif
 }
 
 // Row-wise Adagrad's sum of the row's squared (decayed) gradient over its padded width.
