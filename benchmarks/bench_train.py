@@ -24,6 +24,7 @@ import csv
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -128,8 +129,11 @@ PARTS = ("forward", "backward", "update")
 def time_steps(built, batches, grads, warmup, repeats):
     """Median seconds per step of each method and, for methods that time their parts, per
     part (forward lookup; backward; update given that backward's output). Methods take turns
-    within each repeat, in an order that rotates from repeat to repeat, so load from other
-    processes on a shared machine falls on all of them alike."""
+    within each repeat, in an order shuffled from repeat to repeat, so load from other
+    processes on a shared machine falls on all of them alike. Each timed step follows an
+    untimed one of the same method: the fp32 methods free a gigabyte of dense gradient each
+    step, and the next method's first step after them paid for it (its fresh memory faulting
+    in page by page), 1.3-2x its time."""
     names = list(built)
     times = {name: {"step": []} for name in names}
     for name in names:
@@ -138,9 +142,11 @@ def time_steps(built, batches, grads, warmup, repeats):
     for i in range(warmup + repeats):
         idx, off = batches[i % len(batches)]
         grad = grads[i % len(grads)]
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = list(names)
+        random.Random(i).shuffle(order)
+        for name in order:
             step, _, parts = built[name]
+            step(idx, off, grad)
             t0 = time.perf_counter()
             step(idx, off, grad)
             t1 = time.perf_counter()
