@@ -117,6 +117,28 @@ QEMBED_INLINE void chunk_nibbles(__m512 x, const float* u, bool stochastic, int3
 }
 #endif
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+// Their inverse, for the update's whole rows: the 8 (16) 4-bit codes at `codes` as floats.
+// Byte j widened into 64-bit lane j and or-ed with itself shifted by 28 bits puts its high
+// nibble at the foot of the odd 32-bit lane (the lookup's byte permute, which handles any
+// width and window, cost the update 3-6%).
+QEMBED_INLINE __m256 nibble_values(const uint8_t* codes, __m256) {
+  int32_t four;
+  std::memcpy(&four, codes, 4);
+  const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+  return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_or_si256(q, _mm256_slli_epi64(q, 28)), _mm256_set1_epi32(15)));
+}
+#endif
+#if defined(__AVX512F__)
+QEMBED_INLINE __m512 nibble_values(const uint8_t* codes, __m512) {
+  const __m512i q =
+      _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  return _mm512_cvtepi32_ps(
+      _mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15)));
+}
+#endif
+
 // codes of `dim` values: x = (w - bias) / scale, rounded into [offset, offset + 2^b - 1],
 // stochastically with the uniforms of row k.row_key from element k.column_offset. In blocks
 // of 64 values: their uniforms (sr_uniforms.h), their codes as bytes, then packed (4-bit

@@ -13,7 +13,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include "../optim.h"
 #include "isa/lowp_update.h"
@@ -22,27 +21,6 @@
 
 namespace qembed {
 QEMBED_ISA_BEGIN
-
-#if defined(__AVX2__) || defined(__AVX512F__)
-// 4-bit codes as floats, two to a byte: byte j widened into 64-bit lane j, then or-ed with
-// itself shifted by 28 bits, puts its high nibble at the foot of the odd 32-bit lane (the
-// lookup's byte permute, which handles any width and window, cost the update 3-6%).
-QEMBED_INLINE __m256 nibble_values(const uint8_t* codes, __m256) {
-  int32_t four;
-  std::memcpy(&four, codes, 4);
-  const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
-  return _mm256_cvtepi32_ps(
-      _mm256_and_si256(_mm256_or_si256(q, _mm256_slli_epi64(q, 28)), _mm256_set1_epi32(15)));
-}
-#endif
-#if defined(__AVX512F__)
-QEMBED_INLINE __m512 nibble_values(const uint8_t* codes, __m512) {
-  const __m512i q =
-      _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-  return _mm512_cvtepi32_ps(
-      _mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15)));
-}
-#endif
 
 // The unsigned codes of the chunk of T from element d, as floats.
 template <int BITS, typename T>
