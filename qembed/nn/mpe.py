@@ -302,7 +302,7 @@ class _MixedTable(nn.Module):
         w - beta, whose gradient is w's)."""
         rows, grad = ops.embedding_bag_backward(grad_out, indices, offsets, psw, mode,
                                                 include_last, None)
-        self.num_updates += 1
+        self.num_updates.add_(1)  # in place: `+= 1` re-registers the buffer
         t, o, seed = int(self.num_updates), self.train_options, int(self.seed)
         # Storage positions of the touched rows, sorted: each segment's rows are then one
         # slice, still in increasing order (slots follow ids within a width), found with one
