@@ -11,10 +11,10 @@ QEMBED_ISA_BEGIN
 
 // Positions ahead whose gradient row is fetched: rows in row order read grad_out's rows in
 // no order, and a small table's run holds many positions, so the fetch runs ahead over the
-// table's positions rather than over its runs. Prefetched with locality 2 (prefetcht1), not
-// 3: with prefetcht0 a third of the fused backward's own samples sat on the prefetches (Zen
-// 4, perf), and the Criteo-shaped collection's training step spent 7.5-9.3 ms in that op
-// against 6.9-8.1 ms with prefetcht1 (each a minimum over 57 steps, 7 turns).
+// table's positions rather than over its runs. Prefetched with prefetcht1 (into L2 on Zen
+// 4), not prefetcht0: the Criteo-shaped collection's training step spent 7.5-9.3 ms in the
+// fused backward and update with prefetcht0, 6.9-8.1 ms with prefetcht1 (Zen 4, each a
+// minimum over 57 steps, 7 turns); either way most of that op's own time waits on memory.
 constexpr int64_t kPositionPrefetch = 16;
 
 // acc[0, dim) <- the sum over table t's run k (of num_runs) of its positions' gradients
