@@ -51,15 +51,15 @@ struct RowRuns {
     }
   }
 
-  // The kernels' arguments; grad_rows (one pointer per table) is null where the kernel sums
-  // into scratch.
-  BagsBackwardArgs args(const float* grad_out, c10::IntArrayRef dims,
+  // The kernels' arguments (grad_out: fp32, contiguous); grad_rows (one pointer per table)
+  // is null where the kernel sums into scratch.
+  BagsBackwardArgs args(const at::Tensor& grad_out, c10::IntArrayRef dims,
                         float* const* grad_rows) const {
-    return {grad_out,          static_cast<int64_t>(offset.size()),
-            item_start.data(), dims.data(),
-            offset_ptr.data(), factor_ptr.data(),
-            starts_ptr.data(), num_positions.data(),
-            grad_rows};
+    return {grad_out.data_ptr<float>(), static_cast<int64_t>(offset.size()),
+            item_start.data(),          dims.data(),
+            offset_ptr.data(),          factor_ptr.data(),
+            starts_ptr.data(),          num_positions.data(),
+            grad_rows,                  grad_out.nbytes() > kCachedGradOutBytes};
   }
 };
 

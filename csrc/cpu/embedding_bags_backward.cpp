@@ -42,7 +42,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
     grad_rows.push_back(empty_on_huge_pages({u, dims[t]}, grad_out.options()));
     out.push_back(grad_rows[t].data_ptr<float>());
   }
-  const BagsBackwardArgs args = runs.args(grad_out.data_ptr<float>(), dims, out.data());
+  const BagsBackwardArgs args = runs.args(grad_out, dims, out.data());
   parallel_over_runs(runs, 1, [&](int64_t begin, int64_t end) {
     QEMBED_CPU_KERNEL(embedding_bags_backward_rows)(args, begin, end);
   });

@@ -40,7 +40,7 @@ at::Tensor embedding_bags_backward_update_cpu(
       tables, steps, states, step_states, runs.rows_ptr, runs.num_rows, no_grads, bits, dims,
       formats, optimizer, lr, eps, weight_decay, beta1, beta2, learn_step, step_optimizer,
       step_lr, stochastic, seeds, counters, row_offsets, column_offsets);
-  const BagsBackwardArgs grad_args = runs.args(grad_out.data_ptr<float>(), dims, nullptr);
+  const BagsBackwardArgs grad_args = runs.args(grad_out, dims, nullptr);
   const BagsUpdateArgs update_args = updates.args();
   // A distinct row's update costs about as much as summing a few gradient rows.
   parallel_over_runs(runs, 3, [&](int64_t begin, int64_t end) {

@@ -20,7 +20,11 @@ struct BagsBackwardArgs {
   const int64_t* const* starts;
   const int64_t* num_positions;  // [T]
   float* const* grad_rows;       // [T][U_t, dim_t] (embedding_bags_backward's result)
+  bool large_grad_out;           // grad_out is larger than kCachedGradOutBytes
 };
+
+// An output gradient larger than this is read from memory rather than from the caches.
+constexpr int64_t kCachedGradOutBytes = int64_t{8} << 20;
 
 // Work items [begin, end): each run's gradients summed in position order into grad_rows.
 QEMBED_DECLARE_CPU_KERNEL(void embedding_bags_backward_rows(const BagsBackwardArgs& a,
