@@ -160,6 +160,32 @@ def test_backward_matches_reference_and_single_table_op(backend, bits, tables_of
             assert same(rows[t], one_rows) and same(grads[t], one_grads)
 
 
+@pytest.mark.parametrize("backend", backends("cpu", "reference"))
+def test_backward_of_wide_ids(backend):
+    """The backward needs no table, so its ids may be any int64: ids of up to 40 bits sort
+    with their positions in one word, ids of 62 bits apart from them; both give the
+    reference's bits. On the CPU a negative id is named."""
+    b = KeyedBatch(mixed_specs([8, 4, 2]), [0, 1, 2, 0], batch=300, max_len=3)
+    counts = [int(b.offsets[(f + 1) * b.batch] - b.offsets[f * b.batch]) for f in range(4)]
+    gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    ids = [torch.randint(0, 50, (counts[0],), generator=gen),
+           torch.randint(1 << 39, 1 << 40, (counts[1],), generator=gen),
+           torch.randint(1 << 61, 1 << 62, (counts[2],), generator=gen),
+           torch.randint(0, 50, (counts[3],), generator=gen)]
+    for f, k in ((1, 1 << 39), (2, 1 << 61)):  # repeats, so that runs hold several positions
+        ids[f][::3] = k + f
+    b.values = torch.cat(ids)
+    grad = torch.randn(b.batch, b.width)
+    rows, grads = backend.run(ops.embedding_bags_backward, *backward_args(b, grad))
+    ref_rows, ref_grads = reference.embedding_bags_backward(*backward_args(b, grad))
+    for t in range(3):
+        assert same(rows[t], ref_rows[t]) and same(grads[t], ref_grads[t])
+    if backend.route is None:  # the CPU kernel
+        b.values[counts[0] + counts[1] + 5] = -3
+        with pytest.raises(IndexError, match="negative index -3"):
+            ops.embedding_bags_backward(*backward_args(b, grad))
+
+
 @pytest.mark.usefixtures("cpu_capability")
 def test_backward_thread_count():
     b = KeyedBatch(mixed_specs([8, 2]), [0, 1, 0], batch=2000, max_len=3)

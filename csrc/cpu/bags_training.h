@@ -90,42 +90,75 @@ inline RowRuns row_runs(const char* op, int64_t num_tables, const BagsShape& sha
   r.starts.resize(num_tables);
   r.rows.resize(num_tables);
   at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
+    // Buffers kept over the thread's tables. Each table's positions, in the order of values,
+    // are sorted as words (id << pos_bits | position), the position's gradient offset and
+    // factor looked up by position afterwards; ids too wide for that go to sorted_positions.
+    std::vector<uint64_t> words;
+    std::vector<int64_t> offset, count(kSortRadix + 1);
+    std::vector<float> factor;
     for (int64_t t = begin; t < end; ++t) {
-      // The table's positions in the order of values: their ids, gradient offsets, factors.
-      // Arrays are sized first and written by index: push_back's size updates cost more
-      // than the loops' own work.
       int64_t n = 0;
-      for (int64_t f = 0; f < num_features; ++f)
-        if (feature_tables[f] == t) n += off[(f + 1) * batch] - off[f * batch];
-      std::vector<int64_t> key(n), offset(n);
-      std::vector<float> factor(n);
+      uint64_t all_ids = 0;  // or-ed: its width is the largest id's, its sign any id's
+      for (int64_t f = 0; f < num_features; ++f) {
+        if (feature_tables[f] != t) continue;
+        n += off[(f + 1) * batch] - off[f * batch];
+        if (!num_rows)
+          for (int64_t p = off[f * batch]; p < off[(f + 1) * batch]; ++p)
+            all_ids |= static_cast<uint64_t>(idx[p]);
+      }
+      if (num_rows) all_ids = static_cast<uint64_t>(std::max<int64_t>((*num_rows)[t] - 1, 0));
+      const int pos_bits = bit_width(static_cast<uint64_t>(n > 1 ? n - 1 : 1));
+      const int key_bits = bit_width(all_ids);
+      const bool as_words = key_bits + pos_bits <= 64;  // false for a negative id too
+      words.resize(as_words ? 2 * n : n);
+      offset.resize(n);
+      factor.resize(n);
       int64_t i = 0;
       for (int64_t f = 0; f < num_features; ++f) {
         if (feature_tables[f] != t) continue;
         const bool mean = poolings[f] == POOL_MEAN;
         for (int64_t b = 0; b < batch; ++b) {
-          const int64_t k = f * batch + b;
-          const float inv = 1.0f / static_cast<float>(std::max<int64_t>(off[k + 1] - off[k], 1));
-          for (int64_t p = off[k]; p < off[k + 1]; ++p, ++i) {
-            key[i] = idx[p];
-            offset[i] = b * width + feature_columns[f];
-            factor[i] = psw ? psw[p] : (mean ? inv : 1.0f);
+          const int64_t k = f * batch + b, first = off[k], last = off[k + 1];
+          const int64_t column = b * width + feature_columns[f];
+          const float bag_factor =
+              mean ? 1.0f / static_cast<float>(std::max<int64_t>(last - first, 1)) : 1.0f;
+          for (int64_t p = first; p < last; ++p, ++i) {
+            const uint64_t id = static_cast<uint64_t>(idx[p]);
+            words[i] = as_words ? id << pos_bits | static_cast<uint64_t>(i) : id;
+            offset[i] = column;
+            factor[i] = psw ? psw[p] : bag_factor;
           }
         }
       }
-      SortedPositions sorted = sorted_positions(key.data(), n);
       r.offset[t].resize(n);
       r.factor[t].resize(n);
       r.starts[t].resize(n);
       r.rows[t].resize(n);
+      int64_t* position_offset = r.offset[t].data();
+      float* position_factor = r.factor[t].data();
+      int64_t* starts = r.starts[t].data();
+      int64_t* rows = r.rows[t].data();
       int64_t runs = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        r.offset[t][j] = offset[sorted.pos[j]];
-        r.factor[t][j] = factor[sorted.pos[j]];
-        if (j == 0 || sorted.key[j] != sorted.key[j - 1]) {
-          r.starts[t][runs] = j;
-          r.rows[t][runs++] = sorted.key[j];
+      // The j-th position in row order: its row and its index in values' order.
+      auto emit = [&](int64_t j, int64_t row, int64_t p) {
+        position_offset[j] = offset[p];
+        position_factor[j] = factor[p];
+        if (j == 0 || row != rows[runs - 1]) {
+          starts[runs] = j;
+          rows[runs++] = row;
         }
+      };
+      if (as_words) {
+        const uint64_t* sorted = QEMBED_CPU_KERNEL(sort_words)(
+            words.data(), words.data() + n, n, pos_bits, key_bits, count.data());
+        const uint64_t pos_mask = (uint64_t{1} << pos_bits) - 1;
+        for (int64_t j = 0; j < n; ++j)
+          emit(j, static_cast<int64_t>(sorted[j] >> pos_bits),
+               static_cast<int64_t>(sorted[j] & pos_mask));
+      } else {
+        const SortedPositions sorted =
+            sorted_positions(reinterpret_cast<const int64_t*>(words.data()), n);
+        for (int64_t j = 0; j < n; ++j) emit(j, sorted.key[j], sorted.pos[j]);
       }
       r.starts[t].resize(runs);
       r.rows[t].resize(runs);
