@@ -18,10 +18,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    try:
+    try:  # the model name, and family and model, which tell apart what it often does not
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                          if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            model += f" (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {torch.get_num_threads()} threads"
 
