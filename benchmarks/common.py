@@ -18,7 +18,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    try:  # the model name, and family and model, which tell apart what it often does not
+    try:  # the model name, with family and model numbers: "AMD EPYC" names Zen 3 and Zen 4 alike
         with open("/proc/cpuinfo") as f:
             fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
                           if ":" in line)
