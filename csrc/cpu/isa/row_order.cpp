@@ -20,14 +20,19 @@ void digit_starts(int64_t n, int shift, int64_t radix, int64_t* count, F&& value
   for (int64_t d = 1; d <= radix; ++d) count[d] += count[d - 1];
 }
 
+// The width of each digit for keys of key_bits: equal widths, as few digits as
+// kSortDigitBits allows, so a table of a few rows takes one pass over a histogram of a few
+// buckets rather than kSortRadix.
+int digit_width(int key_bits) {
+  const int passes = std::max(1, (key_bits + kSortDigitBits - 1) / kSortDigitBits);
+  return (key_bits + passes - 1) / passes;
+}
+
 }  // namespace
 
 uint64_t* sort_words(uint64_t* words, uint64_t* scratch, int64_t n, int shift, int key_bits,
                      int64_t* count) {
-  // Digits of equal width, as few as kSortDigitBits allows: a table of a few rows takes one
-  // pass over a histogram of a few buckets rather than kSortRadix.
-  const int passes = std::max(1, (key_bits + kSortDigitBits - 1) / kSortDigitBits);
-  const int digit_bits = (key_bits + passes - 1) / passes;
+  const int digit_bits = digit_width(key_bits);
   const int64_t radix = int64_t{1} << digit_bits;
   uint64_t* word = words;
   uint64_t* next = scratch;
@@ -58,12 +63,14 @@ void sort_positions(const int64_t* key, int64_t n, int64_t max_key, uint64_t* sc
   int64_t* order = reinterpret_cast<int64_t*>(scratch);
   int64_t* next = reinterpret_cast<int64_t*>(scratch + n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
-  for (int shift = 0; shift < key_bits; shift += kSortDigitBits) {
-    digit_starts(n, shift, kSortRadix, count,
+  const int digit_bits = digit_width(key_bits);
+  const int64_t radix = int64_t{1} << digit_bits;
+  for (int shift = 0; shift < key_bits; shift += digit_bits) {
+    digit_starts(n, shift, radix, count,
                  [&](int64_t i) { return static_cast<uint64_t>(key[i]); });
     for (int64_t i = 0; i < n; ++i) {
       const int64_t p = order[i];
-      next[count[(key[p] >> shift) & (kSortRadix - 1)]++] = p;
+      next[count[(key[p] >> shift) & (radix - 1)]++] = p;
     }
     int64_t* sorted = next;
     next = order;

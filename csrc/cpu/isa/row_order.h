@@ -10,9 +10,6 @@ namespace qembed {
 constexpr int kSortDigitBits = 11;
 constexpr int64_t kSortRadix = int64_t{1} << kSortDigitBits;
 
-// Positions [0, n) ordered by key[p] (each in [0, max_key]), equal keys in position order,
-// into pos[0, n) with their keys in sorted_key[0, n). scratch holds 2n words, count
-// kSortRadix + 1.
 // Bits needed to write x (at least one).
 inline int bit_width(uint64_t x) { return 64 - __builtin_clzll(x | 1); }
 
@@ -22,6 +19,9 @@ inline int bit_width(uint64_t x) { return 64 - __builtin_clzll(x | 1); }
 QEMBED_DECLARE_CPU_KERNEL(uint64_t* sort_words(uint64_t* words, uint64_t* scratch, int64_t n,
                                                int shift, int key_bits, int64_t* count))
 
+// Positions [0, n) ordered by key[p] (each in [0, max_key]), equal keys in position order,
+// into pos[0, n) with their keys in sorted_key[0, n). scratch holds 2n words, count
+// kSortRadix + 1.
 QEMBED_DECLARE_CPU_KERNEL(void sort_positions(const int64_t* key, int64_t n, int64_t max_key,
                                               uint64_t* scratch, int64_t* count, int64_t* pos,
                                               int64_t* sorted_key))
